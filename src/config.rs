@@ -1,0 +1,83 @@
+//! Process settings (`[server]`) and loading routes.toml from disk. `[server]` is read once
+//! at start: a reload that changes it logs that a restart is needed and keeps the running
+//! values. Everything else in the file is the route table, swapped on reload.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::routes::{self, Diagnostic, Parsed};
+
+/// The validated `[server]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_token: Option<String>,
+    pub drain_timeout: Duration,
+    pub max_request_body: u64,
+    pub header_read_timeout: Duration,
+    pub max_header_size: usize,
+    pub max_connections: usize,
+    pub trust_shadow_header: bool,
+    /// This proxy's name in `via` (`1.1 NAME`) and in loop detection.
+    pub via: String,
+}
+
+/// A routes.toml that was read and validated.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub parsed: Parsed,
+    /// Hex SHA-256 of the file's bytes: shown on `/routes` so operators can tell which
+    /// version of the file each replica serves.
+    pub sha256: String,
+}
+
+/// Why a routes.toml could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(path, errors))]
+    Invalid { path: String, errors: Vec<Diagnostic> },
+}
+
+impl LoadError {
+    /// Every error as `FILE:LINE:COL: message` (a read error as one line).
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            LoadError::Read { .. } => vec![self.to_string()],
+            LoadError::Invalid { path, errors } => errors.iter().map(|d| d.render(path)).collect(),
+        }
+    }
+}
+
+fn render(path: &str, errors: &[Diagnostic]) -> String {
+    errors.iter().map(|d| d.render(path)).collect::<Vec<_>>().join("\n")
+}
+
+/// Reads and validates a routes.toml.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: shown.clone(), source })?;
+    load_bytes(path, &bytes)
+}
+
+/// Validates routes.toml content that was read from `path`.
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, LoadError> {
+    let shown = path.display().to_string();
+    let text = std::str::from_utf8(bytes).map_err(|e| LoadError::Invalid {
+        path: shown.clone(),
+        errors: vec![Diagnostic { line: 1, col: 1, message: format!("not UTF-8 text ({e})") }],
+    })?;
+    let parsed = routes::parse(text).map_err(|errors| LoadError::Invalid { path: shown, errors })?;
+    let sha256 = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Loaded { path: path.to_path_buf(), parsed, sha256 })
+}

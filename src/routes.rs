@@ -1,0 +1,321 @@
+//! The route table: a validated, immutable snapshot of routes.toml, and the one question the
+//! request path asks of it: `lookup(method, host, path)`. Pure data and pure functions: no IO,
+//! no clocks, no locks. A reload builds a new table and swaps it in whole (see `proxy::State`).
+//!
+//! Lookup is segment-aware longest-prefix match over a hash index of normalized prefixes: a
+//! request path with `d` segments costs at most `d + 1` hash probes, whatever the number of
+//! routes. Among routes with the same prefix, those with more filters (`methods`, `host`) are
+//! tried first, then file order; a request that fails a route's filters falls through to the
+//! next candidate, then to shorter prefixes.
+
+pub mod diff;
+pub mod file;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::Method;
+
+pub use validate::{parse, Diagnostic, Parsed};
+
+/// Index of a backend in [`RouteTable::backends`].
+pub type BackendId = usize;
+/// Index of a route in [`RouteTable::routes`].
+pub type RouteId = usize;
+
+/// An upstream as declared under `[backends.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub name: String,
+    /// The URL as written, for display.
+    pub url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path of the backend URL without its trailing `/` (`""` when the URL has none). The
+    /// request path is appended to it: `http://users:3001/v2` + `/api/users/7` ->
+    /// `/v2/api/users/7`.
+    pub base_path: String,
+    pub legacy: bool,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+/// Who gets a copy of the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shadow {
+    pub backend: BackendId,
+    /// Share of eligible requests mirrored, 0..=100.
+    pub percent: f64,
+    pub methods: Vec<Method>,
+}
+
+/// How a canary request is assigned to its bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sticky {
+    /// Per-request random.
+    Random,
+    Header(HeaderName),
+    Cookie(String),
+    Ip,
+}
+
+/// A sticky slice of traffic answered by another backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Canary {
+    pub backend: BackendId,
+    pub percent: f64,
+    pub sticky: Sticky,
+}
+
+/// `[routes.compare]`, with defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compare {
+    pub ignore: Vec<String>,
+    pub headers: Vec<HeaderName>,
+    pub noise: bool,
+    pub max_body: u64,
+    pub tolerance: f64,
+    pub min_comparisons: u64,
+    pub max_mismatch_rate: f64,
+}
+
+/// `[routes.guard]`, with defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guard {
+    pub max_error_rate: f64,
+    pub window: Duration,
+    pub min_requests: u64,
+    pub to: BackendId,
+}
+
+/// One `[[routes]]` entry, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// As written in routes.toml: the `route` metric label and what operators see.
+    pub prefix: String,
+    /// Normalized (no trailing `/` except for `/` itself): the index key.
+    pub key: String,
+    pub methods: Option<Vec<Method>>,
+    /// Lower-case host name without port.
+    pub host: Option<String>,
+    pub backend: BackendId,
+    pub shadow: Option<Shadow>,
+    pub canary: Option<Canary>,
+    pub fallback: Option<BackendId>,
+    pub compare: Compare,
+    pub guard: Option<Guard>,
+    /// Line of the entry in the file, for messages.
+    pub line: usize,
+}
+
+impl Route {
+    /// Number of filters: routes with more are tried first among equal prefixes.
+    fn specificity(&self) -> u8 {
+        u8::from(self.methods.is_some()) + u8::from(self.host.is_some())
+    }
+
+    /// Whether the method and host filters let this request in.
+    pub fn accepts(&self, method: &Method, host: Option<&str>) -> bool {
+        let method_ok = self.methods.as_ref().is_none_or(|m| m.contains(method));
+        let host_ok = match (&self.host, host) {
+            (None, _) => true,
+            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+            (Some(_), None) => false,
+        };
+        method_ok && host_ok
+    }
+
+    /// True when every request this route accepts is also accepted by `other`'s filters.
+    fn filters_within(&self, other: &Route) -> bool {
+        let methods = match (&other.methods, &self.methods) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(o), Some(s)) => s.iter().all(|m| o.contains(m)),
+        };
+        let host = match (&other.host, &self.host) {
+            (None, _) => true,
+            (Some(o), Some(s)) => o == s,
+            (Some(_), None) => false,
+        };
+        methods && host
+    }
+
+    /// Identity of a route for duplicate detection and diffs: prefix plus filters.
+    pub fn identity(&self) -> String {
+        let mut id = self.key.clone();
+        if let Some(m) = &self.methods {
+            let mut names: Vec<&str> = m.iter().map(Method::as_str).collect();
+            names.sort_unstable();
+            id.push_str(&format!(" methods={}", names.join(",")));
+        }
+        if let Some(h) = &self.host {
+            id.push_str(&format!(" host={h}"));
+        }
+        id
+    }
+}
+
+/// The migration stage of a route, derived from its fields and never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stage {
+    Legacy,
+    Shadowing,
+    Canary(f64),
+    CutOver,
+    ReverseShadow,
+    /// A new backend answers and another new backend shadows it (e.g. v2 behind v1).
+    CutOverShadowed(String),
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::Legacy => f.write_str("legacy"),
+            Stage::Shadowing => f.write_str("shadowing"),
+            Stage::Canary(p) => write!(f, "canary {}%", format_percent(*p)),
+            Stage::CutOver => f.write_str("cut over"),
+            Stage::ReverseShadow => f.write_str("cut over, reverse shadow"),
+            Stage::CutOverShadowed(by) => write!(f, "cut over, shadowed by {by}"),
+        }
+    }
+}
+
+/// `10` for 10.0, `2.5` for 2.5.
+pub fn format_percent(p: f64) -> String {
+    if p.fract() == 0.0 {
+        format!("{p:.0}")
+    } else {
+        format!("{p}")
+    }
+}
+
+/// The validated, immutable route table.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    backends: Vec<Backend>,
+    routes: Vec<Route>,
+    /// Normalized prefix -> route ids in precedence order.
+    index: HashMap<String, Vec<RouteId>>,
+    legacy: Option<BackendId>,
+}
+
+impl RouteTable {
+    /// Builds the table and its index. Callers (`validate`) have already checked references.
+    pub(crate) fn new(backends: Vec<Backend>, routes: Vec<Route>, legacy: Option<BackendId>) -> Self {
+        let mut index: HashMap<String, Vec<RouteId>> = HashMap::new();
+        for (id, route) in routes.iter().enumerate() {
+            index.entry(route.key.clone()).or_default().push(id);
+        }
+        for ids in index.values_mut() {
+            // Stable: equal specificity keeps file order.
+            ids.sort_by_key(|&id| std::cmp::Reverse(routes[id].specificity()));
+        }
+        RouteTable { backends, routes, index, legacy }
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    pub fn backend(&self, id: BackendId) -> &Backend {
+        &self.backends[id]
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn route(&self, id: RouteId) -> &Route {
+        &self.routes[id]
+    }
+
+    pub fn legacy(&self) -> Option<BackendId> {
+        self.legacy
+    }
+
+    pub fn backend_id(&self, name: &str) -> Option<BackendId> {
+        self.backends.iter().position(|b| b.name == name)
+    }
+
+    /// The route that answers `method host path`, if any. `host` is the request's host
+    /// without port; `path` is the URI path without query.
+    pub fn lookup(&self, method: &Method, host: Option<&str>, path: &str) -> Option<RouteId> {
+        let mut candidate = path;
+        loop {
+            if let Some(ids) = self.index.get(candidate) {
+                if let Some(&id) = ids.iter().find(|&&id| self.routes[id].accepts(method, host)) {
+                    return Some(id);
+                }
+            }
+            candidate = match candidate.rfind('/') {
+                Some(0) if candidate.len() > 1 => "/",
+                Some(i) if i > 0 => &candidate[..i],
+                _ => return None,
+            };
+        }
+    }
+
+    /// The stage of a route, derived from its backend, shadow and canary.
+    pub fn stage(&self, id: RouteId) -> Stage {
+        let route = &self.routes[id];
+        if let Some(c) = route.canary.as_ref().filter(|c| c.percent > 0.0) {
+            return Stage::Canary(c.percent);
+        }
+        let is_legacy = |b: BackendId| self.legacy == Some(b);
+        match (is_legacy(route.backend), &route.shadow) {
+            (true, None) => Stage::Legacy,
+            (true, Some(_)) => Stage::Shadowing,
+            (false, None) => Stage::CutOver,
+            (false, Some(s)) if is_legacy(s.backend) => Stage::ReverseShadow,
+            (false, Some(s)) => Stage::CutOverShadowed(self.backends[s.backend].name.clone()),
+        }
+    }
+
+    /// Routes that can never match because an earlier route with the same prefix accepts
+    /// everything they accept: `(hidden, by)`.
+    pub fn hidden_routes(&self) -> Vec<(RouteId, RouteId)> {
+        let mut hidden = Vec::new();
+        for ids in self.index.values() {
+            for (i, &id) in ids.iter().enumerate() {
+                if let Some(&by) = ids[..i].iter().find(|&&a| self.routes[id].filters_within(&self.routes[a])) {
+                    hidden.push((id, by));
+                }
+            }
+        }
+        hidden.sort_unstable();
+        hidden
+    }
+
+    /// Whether some route without filters catches `/`.
+    pub fn has_catch_all(&self) -> bool {
+        self.index
+            .get("/")
+            .is_some_and(|ids| ids.iter().any(|&id| self.routes[id].specificity() == 0))
+    }
+}
+
+/// Canary bucket of a sticky key: a stable hash (FNV-1a, 64 bit) mod 10,000, so the same key
+/// lands in the same bucket on every replica and across restarts. A request is in the canary
+/// when `bucket < percent * 100`: raising the percent only ever adds buckets.
+pub fn canary_bucket(key: &[u8]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Fold the high bits in: FNV's low bits are weak for short keys.
+    h ^= h >> 32;
+    (h % 10_000) as u32
+}
+
+/// Whether `bucket` (0..10,000) falls in a canary of `percent` (0..=100).
+pub fn in_canary(bucket: u32, percent: f64) -> bool {
+    f64::from(bucket) < percent * 100.0
+}
+
+#[cfg(test)]
+mod tests;

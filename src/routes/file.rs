@@ -1,0 +1,102 @@
+//! The shape of routes.toml (version 1) as serde structs: strict (`deny_unknown_fields`),
+//! with every value an operator can get wrong kept `Spanned` so validation can point at it.
+//! Nothing here checks meaning; that is `validate`'s job.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `[server]`: process settings, read once at start.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: Option<Spanned<String>>,
+    pub admin: Option<Spanned<String>>,
+    pub admin_token: Option<Spanned<String>>,
+    pub tls: Option<Spanned<TlsFile>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub max_request_body: Option<Spanned<String>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub max_header_size: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub trust_shadow_header: Option<bool>,
+    pub via: Option<Spanned<String>>,
+}
+
+/// `tls = { ... }` on the server or on a backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub ca: Option<String>,
+    pub client_ca: Option<String>,
+    pub server_name: Option<String>,
+}
+
+/// `[backends.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    pub url: Spanned<String>,
+    #[serde(default)]
+    pub legacy: bool,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub tls: Option<Spanned<TlsFile>>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub prefix: Spanned<String>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub host: Option<Spanned<String>>,
+    pub backend: Spanned<String>,
+    pub shadow: Option<Spanned<String>>,
+    pub shadow_percent: Option<Spanned<f64>>,
+    pub shadow_methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub canary: Option<Spanned<CanaryFile>>,
+    pub fallback: Option<Spanned<String>>,
+    pub compare: Option<Spanned<CompareFile>>,
+    pub guard: Option<Spanned<GuardFile>>,
+}
+
+/// `canary = { backend, percent, sticky }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryFile {
+    pub backend: Spanned<String>,
+    pub percent: Spanned<f64>,
+    pub sticky: Option<Spanned<String>>,
+}
+
+/// `[routes.compare]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareFile {
+    pub ignore: Option<Vec<Spanned<String>>>,
+    pub headers: Option<Vec<Spanned<String>>>,
+    pub noise: Option<bool>,
+    pub max_body: Option<Spanned<String>>,
+    pub tolerance: Option<Spanned<f64>>,
+    pub gate: Option<Spanned<GateFile>>,
+}
+
+/// `gate = { min_comparisons, max_mismatch_rate }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateFile {
+    pub min_comparisons: Spanned<i64>,
+    pub max_mismatch_rate: Spanned<f64>,
+}
+
+/// `[routes.guard]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardFile {
+    pub max_error_rate: Spanned<f64>,
+    pub window: Option<Spanned<String>>,
+    pub min_requests: Option<Spanned<i64>>,
+    pub to: Option<Spanned<String>>,
+}
