@@ -46,7 +46,10 @@ pub enum LoadError {
         source: std::io::Error,
     },
     #[error("{}", render(path, errors))]
-    Invalid { path: String, errors: Vec<Diagnostic> },
+    Invalid {
+        path: String,
+        errors: Vec<Diagnostic>,
+    },
 }
 
 impl LoadError {
@@ -60,13 +63,20 @@ impl LoadError {
 }
 
 fn render(path: &str, errors: &[Diagnostic]) -> String {
-    errors.iter().map(|d| d.render(path)).collect::<Vec<_>>().join("\n")
+    errors
+        .iter()
+        .map(|d| d.render(path))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads and validates a routes.toml.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: shown.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: shown.clone(),
+        source,
+    })?;
     load_bytes(path, &bytes)
 }
 
@@ -75,9 +85,23 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, LoadError> {
     let shown = path.display().to_string();
     let text = std::str::from_utf8(bytes).map_err(|e| LoadError::Invalid {
         path: shown.clone(),
-        errors: vec![Diagnostic { line: 1, col: 1, message: format!("not UTF-8 text ({e})") }],
+        errors: vec![Diagnostic {
+            line: 1,
+            col: 1,
+            message: format!("not UTF-8 text ({e})"),
+        }],
     })?;
-    let parsed = routes::parse(text).map_err(|errors| LoadError::Invalid { path: shown, errors })?;
-    let sha256 = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Loaded { path: path.to_path_buf(), parsed, sha256 })
+    let parsed = routes::parse(text).map_err(|errors| LoadError::Invalid {
+        path: shown,
+        errors,
+    })?;
+    let sha256 = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        parsed,
+        sha256,
+    })
 }

@@ -1,3 +1,188 @@
+//! strangler: a strangler-fig migration proxy.
+//!
+//! The life of a request, step by step:
+//! 1. `server` accepts a connection under the connection cap and serves HTTP/1.1 on it.
+//! 2. `proxy::State::handle` takes a request id and loads the active snapshot once
+//!    (`proxy::Active`: route table, upstream clients, metric handles). A reload swapping in
+//!    a new snapshot does not affect requests that already loaded one.
+//! 3. `routes::RouteTable::lookup` picks the route by segment-aware longest prefix, method
+//!    and host; `proxy::pick_backend` applies the canary.
+//! 4. `proxy::headers` cleans the request (hop-by-hop, `x-forwarded-*`, `via`,
+//!    `x-request-id`) and `proxy::forward::Upstream` sends it on the backend's pooled client,
+//!    streaming the body with `max_request_body` enforced as it flows.
+//! 5. The response streams back (`proxy::body::ResponseBody`), bounded by the backend's
+//!    timeout; upgrades become a tunnel task.
+//! 6. Anything that goes wrong is a `error::ProxyError`, answered as JSON in one place.
+//!
+//! Around it: `config` and `routes` (loading and validating routes.toml), `reload`
+//! (load -> validate -> swap, keep last good), `admin` (probes, metrics, `/routes`).
+
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
 pub mod routes;
+pub mod server;
 pub mod units;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::config::Loaded;
+use crate::metrics::Metrics;
+use crate::proxy::State;
+use crate::server::Shutdown;
+
+/// How often histogram samples are folded into their buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// Why the proxy could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A proxy whose listeners are bound but not yet serving.
+pub struct Server {
+    state: Arc<State>,
+    proxy: TcpListener,
+    admin: TcpListener,
+}
+
+impl Server {
+    /// Binds the public and admin listeners of a validated configuration.
+    pub async fn bind(loaded: Loaded) -> Result<Server, RunError> {
+        let s = &loaded.parsed.server;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })
+        };
+        let proxy = bind(s.listen).await?;
+        let admin = bind(s.admin).await?;
+        let state = State::new(&loaded, Metrics::new());
+        reload::record_initial(&state);
+        Ok(Server {
+            state,
+            proxy,
+            admin,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy
+            .local_addr()
+            .unwrap_or(self.state.settings.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.state.settings.admin)
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let Server {
+            state,
+            proxy,
+            admin,
+        } = self;
+        let (stop, stopped) = Shutdown::new();
+        let (admin_stop, admin_stopped) = Shutdown::new();
+        let admin_state = state.clone();
+        let admin_task = tokio::spawn(server::serve(
+            admin,
+            &ADMIN_SETTINGS,
+            move |req, _peer| admin::handle(admin_state.clone(), req),
+            admin_stopped,
+            "admin",
+        ));
+        let background = tokio::spawn(background(state.clone(), stopped.clone()));
+        let proxy_state = state.clone();
+        let proxy_task = server::serve(
+            proxy,
+            &state.settings,
+            move |req, peer| proxy_state.clone().handle(req, peer),
+            stopped,
+            "proxy",
+        );
+        state.ready.store(true, Ordering::Release);
+        info!(listen = %state.settings.listen, admin = %state.settings.admin, "strangler is serving");
+        let shutdown_then_unready = async {
+            shutdown.await;
+            state.ready.store(false, Ordering::Release);
+            info!("shutting down: not ready, no new connections, draining");
+            let _ = stop.send(true);
+        };
+        tokio::join!(proxy_task, shutdown_then_unready);
+        let _ = admin_stop.send(true);
+        let _ = admin_task.await;
+        background.abort();
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// The admin listener's own limits: a handful of operators and scrapers.
+static ADMIN_SETTINGS: std::sync::LazyLock<config::ServerSettings> =
+    std::sync::LazyLock::new(|| config::ServerSettings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_token: None,
+        drain_timeout: Duration::from_secs(1),
+        max_request_body: 1 << 20,
+        header_read_timeout: Duration::from_secs(10),
+        max_header_size: 16 << 10,
+        max_connections: 64,
+        trust_shadow_header: false,
+        via: "strangler".into(),
+    });
+
+/// Periodic and signal-driven work: metrics upkeep and SIGHUP reloads.
+async fn background(state: Arc<State>, mut shutdown: Shutdown) {
+    let mut upkeep = tokio::time::interval(METRICS_UPKEEP);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = shutdown.started() => return,
+            _ = upkeep.tick() => state.metrics.upkeep(),
+            Some(()) = sighup => {
+                let outcome = reload::reload_async(state.clone()).await;
+                info!(ok = outcome.ok, generation = outcome.generation, "SIGHUP reload");
+            }
+        }
+    }
+}
+
+/// Binds and serves `loaded` until `shutdown` resolves.
+pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    Server::bind(loaded).await?.run(shutdown).await
+}

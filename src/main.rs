@@ -1,1 +1,238 @@
-fn main() {}
+//! The `strangler` command: parse the command line, set up logging, build the runtime and
+//! hand over to the library (`strangler::run`, `cli`, `demo`).
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use strangler::config::{self, Loaded};
+
+/// A strangler-fig migration proxy: move endpoints from a legacy monolith to new services
+/// one route at a time, by editing routes.toml.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Log format; default: text on a terminal, json otherwise. Filter with RUST_LOG.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The route table.
+    #[arg(long, env = "STRANGLER_CONFIG", default_value = "routes.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run(ConfigArg),
+    /// Validate routes.toml and print its routes and their stages.
+    Check(ConfigArg),
+    /// Show what the proxy would do with a request.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Request method, e.g. GET.
+        method: String,
+        /// Request path with optional query, e.g. /api/users/7.
+        path: String,
+        /// A request header, 'Name: value' (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Client address, for canaries sticky by ip.
+        #[arg(long, default_value = "127.0.0.1")]
+        client_ip: IpAddr,
+    },
+    /// Print what changing OLD into NEW does to each route.
+    Diff { old: PathBuf, new: PathBuf },
+    /// Run the FitTrack demo: legacy-stub, users-service and the proxy on routes.toml.
+    Demo(ConfigArg),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let command = cli.command.unwrap_or(Command::Run(ConfigArg {
+        config: std::env::var_os("STRANGLER_CONFIG").map_or("routes.toml".into(), PathBuf::from),
+    }));
+    match command {
+        Command::Run(c) => serve(&c.config, false),
+        Command::Demo(c) => serve(&c.config, true),
+        Command::Check(c) => check(&c.config),
+        Command::Explain {
+            config,
+            method,
+            path,
+            headers,
+            client_ip,
+        } => explain(&config.config, &method, &path, &headers, client_ip),
+        Command::Diff { old, new } => diff(&old, &new),
+    }
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Loads a config or prints every error; `None` means exit 1.
+fn load(path: &std::path::Path) -> Option<Loaded> {
+    match config::load(path) {
+        Ok(loaded) => Some(loaded),
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            None
+        }
+    }
+}
+
+fn serve(path: &std::path::Path, demo: bool) -> ExitCode {
+    let Some(loaded) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    for w in strangler::cli::warnings(&loaded) {
+        eprintln!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        if demo {
+            strangler::demo::run(loaded, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            strangler::run(loaded, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strangler: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let Some(loaded) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    print!("{}", strangler::cli::check_report(&loaded));
+    for w in strangler::cli::warnings(&loaded) {
+        eprintln!("{w}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn explain(
+    path: &std::path::Path,
+    method: &str,
+    target: &str,
+    raw_headers: &[String],
+    client: IpAddr,
+) -> ExitCode {
+    let Some(loaded) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        eprintln!("strangler explain: {method:?} is not an HTTP method");
+        return ExitCode::from(2);
+    };
+    let mut headers = HeaderMap::new();
+    for h in raw_headers {
+        let parsed = h.split_once(':').and_then(|(n, v)| {
+            Some((
+                HeaderName::from_bytes(n.trim().as_bytes()).ok()?,
+                HeaderValue::from_str(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((n, v)) => {
+                headers.append(n, v);
+            }
+            None => {
+                eprintln!("strangler explain: -H {h:?} is not 'Name: value'");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match strangler::cli::explain(&loaded, &method, target, &headers, client) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("strangler explain: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn diff(old: &std::path::Path, new: &std::path::Path) -> ExitCode {
+    let (Some(old), Some(new)) = (load(old), load(new)) else {
+        return ExitCode::FAILURE;
+    };
+    print!("{}", strangler::cli::diff_report(&old, &new));
+    ExitCode::SUCCESS
+}

@@ -205,7 +205,11 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table and its index. Callers (`validate`) have already checked references.
-    pub(crate) fn new(backends: Vec<Backend>, routes: Vec<Route>, legacy: Option<BackendId>) -> Self {
+    pub(crate) fn new(
+        backends: Vec<Backend>,
+        routes: Vec<Route>,
+        legacy: Option<BackendId>,
+    ) -> Self {
         let mut index: HashMap<String, Vec<RouteId>> = HashMap::new();
         for (id, route) in routes.iter().enumerate() {
             index.entry(route.key.clone()).or_default().push(id);
@@ -214,7 +218,12 @@ impl RouteTable {
             // Stable: equal specificity keeps file order.
             ids.sort_by_key(|&id| std::cmp::Reverse(routes[id].specificity()));
         }
-        RouteTable { backends, routes, index, legacy }
+        RouteTable {
+            backends,
+            routes,
+            index,
+            legacy,
+        }
     }
 
     pub fn backends(&self) -> &[Backend] {
@@ -247,7 +256,10 @@ impl RouteTable {
         let mut candidate = path;
         loop {
             if let Some(ids) = self.index.get(candidate) {
-                if let Some(&id) = ids.iter().find(|&&id| self.routes[id].accepts(method, host)) {
+                if let Some(&id) = ids
+                    .iter()
+                    .find(|&&id| self.routes[id].accepts(method, host))
+                {
                     return Some(id);
                 }
             }
@@ -281,7 +293,10 @@ impl RouteTable {
         let mut hidden = Vec::new();
         for ids in self.index.values() {
             for (i, &id) in ids.iter().enumerate() {
-                if let Some(&by) = ids[..i].iter().find(|&&a| self.routes[id].filters_within(&self.routes[a])) {
+                if let Some(&by) = ids[..i]
+                    .iter()
+                    .find(|&&a| self.routes[id].filters_within(&self.routes[a]))
+                {
                     hidden.push((id, by));
                 }
             }

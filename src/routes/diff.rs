@@ -24,7 +24,9 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
     for b in new.backends() {
         match old.backends().iter().find(|o| o.name == b.name) {
             None => out.push(format!("backend {}: added ({})", b.name, b.url)),
-            Some(o) if o.url != b.url => out.push(format!("backend {}: url {} -> {}", b.name, o.url, b.url)),
+            Some(o) if o.url != b.url => {
+                out.push(format!("backend {}: url {} -> {}", b.name, o.url, b.url))
+            }
             Some(o) if o != b => out.push(format!("backend {}: settings changed", b.name)),
             Some(_) => {}
         }
@@ -34,13 +36,21 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
             out.push(format!("backend {}: removed", o.name));
         }
     }
-    let old_ids: HashMap<String, usize> = old.routes().iter().enumerate().map(|(i, r)| (r.identity(), i)).collect();
+    let old_ids: HashMap<String, usize> = old
+        .routes()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.identity(), i))
+        .collect();
     let mut kept = vec![false; old.routes().len()];
     for (id, route) in new.routes().iter().enumerate() {
         let stage = new.stage(id);
         let Some(&oid) = old_ids.get(&route.identity()) else {
             let backend = &new.backend(route.backend).name;
-            out.push(format!("{}: added ({stage}, answered by {backend})", label(route)));
+            out.push(format!(
+                "{}: added ({stage}, answered by {backend})",
+                label(route)
+            ));
             continue;
         };
         kept[oid] = true;
@@ -54,7 +64,11 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
     }
     for (oid, route) in old.routes().iter().enumerate() {
         if !kept[oid] {
-            out.push(format!("{}: removed (was {})", label(route), old.stage(oid)));
+            out.push(format!(
+                "{}: removed (was {})",
+                label(route),
+                old.stage(oid)
+            ));
         }
     }
     out
@@ -62,22 +76,48 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
 
 /// Changes that the stage does not already say.
 fn field_changes(ot: &RouteTable, o: &Route, nt: &RouteTable, n: &Route) -> Vec<String> {
-    let name = |t: &RouteTable, id: Option<usize>| id.map_or("none".to_string(), |id| t.backend(id).name.clone());
+    let name = |t: &RouteTable, id: Option<usize>| {
+        id.map_or("none".to_string(), |id| t.backend(id).name.clone())
+    };
     let mut out = Vec::new();
     let mut field = |what: &str, a: String, b: String| {
         if a != b {
             out.push(format!("{what} {a} -> {b}"));
         }
     };
-    field("backend", name(ot, Some(o.backend)), name(nt, Some(n.backend)));
-    field("shadow", name(ot, o.shadow.as_ref().map(|s| s.backend)), name(nt, n.shadow.as_ref().map(|s| s.backend)));
-    let shadow_pct = |r: &Route| r.shadow.as_ref().map_or("-".into(), |s| format!("{}%", format_percent(s.percent)));
+    field(
+        "backend",
+        name(ot, Some(o.backend)),
+        name(nt, Some(n.backend)),
+    );
+    field(
+        "shadow",
+        name(ot, o.shadow.as_ref().map(|s| s.backend)),
+        name(nt, n.shadow.as_ref().map(|s| s.backend)),
+    );
+    let shadow_pct = |r: &Route| {
+        r.shadow
+            .as_ref()
+            .map_or("-".into(), |s| format!("{}%", format_percent(s.percent)))
+    };
     if o.shadow.is_some() && n.shadow.is_some() {
         field("shadow_percent", shadow_pct(o), shadow_pct(n));
-        let methods = |r: &Route| r.shadow.as_ref().map_or(String::new(), |s| s.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
+        let methods = |r: &Route| {
+            r.shadow.as_ref().map_or(String::new(), |s| {
+                s.methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+        };
         field("shadow_methods", methods(o), methods(n));
     }
-    field("canary backend", name(ot, o.canary.as_ref().map(|c| c.backend)), name(nt, n.canary.as_ref().map(|c| c.backend)));
+    field(
+        "canary backend",
+        name(ot, o.canary.as_ref().map(|c| c.backend)),
+        name(nt, n.canary.as_ref().map(|c| c.backend)),
+    );
     let sticky = |r: &Route| match r.canary.as_ref().map(|c| &c.sticky) {
         None => "none".to_string(),
         Some(Sticky::Random) => "random".into(),
@@ -89,7 +129,13 @@ fn field_changes(ot: &RouteTable, o: &Route, nt: &RouteTable, n: &Route) -> Vec<
     field("fallback", name(ot, o.fallback), name(nt, n.fallback));
     let guard = |t: &RouteTable, r: &Route| {
         r.guard.as_ref().map_or("none".into(), |g| {
-            format!("max_error_rate {} over {:?} (min {}) to {}", g.max_error_rate, g.window, g.min_requests, t.backend(g.to).name)
+            format!(
+                "max_error_rate {} over {:?} (min {}) to {}",
+                g.max_error_rate,
+                g.window,
+                g.min_requests,
+                t.backend(g.to).name
+            )
         })
     };
     field("guard", guard(ot, o), guard(nt, n));

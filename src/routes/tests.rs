@@ -58,7 +58,9 @@ backend = "legacy"
         ("*", None),
     ];
     for (path, want) in cases {
-        let got = t.lookup(&Method::GET, None, path).map(|id| t.route(id).prefix.as_str());
+        let got = t
+            .lookup(&Method::GET, None, path)
+            .map(|id| t.route(id).prefix.as_str());
         assert_eq!(got, want, "path {path:?}");
     }
 }
@@ -89,14 +91,33 @@ backend = "users"
         (Method::GET, None, "/api/users/1", Some(1)),
         (Method::HEAD, None, "/api/users/1", Some(1)),
         (Method::POST, None, "/api/users/1", Some(0)),
-        (Method::GET, Some("BETA.fittrack.example"), "/api/users", Some(2)),
-        (Method::POST, Some("beta.fittrack.example"), "/api/users", Some(0)),
-        (Method::GET, Some("api.fittrack.example"), "/api/workouts", Some(3)),
+        (
+            Method::GET,
+            Some("BETA.fittrack.example"),
+            "/api/users",
+            Some(2),
+        ),
+        (
+            Method::POST,
+            Some("beta.fittrack.example"),
+            "/api/users",
+            Some(0),
+        ),
+        (
+            Method::GET,
+            Some("api.fittrack.example"),
+            "/api/workouts",
+            Some(3),
+        ),
         (Method::GET, Some("other.example"), "/api/workouts", None),
         (Method::GET, None, "/healthz", None),
     ];
     for (method, host, path, want) in cases {
-        assert_eq!(t.lookup(&method, host, path), want, "{method} {host:?} {path}");
+        assert_eq!(
+            t.lookup(&method, host, path),
+            want,
+            "{method} {host:?} {path}"
+        );
     }
     assert!(!t.has_catch_all());
 }
@@ -107,13 +128,18 @@ fn lookup_cost_does_not_depend_on_route_count() {
     // path's depth only, so 10,000 routes cost what 10 do. (bench/ measures time.)
     let mut src = String::new();
     for i in 0..10_000 {
-        src.push_str(&format!("[[routes]]\nprefix = \"/api/group{i}\"\nbackend = \"legacy\"\n"));
+        src.push_str(&format!(
+            "[[routes]]\nprefix = \"/api/group{i}\"\nbackend = \"legacy\"\n"
+        ));
     }
     src.push_str("[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n");
     let t = table(&src);
     assert_eq!(t.routes().len(), 10_001);
     let id = t.lookup(&Method::GET, None, "/api/group9999/items/1");
-    assert_eq!(id.map(|id| t.route(id).prefix.as_str()), Some("/api/group9999"));
+    assert_eq!(
+        id.map(|id| t.route(id).prefix.as_str()),
+        Some("/api/group9999")
+    );
     assert_eq!(t.index.len(), 10_001, "one index entry per distinct prefix");
 }
 
@@ -146,7 +172,17 @@ canary = { backend = "users", percent = 2.5 }
 "#,
     );
     let stages: Vec<String> = (0..6).map(|id| t.stage(id).to_string()).collect();
-    assert_eq!(stages, ["legacy", "shadowing", "canary 10%", "cut over", "cut over, reverse shadow", "canary 2.5%"]);
+    assert_eq!(
+        stages,
+        [
+            "legacy",
+            "shadowing",
+            "canary 10%",
+            "cut over",
+            "cut over, reverse shadow",
+            "canary 2.5%"
+        ]
+    );
     assert_eq!(t.backend(1).base_path, "/v2");
 }
 
@@ -232,19 +268,35 @@ fn garbage_in_each_key_is_an_error() {
     ];
     for (extra, want) in cases {
         // Top-level keys must come before the first table header.
-        let src = if extra.starts_with('[') { format!("{BACKENDS}{route}{extra}") } else { format!("{extra}{BACKENDS}{route}") };
+        let src = if extra.starts_with('[') {
+            format!("{BACKENDS}{route}{extra}")
+        } else {
+            format!("{extra}{BACKENDS}{route}")
+        };
         let errs = errors(&src);
-        assert!(errs.iter().any(|e| e.contains(want)), "{extra:?}: want {want:?} in {errs:#?}");
-        assert!(errs.iter().all(|e| e.starts_with("routes.toml:")), "{errs:#?}");
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "{extra:?}: want {want:?} in {errs:#?}"
+        );
+        assert!(
+            errs.iter().all(|e| e.starts_with("routes.toml:")),
+            "{errs:#?}"
+        );
     }
 }
 
 #[test]
 fn sections_of_the_wrong_type() {
     let errs = errors("routes = 5\n[backends.legacy]\nurl = \"http://127.0.0.1:1\"\n");
-    assert_eq!(errs, ["routes.toml:1:10: `routes` must be an array of `[[routes]]` tables"]);
+    assert_eq!(
+        errs,
+        ["routes.toml:1:10: `routes` must be an array of `[[routes]]` tables"]
+    );
     let errs = errors("backends = \"legacy\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n");
-    assert!(errs[0].starts_with("routes.toml:1:12: `backends` must be a table"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("routes.toml:1:12: `backends` must be a table"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -264,20 +316,36 @@ fn warnings_for_missing_catch_all_and_hidden_routes() {
     };
     let msgs: Vec<&str> = parsed.warnings.iter().map(|w| w.message.as_str()).collect();
     assert!(msgs.iter().any(|m| m.contains("catches `/`")), "{msgs:?}");
-    assert!(msgs.iter().any(|m| m.contains("route `/a` can never match: the route on line 7")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("route `/a` can never match: the route on line 7")),
+        "{msgs:?}"
+    );
 }
 
 #[test]
 fn canary_buckets_are_stable_and_monotonic() {
     assert_eq!(canary_bucket(b"user-42"), canary_bucket(b"user-42"));
     let keys: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
-    let share = |p: f64| keys.iter().filter(|k| in_canary(canary_bucket(k.as_bytes()), p)).count() as f64 / keys.len() as f64;
+    let share = |p: f64| {
+        keys.iter()
+            .filter(|k| in_canary(canary_bucket(k.as_bytes()), p))
+            .count() as f64
+            / keys.len() as f64
+    };
     for p in [1.0, 10.0, 50.0, 90.0] {
-        assert!((share(p) - p / 100.0).abs() < 0.02, "percent {p}: share {}", share(p));
+        assert!(
+            (share(p) - p / 100.0).abs() < 0.02,
+            "percent {p}: share {}",
+            share(p)
+        );
     }
     for k in &keys {
         let b = canary_bucket(k.as_bytes());
-        assert!(!in_canary(b, 10.0) || in_canary(b, 50.0), "raising the percent moved {k} back");
+        assert!(
+            !in_canary(b, 10.0) || in_canary(b, 50.0),
+            "raising the percent moved {k} back"
+        );
     }
 }
 

@@ -85,7 +85,11 @@ pub fn parse(src: &str) -> Result<Parsed, Vec<Diagnostic>> {
     cx.table_warnings(&table);
     let mut warnings = cx.warnings;
     warnings.sort_by_key(|d| (d.line, d.col));
-    Ok(Parsed { server, table, warnings })
+    Ok(Parsed {
+        server,
+        table,
+        warnings,
+    })
 }
 
 struct Ctx {
@@ -100,14 +104,24 @@ impl Ctx {
     fn new(src: &str) -> Self {
         let mut line_starts = vec![0];
         line_starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
-        Ctx { line_starts, src_len: src.len(), src: src.to_string(), errors: vec![], warnings: vec![] }
+        Ctx {
+            line_starts,
+            src_len: src.len(),
+            src: src.to_string(),
+            errors: vec![],
+            warnings: vec![],
+        }
     }
 
     fn locate(&self, span: Range<usize>, message: String) -> Diagnostic {
         let at = span.start.min(self.src_len);
         let line = self.line_starts.partition_point(|&s| s <= at);
         let start = self.line_starts[line.saturating_sub(1)];
-        let col = self.src.get(start..at).map_or(at - start, |s| s.chars().count()) + 1;
+        let col = self
+            .src
+            .get(start..at)
+            .map_or(at - start, |s| s.chars().count())
+            + 1;
         Diagnostic { line, col, message }
     }
 
@@ -132,7 +146,10 @@ impl Ctx {
         match T::deserialize(value.into_deserializer()) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.err(e.span().unwrap_or(span), format!("{what}: {}", e.message().trim_end()));
+                self.err(
+                    e.span().unwrap_or(span),
+                    format!("{what}: {}", e.message().trim_end()),
+                );
                 None
             }
         }
@@ -141,7 +158,10 @@ impl Ctx {
     fn version(&mut self, value: Spanned<DeValue<'_>>) {
         let span = value.span();
         if self.de::<i64>(value, "version").is_some_and(|v| v != 1) {
-            self.err(span, "unsupported `version`; this strangler reads version 1".into());
+            self.err(
+                span,
+                "unsupported `version`; this strangler reads version 1".into(),
+            );
         }
     }
 
@@ -164,7 +184,10 @@ impl Ctx {
     fn percent(&mut self, v: &Spanned<f64>, key: &str) -> f64 {
         let p = *v.get_ref();
         if !(0.0..=100.0).contains(&p) {
-            self.err(v.span(), format!("`{key}` must be between 0 and 100, got {p}"));
+            self.err(
+                v.span(),
+                format!("`{key}` must be between 0 and 100, got {p}"),
+            );
         }
         p.clamp(0.0, 100.0)
     }
@@ -172,7 +195,10 @@ impl Ctx {
     fn rate(&mut self, v: &Spanned<f64>, key: &str) -> f64 {
         let r = *v.get_ref();
         if !(0.0..=1.0).contains(&r) {
-            self.err(v.span(), format!("`{key}` is a rate between 0 and 1, got {r}"));
+            self.err(
+                v.span(),
+                format!("`{key}` is a rate between 0 and 1, got {r}"),
+            );
         }
         r.clamp(0.0, 1.0)
     }
@@ -188,7 +214,13 @@ impl Ctx {
     fn method(&mut self, v: &Spanned<String>) -> Option<Method> {
         let name = v.get_ref();
         if name.bytes().any(|b| b.is_ascii_lowercase()) {
-            self.err(v.span(), format!("method names are case-sensitive: write {:?}", name.to_uppercase()));
+            self.err(
+                v.span(),
+                format!(
+                    "method names are case-sensitive: write {:?}",
+                    name.to_uppercase()
+                ),
+            );
             return None;
         }
         match Method::from_bytes(name.as_bytes()) {
@@ -207,14 +239,23 @@ impl Ctx {
         v.get_ref().iter().filter_map(|m| self.method(m)).collect()
     }
 
-    fn backend_ref(&mut self, v: &Spanned<String>, names: &HashMap<String, BackendId>, key: &str) -> Option<BackendId> {
+    fn backend_ref(
+        &mut self,
+        v: &Spanned<String>,
+        names: &HashMap<String, BackendId>,
+        key: &str,
+    ) -> Option<BackendId> {
         let found = names.get(v.get_ref()).copied();
         if found.is_none() {
             let mut known: Vec<&str> = names.keys().map(String::as_str).collect();
             known.sort_unstable();
             self.err(
                 v.span(),
-                format!("`{key}`: unknown backend {:?} (declared: {})", v.get_ref(), known.join(", ")),
+                format!(
+                    "`{key}`: unknown backend {:?} (declared: {})",
+                    v.get_ref(),
+                    known.join(", ")
+                ),
             );
         }
         found

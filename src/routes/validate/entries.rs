@@ -28,22 +28,48 @@ impl Ctx {
         if let Some(tls) = &f.tls {
             self.err(tls.span(), "`tls`: TLS termination is not available in this build yet; terminate TLS in front of strangler".into());
         }
-        let max_connections = f.max_connections.as_ref().map_or(DEFAULT_MAX_CONNECTIONS as u64, |v| self.count(v, "max_connections", 1));
-        let via = f.via.as_ref().map_or_else(|| "strangler".to_string(), |v| {
-            let ok = !v.get_ref().is_empty() && v.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !ok {
-                self.err(v.span(), format!("`via`: {:?} must be a token of [A-Za-z0-9._-]", v.get_ref()));
-            }
-            v.get_ref().clone()
-        });
+        let max_connections = f
+            .max_connections
+            .as_ref()
+            .map_or(DEFAULT_MAX_CONNECTIONS as u64, |v| {
+                self.count(v, "max_connections", 1)
+            });
+        let via = f.via.as_ref().map_or_else(
+            || "strangler".to_string(),
+            |v| {
+                let ok = !v.get_ref().is_empty()
+                    && v.get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !ok {
+                    self.err(
+                        v.span(),
+                        format!("`via`: {:?} must be a token of [A-Za-z0-9._-]", v.get_ref()),
+                    );
+                }
+                v.get_ref().clone()
+            },
+        );
         ServerSettings {
             listen,
             admin,
             admin_token,
             drain_timeout: self.duration(f.drain_timeout.as_ref(), "drain_timeout", DEFAULT_DRAIN),
-            max_request_body: self.size(f.max_request_body.as_ref(), "max_request_body", DEFAULT_MAX_REQUEST_BODY),
-            header_read_timeout: self.duration(f.header_read_timeout.as_ref(), "header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT),
-            max_header_size: self.size(f.max_header_size.as_ref(), "max_header_size", DEFAULT_MAX_HEADER_SIZE) as usize,
+            max_request_body: self.size(
+                f.max_request_body.as_ref(),
+                "max_request_body",
+                DEFAULT_MAX_REQUEST_BODY,
+            ),
+            header_read_timeout: self.duration(
+                f.header_read_timeout.as_ref(),
+                "header_read_timeout",
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            max_header_size: self.size(
+                f.max_header_size.as_ref(),
+                "max_header_size",
+                DEFAULT_MAX_HEADER_SIZE,
+            ) as usize,
             max_connections: max_connections as usize,
             trust_shadow_header: f.trust_shadow_header.unwrap_or(false),
             via,
@@ -52,9 +78,14 @@ impl Ctx {
 
     fn addr(&mut self, v: Option<&Spanned<String>>, key: &str, default: &str) -> SocketAddr {
         let fallback = SocketAddr::from(([127, 0, 0, 1], 0));
-        let Some(v) = v else { return default.parse().unwrap_or(fallback) };
+        let Some(v) = v else {
+            return default.parse().unwrap_or(fallback);
+        };
         v.get_ref().parse().unwrap_or_else(|_| {
-            self.err(v.span(), format!("`{key}`: {:?} is not an IP:PORT address", v.get_ref()));
+            self.err(
+                v.span(),
+                format!("`{key}`: {:?} is not an IP:PORT address", v.get_ref()),
+            );
             fallback
         })
     }
@@ -67,20 +98,32 @@ impl Ctx {
         match value.filter(|v| !v.is_empty()) {
             Some(v) => Some(v),
             None => {
-                self.err(t.span(), format!("`admin_token`: {:?} is empty or names an unset environment variable", t.get_ref()));
+                self.err(
+                    t.span(),
+                    format!(
+                        "`admin_token`: {:?} is empty or names an unset environment variable",
+                        t.get_ref()
+                    ),
+                );
                 None
             }
         }
     }
 
-    pub(super) fn backends(&mut self, value: Option<Spanned<DeValue<'_>>>) -> (Vec<Backend>, Option<BackendId>) {
+    pub(super) fn backends(
+        &mut self,
+        value: Option<Spanned<DeValue<'_>>>,
+    ) -> (Vec<Backend>, Option<BackendId>) {
         let Some(value) = value else {
             self.err(0..0, "no `[backends]`: declare at least the legacy backend, e.g. [backends.legacy] url = \"http://127.0.0.1:3000\"".into());
             return (vec![], None);
         };
         let span = value.span();
         let DeValue::Table(entries) = value.into_inner() else {
-            self.err(span, "`backends` must be a table of `[backends.NAME]` sections".into());
+            self.err(
+                span,
+                "`backends` must be a table of `[backends.NAME]` sections".into(),
+            );
             return (vec![], None);
         };
         let mut backends = Vec::new();
@@ -88,8 +131,15 @@ impl Ctx {
         for (name, entry) in entries {
             let name_span = name.span();
             let name = name.into_inner().to_string();
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)) {
-                self.err(name_span.clone(), format!("backend name {name:?} must be made of [A-Za-z0-9_-]"));
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+            {
+                self.err(
+                    name_span.clone(),
+                    format!("backend name {name:?} must be made of [A-Za-z0-9_-]"),
+                );
             }
             // An entry with errors still takes its place, so routes naming it do not also
             // report "unknown backend"; the errors keep the table from being built.
@@ -100,7 +150,9 @@ impl Ctx {
             if f.legacy {
                 marked.push((backends.len(), name_span));
             }
-            let b = self.backend(name.clone(), f).unwrap_or_else(|| placeholder(name));
+            let b = self
+                .backend(name.clone(), f)
+                .unwrap_or_else(|| placeholder(name));
             backends.push(b);
         }
         let legacy = match marked.as_slice() {
@@ -108,7 +160,10 @@ impl Ctx {
             [(id, _)] => Some(*id),
             [_, rest @ ..] => {
                 for (_, span) in rest {
-                    self.err(span.clone(), "more than one backend has `legacy = true`; mark only the monolith".into());
+                    self.err(
+                        span.clone(),
+                        "more than one backend has `legacy = true`; mark only the monolith".into(),
+                    );
                 }
                 None
             }
@@ -121,9 +176,16 @@ impl Ctx {
 
     fn backend(&mut self, name: String, f: BackendFile) -> Option<Backend> {
         if let Some(tls) = &f.tls {
-            self.err(tls.span(), format!("[backends.{name}] `tls`: upstream TLS is not available in this build yet"));
+            self.err(
+                tls.span(),
+                format!("[backends.{name}] `tls`: upstream TLS is not available in this build yet"),
+            );
         }
-        let connect_timeout = self.duration(f.connect_timeout.as_ref(), "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+        let connect_timeout = self.duration(
+            f.connect_timeout.as_ref(),
+            "connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+        );
         let timeout = self.duration(f.timeout.as_ref(), "timeout", DEFAULT_TIMEOUT);
         let text = f.url.get_ref();
         let bad = |why: &str| format!("[backends.{name}] `url`: {text:?} {why}");
@@ -135,11 +197,15 @@ impl Ctx {
             }
         };
         let problem = match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(a)) if a.as_str().contains('@') => Some("must not carry credentials"),
+            (Some("http"), Some(a)) if a.as_str().contains('@') => {
+                Some("must not carry credentials")
+            }
             (Some("http"), Some(a)) if a.host().is_empty() => Some("has no host"),
             (Some("http"), Some(_)) if uri.query().is_some() => Some("must not have a query"),
             (Some("http"), Some(_)) => None,
-            (Some("https"), _) => Some("uses https, but upstream TLS is not available in this build yet"),
+            (Some("https"), _) => {
+                Some("uses https, but upstream TLS is not available in this build yet")
+            }
             _ => Some("must be an absolute http:// URL such as \"http://127.0.0.1:3000\""),
         };
         if let Some(why) = problem {
@@ -159,39 +225,70 @@ impl Ctx {
         })
     }
 
-    pub(super) fn routes(&mut self, value: Option<Spanned<DeValue<'_>>>, backends: &[Backend], legacy: Option<BackendId>) -> Vec<Route> {
+    pub(super) fn routes(
+        &mut self,
+        value: Option<Spanned<DeValue<'_>>>,
+        backends: &[Backend],
+        legacy: Option<BackendId>,
+    ) -> Vec<Route> {
         let Some(value) = value else {
-            self.err(0..0, "no `[[routes]]`: add at least `[[routes]] prefix = \"/\" backend = \"legacy\"`".into());
+            self.err(
+                0..0,
+                "no `[[routes]]`: add at least `[[routes]] prefix = \"/\" backend = \"legacy\"`"
+                    .into(),
+            );
             return vec![];
         };
         let span = value.span();
         let DeValue::Array(entries) = value.into_inner() else {
-            self.err(span, "`routes` must be an array of `[[routes]]` tables".into());
+            self.err(
+                span,
+                "`routes` must be an array of `[[routes]]` tables".into(),
+            );
             return vec![];
         };
-        let names: HashMap<String, BackendId> = backends.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
+        let names: HashMap<String, BackendId> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.name.clone(), i))
+            .collect();
         let mut routes: Vec<Route> = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
         for entry in entries {
-            let Some(f) = self.de::<RouteFile>(entry, "[[routes]]") else { continue };
+            let Some(f) = self.de::<RouteFile>(entry, "[[routes]]") else {
+                continue;
+            };
             let prefix_span = f.prefix.span();
-            let Some(route) = self.route(f, &names, legacy) else { continue };
+            let Some(route) = self.route(f, &names, legacy) else {
+                continue;
+            };
             if let Some(line) = seen.insert(route.identity(), route.line) {
-                self.err(prefix_span, format!("duplicate route: same prefix and filters as the route on line {line}"));
+                self.err(
+                    prefix_span,
+                    format!("duplicate route: same prefix and filters as the route on line {line}"),
+                );
             }
             routes.push(route);
         }
         routes
     }
 
-    fn route(&mut self, f: RouteFile, names: &HashMap<String, BackendId>, legacy: Option<BackendId>) -> Option<Route> {
+    fn route(
+        &mut self,
+        f: RouteFile,
+        names: &HashMap<String, BackendId>,
+        legacy: Option<BackendId>,
+    ) -> Option<Route> {
         let line = self.locate(f.prefix.span(), String::new()).line;
         let key = self.prefix(&f.prefix);
         let methods = f.methods.as_ref().map(|m| self.methods(m, "methods"));
         let host = f.host.as_ref().map(|h| self.host(h));
         let backend = self.backend_ref(&f.backend, names, "backend");
         let shadow = self.shadow(&f, names, backend);
-        let canary = f.canary.as_ref().and_then(|c| self.canary(c, names, backend));
+        let canary = f
+            .canary
+            .as_ref()
+            .and_then(|c| self.canary(c, names, backend));
         let fallback = f.fallback.as_ref().and_then(|fb| {
             let id = self.backend_ref(fb, names, "fallback")?;
             if Some(id) == backend {
@@ -200,19 +297,36 @@ impl Ctx {
             Some(id)
         });
         if let (Some(c), None) = (&f.compare, &f.shadow) {
-            self.err(c.span(), "`[routes.compare]` without `shadow`: nothing would be compared".into());
+            self.err(
+                c.span(),
+                "`[routes.compare]` without `shadow`: nothing would be compared".into(),
+            );
         }
         let compare = self.compare(f.compare.as_ref().map(Spanned::get_ref));
         let guard = f.guard.as_ref().and_then(|g| self.guard(g, names, legacy));
         self.pending_features(&f);
-        Some(Route { prefix: f.prefix.get_ref().clone(), key: key?, methods, host, backend: backend?, shadow, canary, fallback, compare, guard, line })
+        Some(Route {
+            prefix: f.prefix.get_ref().clone(),
+            key: key?,
+            methods,
+            host,
+            backend: backend?,
+            shadow,
+            canary,
+            fallback,
+            compare,
+            guard,
+            line,
+        })
     }
 
     fn prefix(&mut self, p: &Spanned<String>) -> Option<String> {
         let text = p.get_ref();
         let why = if !text.starts_with('/') {
             Some("must start with `/`")
-        } else if text.contains(['?', '#']) || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        } else if text.contains(['?', '#'])
+            || text.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             Some("must be a plain path: no query, fragment, spaces or control characters")
         } else if text.split('/').any(|s| s == "." || s == "..") {
             Some("must not contain `.` or `..` segments")
@@ -226,12 +340,19 @@ impl Ctx {
             return None;
         }
         let key = text.trim_end_matches('/');
-        Some(if key.is_empty() { "/".to_string() } else { key.to_string() })
+        Some(if key.is_empty() {
+            "/".to_string()
+        } else {
+            key.to_string()
+        })
     }
 
     fn host(&mut self, h: &Spanned<String>) -> String {
         let text = h.get_ref();
-        let ok = !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b));
+        let ok = !text.is_empty()
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b));
         if !ok {
             self.err(h.span(), format!("`host` {text:?} must be a host name without scheme, port or path, e.g. \"api.fittrack.example\""));
         }

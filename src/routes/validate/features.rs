@@ -11,7 +11,12 @@ const DEFAULT_GATE_MIN_COMPARISONS: u64 = 1000;
 const DEFAULT_GATE_MAX_MISMATCH_RATE: f64 = 0.001;
 
 impl Ctx {
-    pub(super) fn shadow(&mut self, f: &RouteFile, names: &HashMap<String, BackendId>, backend: Option<BackendId>) -> Option<Shadow> {
+    pub(super) fn shadow(
+        &mut self,
+        f: &RouteFile,
+        names: &HashMap<String, BackendId>,
+        backend: Option<BackendId>,
+    ) -> Option<Shadow> {
         let Some(s) = &f.shadow else {
             if let Some(p) = &f.shadow_percent {
                 self.err(p.span(), "`shadow_percent` without `shadow`".into());
@@ -23,40 +28,72 @@ impl Ctx {
         };
         let id = self.backend_ref(s, names, "shadow")?;
         if Some(id) == backend {
-            self.err(s.span(), "`shadow` is the route's own backend: a request would be compared with itself".into());
+            self.err(
+                s.span(),
+                "`shadow` is the route's own backend: a request would be compared with itself"
+                    .into(),
+            );
         }
-        let percent = f.shadow_percent.as_ref().map_or(100.0, |p| self.percent(p, "shadow_percent"));
+        let percent = f
+            .shadow_percent
+            .as_ref()
+            .map_or(100.0, |p| self.percent(p, "shadow_percent"));
         let methods = match &f.shadow_methods {
             Some(m) => self.methods(m, "shadow_methods"),
             None => DEFAULT_SHADOW_METHODS.to_vec(),
         };
-        Some(Shadow { backend: id, percent, methods })
+        Some(Shadow {
+            backend: id,
+            percent,
+            methods,
+        })
     }
 
-    pub(super) fn canary(&mut self, c: &Spanned<CanaryFile>, names: &HashMap<String, BackendId>, backend: Option<BackendId>) -> Option<Canary> {
+    pub(super) fn canary(
+        &mut self,
+        c: &Spanned<CanaryFile>,
+        names: &HashMap<String, BackendId>,
+        backend: Option<BackendId>,
+    ) -> Option<Canary> {
         let c = c.get_ref();
         let id = self.backend_ref(&c.backend, names, "canary.backend")?;
         if Some(id) == backend {
-            self.err(c.backend.span(), "`canary.backend` is the route's own backend".into());
+            self.err(
+                c.backend.span(),
+                "`canary.backend` is the route's own backend".into(),
+            );
         }
         let percent = self.percent(&c.percent, "canary.percent");
         let sticky = match &c.sticky {
             None => Sticky::Random,
             Some(s) => self.sticky(s)?,
         };
-        Some(Canary { backend: id, percent, sticky })
+        Some(Canary {
+            backend: id,
+            percent,
+            sticky,
+        })
     }
 
     fn sticky(&mut self, s: &Spanned<String>) -> Option<Sticky> {
         let text = s.get_ref();
         let sticky = match text.split_once(':') {
             _ if text == "ip" => Some(Sticky::Ip),
-            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes()).ok().map(Sticky::Header),
-            Some(("cookie", name)) if !name.is_empty() && !name.contains([';', '=', ' ']) => Some(Sticky::Cookie(name.to_string())),
+            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(Sticky::Header),
+            Some(("cookie", name)) if !name.is_empty() && !name.contains([';', '=', ' ']) => {
+                Some(Sticky::Cookie(name.to_string()))
+            }
             _ => None,
         };
         if sticky.is_none() {
-            self.err(s.span(), format!("`canary.sticky` {text:?}: expected \"header:NAME\", \"cookie:NAME\" or \"ip\""));
+            self.err(
+                s.span(),
+                format!(
+                    "`canary.sticky` {text:?}: expected \"header:NAME\", \"cookie:NAME\" or \"ip\""
+                ),
+            );
         }
         sticky
     }
@@ -74,7 +111,10 @@ impl Ctx {
         let Some(c) = c else { return out };
         for p in c.ignore.iter().flatten() {
             let text = p.get_ref();
-            let ok = text.starts_with('/') || text.strip_prefix("header:").is_some_and(|h| HeaderName::from_bytes(h.as_bytes()).is_ok());
+            let ok = text.starts_with('/')
+                || text
+                    .strip_prefix("header:")
+                    .is_some_and(|h| HeaderName::from_bytes(h.as_bytes()).is_ok());
             if !ok {
                 self.err(p.span(), format!("`compare.ignore` {text:?}: expected a JSON pointer such as \"/meta/generated_at\" or \"header:NAME\""));
             }
@@ -86,17 +126,30 @@ impl Ctx {
                 .filter_map(|h| match HeaderName::from_bytes(h.get_ref().as_bytes()) {
                     Ok(n) => Some(n),
                     Err(_) => {
-                        self.err(h.span(), format!("`compare.headers`: {:?} is not a header name", h.get_ref()));
+                        self.err(
+                            h.span(),
+                            format!("`compare.headers`: {:?} is not a header name", h.get_ref()),
+                        );
                         None
                     }
                 })
                 .collect();
         }
         out.noise = c.noise.unwrap_or(false);
-        out.max_body = self.size(c.max_body.as_ref(), "compare.max_body", DEFAULT_COMPARE_MAX_BODY);
+        out.max_body = self.size(
+            c.max_body.as_ref(),
+            "compare.max_body",
+            DEFAULT_COMPARE_MAX_BODY,
+        );
         if let Some(t) = &c.tolerance {
             if !t.get_ref().is_finite() || *t.get_ref() < 0.0 {
-                self.err(t.span(), format!("`compare.tolerance` must be a number >= 0, got {}", t.get_ref()));
+                self.err(
+                    t.span(),
+                    format!(
+                        "`compare.tolerance` must be a number >= 0, got {}",
+                        t.get_ref()
+                    ),
+                );
             }
             out.tolerance = t.get_ref().max(0.0);
         }
@@ -108,23 +161,40 @@ impl Ctx {
         out
     }
 
-    pub(super) fn guard(&mut self, g: &Spanned<GuardFile>, names: &HashMap<String, BackendId>, legacy: Option<BackendId>) -> Option<Guard> {
+    pub(super) fn guard(
+        &mut self,
+        g: &Spanned<GuardFile>,
+        names: &HashMap<String, BackendId>,
+        legacy: Option<BackendId>,
+    ) -> Option<Guard> {
         let span = g.span();
         let g = g.get_ref();
         let max_error_rate = self.rate(&g.max_error_rate, "guard.max_error_rate");
         let window = self.duration(g.window.as_ref(), "guard.window", DEFAULT_GUARD_WINDOW);
-        let min_requests = g.min_requests.as_ref().map_or(DEFAULT_GUARD_MIN_REQUESTS as u64, |m| self.count(m, "guard.min_requests", 1));
+        let min_requests = g
+            .min_requests
+            .as_ref()
+            .map_or(DEFAULT_GUARD_MIN_REQUESTS as u64, |m| {
+                self.count(m, "guard.min_requests", 1)
+            });
         let to = match &g.to {
             Some(t) => self.backend_ref(t, names, "guard.to")?,
-            None => match legacy {
-                Some(l) => l,
-                None => {
-                    self.err(span, "`[routes.guard]` needs `to`: there is no legacy backend to roll back to".into());
-                    return None;
+            None => {
+                match legacy {
+                    Some(l) => l,
+                    None => {
+                        self.err(span, "`[routes.guard]` needs `to`: there is no legacy backend to roll back to".into());
+                        return None;
+                    }
                 }
-            },
+            }
         };
-        Some(Guard { max_error_rate, window, min_requests, to })
+        Some(Guard {
+            max_error_rate,
+            window,
+            min_requests,
+            to,
+        })
     }
 
     /// Keys that validate but whose behaviour is not in this build yet: said out loud, so
@@ -159,7 +229,10 @@ impl Ctx {
             });
         }
         for (id, route) in table.routes().iter().enumerate() {
-            if route.guard.is_some() && Some(route.backend) == table.legacy() && route.canary.is_none() {
+            if route.guard.is_some()
+                && Some(route.backend) == table.legacy()
+                && route.canary.is_none()
+            {
                 self.warnings.push(Diagnostic {
                     line: route.line,
                     col: 1,

@@ -1,0 +1,195 @@
+//! The admin listener: health, readiness, Prometheus metrics, the route table as JSON, and
+//! reload on demand. Loopback by default; with `admin_token`, everything but the probes
+//! (`/healthz`, `/readyz`) needs `Authorization: Bearer <token>`, compared in constant time.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::json_response;
+use crate::proxy::body::ResponseBody;
+use crate::proxy::{Active, State};
+use crate::routes::{format_percent, Sticky};
+
+/// Answers one admin request.
+pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseBody> {
+    let path = req.uri().path();
+    let probe = matches!(path, "/healthz" | "/readyz");
+    if !probe && !authorized(&state, req.headers()) {
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this admin endpoint needs Authorization: Bearer <admin_token>",
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            json_response(StatusCode::OK, &json!({"status": "ok"}))
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => readyz(&state),
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state),
+        (&Method::GET | &Method::HEAD, "/routes") => json_response(StatusCode::OK, &routes(&state)),
+        (&Method::POST, "/reload") => {
+            let outcome = crate::reload::reload_async(state.clone()).await;
+            let status = if outcome.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            json_response(
+                status,
+                &serde_json::to_value(&outcome).unwrap_or(Value::Null),
+            )
+        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/reload") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this admin endpoint",
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such admin endpoint; try /routes, /metrics, /healthz, /readyz",
+        ),
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
+    json_response(status, &json!({"error": message, "code": code}))
+}
+
+/// Constant-time comparison of the bearer token (hashing first hides the length too).
+fn authorized(state: &State, headers: &http::HeaderMap) -> bool {
+    let Some(token) = &state.settings.admin_token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(token.as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+fn readyz(state: &State) -> Response<ResponseBody> {
+    if state.ready.load(Ordering::Acquire) {
+        json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "generation": state.active().generation}),
+        )
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not ready"}),
+        )
+    }
+}
+
+fn metrics(state: &State) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(state.metrics.render())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `GET /routes`.
+pub fn routes(state: &State) -> Value {
+    let active = state.active();
+    let last = state
+        .last_reload
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let (answered, by_new) = state.coverage();
+    json!({
+        "generation": active.generation,
+        "loaded_at": rfc3339(active.loaded_at),
+        "source": state.path.display().to_string(),
+        "source_sha256": active.sha256,
+        "last_reload": { "ok": last.ok, "error": last.error, "at": rfc3339(last.at) },
+        "routes": (0..active.table.routes().len()).map(|id| route_json(&active, id)).collect::<Vec<_>>(),
+        "backends": active.table.backends().iter().map(|b| json!({"name": b.name, "url": b.url, "legacy": b.legacy})).collect::<Vec<_>>(),
+        "coverage": {
+            "routes": route_coverage(&active),
+            "requests": if answered == 0 { Value::Null } else { json!(by_new as f64 / answered as f64) },
+            "requests_answered": answered,
+        },
+    })
+}
+
+fn route_json(active: &Active, id: usize) -> Value {
+    let t = &active.table;
+    let r = t.route(id);
+    let name = |b: usize| t.backend(b).name.clone();
+    let mut v = json!({
+        "prefix": r.prefix,
+        "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
+        "host": r.host,
+        "backend": name(r.backend),
+        "shadow": r.shadow.as_ref().map(|s| name(s.backend)),
+        "canary": r.canary.as_ref().map(|c| json!({
+            "backend": name(c.backend),
+            "percent": c.percent,
+            "sticky": match &c.sticky {
+                Sticky::Random => "random".to_string(),
+                Sticky::Ip => "ip".to_string(),
+                Sticky::Header(h) => format!("header:{h}"),
+                Sticky::Cookie(c) => format!("cookie:{c}"),
+            },
+        })),
+        "fallback": r.fallback.map(name),
+        "stage": t.stage(id).to_string(),
+        "guard_tripped": false,
+        "line": r.line,
+    });
+    if let Some(s) = &r.shadow {
+        v["shadow_percent"] = json!(format_percent(s.percent)
+            .parse::<f64>()
+            .unwrap_or(s.percent));
+        v["compared"] = json!(0);
+        v["mismatch_rate"] = Value::Null;
+        v["ready_to_cut_over"] = json!(false);
+    }
+    v
+}
+
+/// Share of routes answered by a non-legacy backend (a canary counts for its percent).
+fn route_coverage(active: &Active) -> f64 {
+    let t = &active.table;
+    let n = t.routes().len();
+    if n == 0 {
+        return 0.0;
+    }
+    let legacy = t.legacy();
+    let covered: f64 = t
+        .routes()
+        .iter()
+        .map(|r| match &r.canary {
+            _ if Some(r.backend) != legacy => 1.0,
+            Some(c) if Some(c.backend) != legacy => c.percent / 100.0,
+            _ => 0.0,
+        })
+        .sum();
+    covered / n as f64
+}

@@ -1,0 +1,98 @@
+//! `strangler demo`: the FitTrack migration on one machine. Starts legacy-stub and
+//! users-service on the addresses routes.toml gives the `legacy` and `users` backends, then
+//! the proxy on the same file, and stops all three on Ctrl-C.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use crate::config::Loaded;
+use crate::RunError;
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("routes.toml has no backend named {0:?}; the demo starts `legacy` and `users`")]
+    MissingBackend(&'static str),
+    #[error(
+        "backend {name:?} must have an IP:PORT address for the demo to listen on, not {authority}"
+    )]
+    NotAnAddress {
+        name: &'static str,
+        authority: String,
+    },
+    #[error("cannot listen on {addr} for {name}: {source} (is another demo still running?)")]
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Proxy(#[from] RunError),
+}
+
+async fn listen_for(loaded: &Loaded, name: &'static str) -> Result<TcpListener, DemoError> {
+    let t = &loaded.parsed.table;
+    let b = t
+        .backend_id(name)
+        .map(|id| t.backend(id))
+        .ok_or(DemoError::MissingBackend(name))?;
+    let addr: SocketAddr = b
+        .authority
+        .as_str()
+        .parse()
+        .map_err(|_| DemoError::NotAnAddress {
+            name,
+            authority: b.authority.to_string(),
+        })?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DemoError::Bind { name, addr, source })
+}
+
+/// Runs the three demo processes' servers in this process until `shutdown` resolves.
+pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
+    let legacy = listen_for(&loaded, "legacy").await?;
+    let users = listen_for(&loaded, "users").await?;
+    let (legacy_addr, users_addr) = (legacy.local_addr().ok(), users.local_addr().ok());
+    let server = crate::Server::bind(loaded).await?;
+    let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|&s| s).await;
+    };
+    let legacy_task = tokio::spawn(legacy_stub::serve(
+        legacy,
+        Default::default(),
+        stopped(rx.clone()),
+    ));
+    let users_task = tokio::spawn(users_service::serve(users, None, stopped(rx.clone())));
+    println!("FitTrack demo: strangler in front of the legacy monolith and the extracted users service\n");
+    println!("  proxy          http://{proxy}");
+    println!(
+        "  legacy-stub    http://{}",
+        legacy_addr.map_or("?".into(), |a| a.to_string())
+    );
+    println!(
+        "  users-service  http://{}",
+        users_addr.map_or("?".into(), |a| a.to_string())
+    );
+    println!("  admin          http://{admin}/routes  (route table and stages)   http://{admin}/metrics\n");
+    println!("Try:");
+    println!("  curl -s http://{proxy}/api/users/7");
+    println!("  curl -s http://{proxy}/api/workouts?user_id=7");
+    println!("  curl -s http://{proxy}/api/social/feed");
+    println!("  curl -s -X POST http://{proxy}/api/users -H 'content-type: application/json' -d '{{\"name\":\"Rosalind Franklin\",\"email\":\"rosalind@fittrack.example\"}}'");
+    println!("  curl -s http://{admin}/routes");
+    println!("Edit routes.toml and `curl -X POST http://{admin}/reload` to move a route. Ctrl-C stops all three.\n");
+    let result = server
+        .run(async {
+            shutdown.await;
+            let _ = tx.send(true);
+        })
+        .await;
+    let _ = tokio::join!(legacy_task, users_task);
+    result.map_err(DemoError::from)
+}

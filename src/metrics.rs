@@ -1,0 +1,198 @@
+//! Every metric name, described once, and the handles the request path records into.
+//! Each proxy instance owns its recorder (no global recorder), so tests can run several
+//! proxies in one process. Handles are registered ahead of the request path where the label
+//! set is known (per backend) and lazily, once, per (route, backend) otherwise; a raw request
+//! path is never a label.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::error::UpstreamErrorKind;
+
+pub const REQUESTS_TOTAL: &str = "strangler_requests_total";
+pub const REQUEST_DURATION: &str = "strangler_request_duration_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "strangler_upstream_errors_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "strangler_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "strangler_config_last_reload_successful";
+pub const CONFIG_GENERATION: &str = "strangler_config_generation";
+
+/// `route` label of requests no route matched (a prefix always starts with `/`).
+pub const NO_ROUTE: &str = "none";
+
+/// Latency buckets (seconds): 1 ms to 30 s, the span between a cached answer and a timeout.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Status codes that get a pre-registered counter slot; others register on use.
+const COMMON_STATUSES: [u16; 18] = [
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504,
+];
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// The recorder of one proxy instance.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_duration_seconds".into()),
+                &DURATION_BUCKETS,
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Unit, text: &'static str| {
+            recorder.describe_counter(name.into(), Some(unit), text.into());
+        };
+        describe(
+            REQUESTS_TOTAL,
+            Unit::Count,
+            "Requests answered, by route, answering backend and status.",
+        );
+        describe(
+            UPSTREAM_ERRORS_TOTAL,
+            Unit::Count,
+            "Failed upstream exchanges, by backend and kind.",
+        );
+        describe(
+            CONFIG_RELOADS_TOTAL,
+            Unit::Count,
+            "Route table reloads, by outcome.",
+        );
+        recorder.describe_histogram(
+            REQUEST_DURATION.into(),
+            Some(Unit::Seconds),
+            "Time from request to the end of the response body.".into(),
+        );
+        recorder.describe_gauge(
+            CONFIG_LAST_RELOAD_SUCCESSFUL.into(),
+            None,
+            "1 when the last reload attempt succeeded.".into(),
+        );
+        recorder.describe_gauge(
+            CONFIG_GENERATION.into(),
+            None,
+            "Generation of the route table being served.".into(),
+        );
+        Arc::new(Metrics { recorder, handle })
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; called periodically.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
+        self.recorder
+            .register_histogram(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    /// The per-backend upstream error counters, in [`UpstreamErrorKind::ALL`] order.
+    pub fn upstream_errors(&self, backend: &str) -> [Counter; 4] {
+        UpstreamErrorKind::ALL.map(|k| {
+            self.counter(
+                UPSTREAM_ERRORS_TOTAL,
+                vec![
+                    Label::new("backend", backend.to_string()),
+                    Label::new("kind", k.as_str()),
+                ],
+            )
+        })
+    }
+}
+
+/// Handles for one (route, backend) pair, registered on first use.
+pub struct Responses {
+    route: String,
+    backend: String,
+    duration: Histogram,
+    common: [OnceLock<Counter>; COMMON_STATUSES.len()],
+}
+
+impl Responses {
+    pub fn new(metrics: &Metrics, route: &str, backend: &str) -> Self {
+        let labels = vec![
+            Label::new("route", route.to_string()),
+            Label::new("backend", backend.to_string()),
+        ];
+        Responses {
+            route: route.to_string(),
+            backend: backend.to_string(),
+            duration: metrics.histogram(REQUEST_DURATION, labels),
+            common: Default::default(),
+        }
+    }
+
+    /// Counts one answered request and its duration.
+    pub fn record(&self, metrics: &Metrics, status: u16, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        let register = || {
+            metrics.counter(
+                REQUESTS_TOTAL,
+                vec![
+                    Label::new("route", self.route.clone()),
+                    Label::new("backend", self.backend.clone()),
+                    Label::new("status", status.to_string()),
+                ],
+            )
+        };
+        match COMMON_STATUSES.iter().position(|&s| s == status) {
+            Some(i) => self.common[i].get_or_init(register).increment(1),
+            None => register().increment(1),
+        }
+    }
+}
+
+/// Lazily registered [`Responses`] for each backend a route may send to.
+pub struct RouteMetrics {
+    slots: Vec<OnceLock<Responses>>,
+}
+
+impl RouteMetrics {
+    pub fn new(backends: usize) -> Self {
+        RouteMetrics {
+            slots: (0..backends).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn for_backend(
+        &self,
+        metrics: &Metrics,
+        id: usize,
+        route: &str,
+        backend: &str,
+    ) -> Option<&Responses> {
+        Some(
+            self.slots
+                .get(id)?
+                .get_or_init(|| Responses::new(metrics, route, backend)),
+        )
+    }
+}

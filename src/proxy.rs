@@ -1,0 +1,365 @@
+//! The request service. For each request: one load of the active snapshot (route table,
+//! upstream clients, metric handles); validate; route; pick the answering backend; forward
+//! with clean headers; stream the response back. Errors become responses in one place,
+//! `ProxyError::to_response`. Nothing here blocks, locks, or buffers a body.
+
+pub mod body;
+pub mod forward;
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tracing::{debug, warn, Instrument};
+
+use self::body::{ResponseBody, UpstreamBody};
+use self::forward::Upstream;
+use self::headers::*;
+use crate::config::{Loaded, ServerSettings};
+use crate::error::ProxyError;
+use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
+use crate::routes::{canary_bucket, in_canary, BackendId, Route, RouteId, RouteTable, Sticky};
+
+/// Everything a request needs from one generation of routes.toml, swapped as one.
+pub struct Active {
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+    pub sha256: String,
+    pub table: RouteTable,
+    /// Parallel to `table.backends()`.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Parallel to `table.routes()`.
+    route_metrics: Vec<RouteMetrics>,
+    no_route: Responses,
+}
+
+impl Active {
+    /// Builds a snapshot, reusing `previous`'s upstream pools where backends are unchanged.
+    pub fn build(
+        loaded: &Loaded,
+        generation: u64,
+        previous: Option<&Active>,
+        metrics: &Metrics,
+    ) -> Self {
+        let table = loaded.parsed.table.clone();
+        let old: &[Arc<Upstream>] = previous.map_or(&[], |p| &p.upstreams);
+        let upstreams = table
+            .backends()
+            .iter()
+            .map(|b| Upstream::new(b, metrics, old))
+            .collect();
+        let route_metrics = table
+            .routes()
+            .iter()
+            .map(|_| RouteMetrics::new(table.backends().len()))
+            .collect();
+        Active {
+            generation,
+            loaded_at: SystemTime::now(),
+            sha256: loaded.sha256.clone(),
+            table,
+            upstreams,
+            route_metrics,
+            no_route: Responses::new(metrics, NO_ROUTE, NO_ROUTE),
+        }
+    }
+}
+
+/// The outcome of the last reload attempt, for `/routes`.
+#[derive(Debug, Clone)]
+pub struct ReloadStatus {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub at: SystemTime,
+}
+
+/// Shared state of one proxy instance.
+pub struct State {
+    active: ArcSwap<Active>,
+    pub settings: ServerSettings,
+    /// The routes.toml this instance serves and reloads.
+    pub path: std::path::PathBuf,
+    pub metrics: Arc<Metrics>,
+    /// Serializes reloads (watcher, SIGHUP and `POST /reload` may race).
+    pub reload_lock: Mutex<()>,
+    ids: RequestIds,
+    via: HeaderValue,
+    /// False until the listener is up, and again once draining starts.
+    pub ready: AtomicBool,
+    /// Last reload attempt; written by reloads only, read by the admin listener.
+    pub last_reload: Mutex<ReloadStatus>,
+    answered: AtomicU64,
+    answered_by_new: AtomicU64,
+}
+
+/// What the request path learned, for metrics: which route and backend, if any.
+#[derive(Default)]
+struct Trace {
+    route: Option<RouteId>,
+    backend: Option<BackendId>,
+}
+
+impl State {
+    pub fn new(loaded: &Loaded, metrics: Arc<Metrics>) -> Arc<Self> {
+        let settings = loaded.parsed.server.clone();
+        let via = HeaderValue::from_str(&format!("1.1 {}", settings.via))
+            .unwrap_or(HeaderValue::from_static("1.1 strangler"));
+        let active = Active::build(loaded, 1, None, &metrics);
+        Arc::new(State {
+            active: ArcSwap::from_pointee(active),
+            settings,
+            path: loaded.path.clone(),
+            metrics,
+            reload_lock: Mutex::new(()),
+            ids: RequestIds::new(),
+            via,
+            ready: AtomicBool::new(false),
+            last_reload: Mutex::new(ReloadStatus {
+                ok: true,
+                error: None,
+                at: SystemTime::now(),
+            }),
+            answered: AtomicU64::new(0),
+            answered_by_new: AtomicU64::new(0),
+        })
+    }
+
+    /// The snapshot being served.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Replaces the snapshot; requests in flight keep the one they loaded.
+    pub fn swap(&self, next: Active) {
+        self.active.store(Arc::new(next));
+    }
+
+    /// `(answered, answered by a non-legacy backend)` since start.
+    pub fn coverage(&self) -> (u64, u64) {
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.answered_by_new.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Serves one client request. Never fails: errors are answered as JSON.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let active = self.active.load_full();
+        let request_id = valid_request_id(req.headers())
+            .cloned()
+            .unwrap_or_else(|| self.ids.next());
+        let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
+        let mut trace = Trace::default();
+        let result = self
+            .handle_inner(&active, req, peer, &request_id, start, &mut trace)
+            .instrument(span)
+            .await;
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(error) => {
+                let route = trace.route.map(|id| active.table.route(id).prefix.as_str());
+                match error.status() {
+                    s if s.is_server_error() => {
+                        warn!(%error, source = ?std::error::Error::source(&error), ?route, id = ?request_id, "proxy error")
+                    }
+                    _ => debug!(%error, ?route, id = ?request_id, "request refused"),
+                }
+                error.to_response(&request_id)
+            }
+        };
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        self.record(&active, &trace, resp.status(), start);
+        resp
+    }
+
+    fn record(&self, active: &Active, trace: &Trace, status: StatusCode, start: Instant) {
+        let elapsed = start.elapsed();
+        let (Some(route), Some(backend)) = (trace.route, trace.backend) else {
+            active
+                .no_route
+                .record(&self.metrics, status.as_u16(), elapsed);
+            return;
+        };
+        let r = active.table.route(route);
+        let b = active.table.backend(backend);
+        if let Some(m) =
+            active.route_metrics[route].for_backend(&self.metrics, backend, &r.prefix, &b.name)
+        {
+            m.record(&self.metrics, status.as_u16(), elapsed);
+        }
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if Some(backend) != active.table.legacy() {
+            self.answered_by_new.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn handle_inner(
+        &self,
+        active: &Active,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        start: Instant,
+        trace: &mut Trace,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let route_id = self.route(active, &req)?;
+        trace.route = Some(route_id);
+        let route = active.table.route(route_id);
+        let backend = pick_backend(route, req.headers(), peer);
+        trace.backend = Some(backend);
+        let upstream = &active.upstreams[backend];
+
+        let limit = self.settings.max_request_body;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::PayloadTooLarge { limit });
+        }
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.get(header::HOST).cloned();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if !self.settings.trust_shadow_header {
+            parts.headers.remove(X_STRANGLER_SHADOW);
+        }
+        set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
+        append_via(&mut parts.headers, &self.via);
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        parts.uri =
+            upstream
+                .uri(parts.uri.path_and_query())
+                .map_err(|_| ProxyError::BadRequest {
+                    reason: "the request target cannot be forwarded",
+                })?;
+        parts.version = Version::HTTP_11;
+        let body = if body_is_empty(&parts.method, &body) {
+            UpstreamBody::empty()
+        } else {
+            UpstreamBody::limited(body, limit)
+        };
+
+        let deadline = start + upstream.timeout;
+        let resp = upstream
+            .send(Request::from_parts(parts, body), deadline)
+            .await?;
+        let (mut parts, body) = resp.into_parts();
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(&mut parts.headers, switching && upgrade);
+        append_via(&mut parts.headers, &self.via);
+        if switching {
+            let mut upstream_resp = Response::from_parts(parts.clone(), body);
+            let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+            if let Some(client_upgrade) = client_upgrade {
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade).in_current_span());
+            }
+            return Ok(Response::from_parts(
+                parts,
+                ResponseBody::full(bytes::Bytes::new()),
+            ));
+        }
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::upstream(body, deadline, upstream.timeout_counter()),
+        ))
+    }
+
+    /// Request checks that come before routing, then the route lookup.
+    fn route(&self, active: &Active, req: &Request<Incoming>) -> Result<RouteId, ProxyError> {
+        let bad = |reason| Err(ProxyError::BadRequest { reason });
+        if req.method() == Method::CONNECT {
+            return bad("CONNECT is not supported");
+        }
+        let path = req.uri().path();
+        if !path.starts_with('/') {
+            return bad("the request target must be a path starting with /");
+        }
+        if has_dot_segments(path) {
+            return bad("the path must not contain . or .. segments");
+        }
+        let host = request_host(req.headers(), req.uri())
+            .map_err(|reason| ProxyError::BadRequest { reason })?;
+        if host.is_none() && req.version() == Version::HTTP_11 {
+            return bad("HTTP/1.1 requests need a Host header");
+        }
+        if via_has(req.headers(), &self.settings.via) {
+            return Err(ProxyError::LoopDetected {
+                name: self.settings.via.clone(),
+            });
+        }
+        active
+            .table
+            .lookup(req.method(), host, path)
+            .ok_or(ProxyError::NoRoute)
+    }
+}
+
+/// Whether the request certainly has no body (so the upstream request can say so).
+fn body_is_empty(method: &Method, body: &Incoming) -> bool {
+    use http_body::Body as _;
+    body.is_end_stream()
+        && matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+        )
+}
+
+/// The backend that answers: the canary's when the request's bucket is in the canary,
+/// otherwise the route's. A sticky key that is absent keeps the request on the route's
+/// backend, so users without the key never flap between the two.
+pub fn pick_backend(route: &Route, headers: &http::HeaderMap, peer: SocketAddr) -> BackendId {
+    let Some(canary) = &route.canary else {
+        return route.backend;
+    };
+    let bucket = match &canary.sticky {
+        Sticky::Random => Some(fastrand::u32(..10_000)),
+        Sticky::Header(name) => headers.get(name).map(|v| canary_bucket(v.as_bytes())),
+        Sticky::Cookie(name) => cookie(headers, name).map(|v| canary_bucket(v.as_bytes())),
+        Sticky::Ip => Some(canary_bucket(peer.ip().to_string().as_bytes())),
+    };
+    match bucket {
+        Some(b) if in_canary(b, canary.percent) => canary.backend,
+        _ => route.backend,
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Joins an upgraded client connection with the upgraded upstream one, both ways, until
+/// either side closes. Runs on its own task: reloads and the request path never wait on it.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                debug!(%error, "upgraded connection closed with an error");
+            }
+        }
+        Err(error) => debug!(%error, "upgrade did not complete"),
+    }
+}

@@ -1,0 +1,181 @@
+//! Body types of the request path. Both stream frame by frame: nothing here buffers a whole
+//! body. `UpstreamBody` enforces `max_request_body` while it streams (also for chunked bodies
+//! whose length is not announced); `ResponseBody` carries either an upstream's streamed body,
+//! bounded by the backend's `timeout` deadline, or a small body the proxy made itself.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BoxError;
+
+/// The request body was larger than `max_request_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {limit} bytes")]
+pub struct TooLarge {
+    pub limit: u64,
+}
+
+/// The body sent to an upstream.
+pub enum UpstreamBody {
+    /// The client's body, streamed, counted against the limit.
+    Streaming {
+        inner: Incoming,
+        remaining: u64,
+        limit: u64,
+    },
+    /// A body the proxy holds whole (a bounded shadow copy, or none).
+    Full(Full<Bytes>),
+}
+
+impl UpstreamBody {
+    pub fn limited(inner: Incoming, limit: u64) -> Self {
+        UpstreamBody::Streaming {
+            inner,
+            remaining: limit,
+            limit,
+        }
+    }
+
+    pub fn empty() -> Self {
+        UpstreamBody::Full(Full::new(Bytes::new()))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Streaming {
+                inner,
+                remaining,
+                limit,
+            } => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                Poll::Ready(match frame {
+                    Some(Ok(frame)) => {
+                        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        match remaining.checked_sub(len) {
+                            Some(left) => {
+                                *remaining = left;
+                                Some(Ok(frame))
+                            }
+                            None => Some(Err(Box::new(TooLarge { limit: *limit }))),
+                        }
+                    }
+                    Some(Err(e)) => Some(Err(Box::new(e))),
+                    None => None,
+                })
+            }
+            UpstreamBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streaming { inner, .. } => inner.is_end_stream(),
+            UpstreamBody::Full(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streaming { inner, .. } => inner.size_hint(),
+            UpstreamBody::Full(full) => full.size_hint(),
+        }
+    }
+}
+
+/// The upstream did not finish its body before the backend's `timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response body not finished within the backend timeout")]
+pub struct BodyTimeout;
+
+/// The body sent to the client.
+pub enum ResponseBody {
+    Upstream {
+        inner: Incoming,
+        deadline: Instant,
+        timer: Option<Pin<Box<Sleep>>>,
+        on_timeout: Option<metrics::Counter>,
+    },
+    Full(Full<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: Bytes) -> Self {
+        ResponseBody::Full(Full::new(bytes))
+    }
+
+    /// An upstream body that must end by `deadline` (the backend's whole-response timeout).
+    pub fn upstream(inner: Incoming, deadline: Instant, on_timeout: metrics::Counter) -> Self {
+        ResponseBody::Upstream {
+            inner,
+            deadline,
+            timer: None,
+            on_timeout: Some(on_timeout),
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream {
+                inner,
+                deadline,
+                timer,
+                on_timeout,
+            } => {
+                if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+                    return Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)));
+                }
+                // The timer is only armed for bodies that actually wait.
+                let timer =
+                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*deadline)));
+                ready!(timer.as_mut().poll(cx));
+                if let Some(counter) = on_timeout.take() {
+                    counter.increment(1);
+                }
+                Poll::Ready(Some(Err(Box::new(BodyTimeout))))
+            }
+            ResponseBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ResponseBody::Full(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+            ResponseBody::Full(full) => full.size_hint(),
+        }
+    }
+}
+
+use std::future::Future as _;

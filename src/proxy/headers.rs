@@ -1,0 +1,227 @@
+//! Pure header functions: hop-by-hop removal, `x-forwarded-*`, `via` and loop detection, and
+//! request ids. No IO; every function is tested by table below.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the obsolete ones still seen in the wild.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Headers a client must not be able to strip by naming them in `Connection`: the proxy
+/// sets them for the backend's benefit.
+const PROTECTED: [HeaderName; 6] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
+    header::VIA,
+    header::HOST,
+];
+
+/// True when the message asks for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. With `upgrade`, keeps
+/// `Connection: upgrade` and `Upgrade` so the upgrade reaches the other side.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !PROTECTED.contains(n))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    let upgrade_to = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(proto) = upgrade_to {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// Appends the client address to `x-forwarded-for` (keeping what earlier proxies wrote) and
+/// sets `x-forwarded-proto` and `x-forwarded-host`.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let prior: Vec<&[u8]> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let value = if prior.is_empty() {
+        HeaderValue::from_str(&client.to_string())
+    } else {
+        let mut joined = prior.join(&b", "[..]);
+        joined.extend_from_slice(format!(", {client}").as_bytes());
+        HeaderValue::from_bytes(&joined)
+    };
+    if let Ok(v) = value {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+}
+
+/// Whether `via` already names this proxy (`1.1 NAME`, `HTTP/1.1 NAME (comment)`).
+pub fn via_has(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|entry| entry.split_whitespace().nth(1))
+        .any(|by| by.eq_ignore_ascii_case(name))
+}
+
+/// Appends `1.1 NAME` to `via`.
+pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    headers.append(header::VIA, via.clone());
+}
+
+/// The client's request id if it is 1-128 characters of `[A-Za-z0-9._-]`.
+pub fn valid_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let mut values = headers.get_all(&X_REQUEST_ID).iter();
+    let v = values.next()?;
+    let ok = values.next().is_none()
+        && (1..=128).contains(&v.len())
+        && v.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b));
+    ok.then_some(v)
+}
+
+/// Generates request ids: 32 hex characters, unique within the process (a counter through a
+/// bijective mixer) and across processes (a random per-process half). No lock, no syscall.
+pub struct RequestIds {
+    seed: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        RequestIds {
+            seed: fastrand::u64(..),
+            counter: AtomicU64::new(fastrand::u64(..)),
+        }
+    }
+
+    pub fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:016x}{:016x}", self.seed, splitmix64(n));
+        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The request's host without port, lower-cased by the caller's comparison: from `Host`, or
+/// from the authority of an absolute-form target. `Err` when there are two `Host` headers or
+/// one that is not a valid authority.
+pub fn request_host<'a>(
+    headers: &'a HeaderMap,
+    uri: &'a http::Uri,
+) -> Result<Option<&'a str>, &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let Some(value) = hosts.next() else {
+        return Ok(uri.host());
+    };
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let text = value.to_str().map_err(|_| "Host header is not ASCII")?;
+    let authority: http::uri::Authority = text
+        .parse()
+        .map_err(|_| "Host header is not a valid host[:port]")?;
+    if authority.as_str().contains('@') {
+        return Err("Host header must not carry user info");
+    }
+    // `authority.host()` borrows the parsed value; return the same span of the header text.
+    let host_len = authority.host().len();
+    Ok(Some(&text[..host_len]))
+}
+
+/// Whether a path contains `.` or `..` segments, literally or percent-encoded: the proxy
+/// would route one path while the backend resolves another, so such requests get 400.
+pub fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let s = seg.as_bytes();
+        let is_dot = |i: usize| -> Option<usize> {
+            match s.get(i)? {
+                b'.' => Some(i + 1),
+                b'%' if s.get(i + 1) == Some(&b'2')
+                    && matches!(s.get(i + 2), Some(b'e' | b'E')) =>
+                {
+                    Some(i + 3)
+                }
+                _ => None,
+            }
+        };
+        match is_dot(0) {
+            Some(end) if end == s.len() => true,
+            Some(end) => is_dot(end) == Some(s.len()),
+            None => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+use super::*;
+
+fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+fn names(h: &HeaderMap) -> Vec<String> {
+    let mut n: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn hop_by_hop_and_connection_named_headers_are_removed() {
+    let cases: &[(&[(&str, &str)], bool, &[&str])] = &[
+        (
+            &[
+                ("connection", "keep-alive"),
+                ("keep-alive", "timeout=5"),
+                ("accept", "*/*"),
+            ],
+            false,
+            &["accept"],
+        ),
+        (
+            &[
+                ("connection", "x-secret, close"),
+                ("x-secret", "1"),
+                ("te", "trailers"),
+                ("accept", "*/*"),
+            ],
+            false,
+            &["accept"],
+        ),
+        (
+            &[
+                ("transfer-encoding", "chunked"),
+                ("trailer", "x"),
+                ("proxy-authorization", "Basic x"),
+                ("proxy-connection", "k"),
+            ],
+            false,
+            &[],
+        ),
+        // A client cannot make the proxy drop the headers it sets for the backend.
+        (
+            &[
+                ("connection", "x-forwarded-for, x-request-id, via, host"),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-request-id", "a"),
+                ("via", "1.1 a"),
+                ("host", "h"),
+            ],
+            false,
+            &["host", "via", "x-forwarded-for", "x-request-id"],
+        ),
+        (
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-key", "k"),
+            ],
+            true,
+            &["connection", "sec-websocket-key", "upgrade"],
+        ),
+        (
+            &[("connection", "Upgrade"), ("upgrade", "websocket")],
+            false,
+            &[],
+        ),
+        (
+            &[
+                ("connection", "bad header name!, ok"),
+                ("ok", "1"),
+                ("accept", "a"),
+            ],
+            false,
+            &["accept"],
+        ),
+    ];
+    for (input, upgrade, want) in cases {
+        let mut h = map(input);
+        strip_hop_by_hop(&mut h, *upgrade);
+        assert_eq!(names(&h), *want, "{input:?}");
+    }
+}
+
+#[test]
+fn upgrade_detection() {
+    assert!(is_upgrade(&map(&[
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "websocket")
+    ])));
+    assert!(!is_upgrade(&map(&[
+        ("connection", "keep-alive"),
+        ("upgrade", "websocket")
+    ])));
+    assert!(!is_upgrade(&map(&[("connection", "upgrade")])));
+}
+
+#[test]
+fn forwarded_headers_append_and_set() {
+    let ip: IpAddr = "10.0.0.7".parse().unwrap();
+    let mut h = map(&[
+        ("x-forwarded-for", "1.1.1.1"),
+        ("x-forwarded-for", "2.2.2.2"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "forged"),
+    ]);
+    set_forwarded(
+        &mut h,
+        ip,
+        "http",
+        Some(&HeaderValue::from_static("api.fittrack.example")),
+    );
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "api.fittrack.example");
+    let mut h = map(&[("x-forwarded-host", "forged")]);
+    set_forwarded(&mut h, ip, "http", None);
+    assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+    assert!(h.get("x-forwarded-host").is_none());
+}
+
+#[test]
+fn via_loop_detection() {
+    let cases = [
+        ("1.1 strangler", true),
+        ("1.0 fred, 1.1 STRANGLER (rust)", true),
+        ("HTTP/1.1 strangler", true),
+        ("1.1 strangler-edge", false),
+        ("1.1 nginx", false),
+        ("strangler", false),
+    ];
+    for (via, want) in cases {
+        assert_eq!(via_has(&map(&[("via", via)]), "strangler"), want, "{via}");
+    }
+}
+
+#[test]
+fn request_ids() {
+    let ok = "abc-123_x.y";
+    assert_eq!(
+        valid_request_id(&map(&[("x-request-id", ok)])).map(|v| v.to_str().unwrap()),
+        Some(ok)
+    );
+    let long = "a".repeat(129);
+    for bad in ["", "has space", "semi;colon", "ünï", long.as_str()] {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(bad) {
+            h.insert("x-request-id", v);
+        }
+        assert!(valid_request_id(&h).is_none(), "{bad:?}");
+    }
+    assert!(valid_request_id(&map(&[("x-request-id", "a"), ("x-request-id", "b")])).is_none());
+    let ids = RequestIds::new();
+    let (a, b) = (ids.next(), ids.next());
+    assert_ne!(a, b);
+    assert_eq!(a.len(), 32);
+    assert!(valid_request_id(&map(&[("x-request-id", a.to_str().unwrap())])).is_some());
+}
+
+#[test]
+fn hosts() {
+    let uri: http::Uri = "/x".parse().unwrap();
+    let abs: http::Uri = "http://abs.example:81/x".parse().unwrap();
+    let cases: &[(&[(&str, &str)], &http::Uri, Result<Option<&str>, ()>)] = &[
+        (
+            &[("host", "api.fittrack.example:8080")],
+            &uri,
+            Ok(Some("api.fittrack.example")),
+        ),
+        (&[("host", "[::1]:8080")], &uri, Ok(Some("[::1]"))),
+        (&[], &abs, Ok(Some("abs.example"))),
+        (&[], &uri, Ok(None)),
+        (&[("host", "a"), ("host", "b")], &uri, Err(())),
+        (&[("host", "a b")], &uri, Err(())),
+        (&[("host", "user@evil")], &uri, Err(())),
+    ];
+    for (h, u, want) in cases {
+        assert_eq!(request_host(&map(h), u).map_err(|_| ()), *want, "{h:?}");
+    }
+}
+
+#[test]
+fn dot_segments() {
+    let cases = [
+        ("/api/users/7", false),
+        ("/api/../admin", true),
+        ("/api/./x", true),
+        ("/api/%2e%2E/admin", true),
+        ("/api/.%2e", true),
+        ("/api/%2e", true),
+        ("/api/..", true),
+        ("/api/...", false),
+        ("/api/.hidden", false),
+        ("/api/v1.2", false),
+    ];
+    for (path, want) in cases {
+        assert_eq!(has_dot_segments(path), want, "{path}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Reloading routes.toml: load -> validate -> swap, keeping the last good table. A file that
+//! does not validate never replaces the one being served; an identical file counts as a
+//! successful reload without a new generation. Every trigger (SIGHUP, `POST /reload`, the
+//! file watcher) ends here.
+
+use std::sync::PoisonError;
+use std::time::SystemTime;
+
+use metrics::Label;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config;
+use crate::metrics::{CONFIG_GENERATION, CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS_TOTAL};
+use crate::proxy::{Active, ReloadStatus, State};
+use crate::routes::diff::diff;
+
+/// What a reload did, as `POST /reload` answers it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub ok: bool,
+    pub generation: u64,
+    /// True when a new table was swapped in.
+    pub changed: bool,
+    /// The route changes, in `strangler diff` words.
+    pub changes: Vec<String>,
+    /// Every error as `FILE:LINE:COL: message`.
+    pub errors: Vec<String>,
+}
+
+/// Reloads the file now. Blocking (reads the file): call from a blocking context.
+pub fn reload(state: &State) -> Outcome {
+    let _serial = state
+        .reload_lock
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let current = state.active();
+    let outcome = match config::load(&state.path) {
+        Err(e) => {
+            let errors = e.lines();
+            for line in &errors {
+                warn!(error = %line, "routes.toml rejected; the previous table keeps serving");
+            }
+            Outcome {
+                ok: false,
+                generation: current.generation,
+                changed: false,
+                changes: vec![],
+                errors,
+            }
+        }
+        Ok(loaded) if loaded.sha256 == current.sha256 => Outcome {
+            ok: true,
+            generation: current.generation,
+            changed: false,
+            changes: vec![],
+            errors: vec![],
+        },
+        Ok(loaded) => {
+            if loaded.parsed.server != state.settings {
+                warn!("[server] changed in routes.toml; those settings apply at the next restart");
+            }
+            for w in &loaded.parsed.warnings {
+                warn!(warning = %w.render(&state.path.display().to_string()), "routes.toml");
+            }
+            let changes = diff(&current.table, &loaded.parsed.table);
+            let generation = current.generation + 1;
+            state.swap(Active::build(
+                &loaded,
+                generation,
+                Some(&current),
+                &state.metrics,
+            ));
+            for change in &changes {
+                info!(generation, change = %change, "route table changed");
+            }
+            info!(generation, sha256 = %loaded.sha256, changes = changes.len(), "routes.toml reloaded");
+            Outcome {
+                ok: true,
+                generation,
+                changed: true,
+                changes,
+                errors: vec![],
+            }
+        }
+    };
+    record(state, &outcome);
+    outcome
+}
+
+fn record(state: &State, outcome: &Outcome) {
+    let m = &state.metrics;
+    let label = if outcome.ok { "success" } else { "failure" };
+    m.counter(CONFIG_RELOADS_TOTAL, vec![Label::new("outcome", label)])
+        .increment(1);
+    m.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, vec![])
+        .set(if outcome.ok { 1.0 } else { 0.0 });
+    m.gauge(CONFIG_GENERATION, vec![])
+        .set(outcome.generation as f64);
+    let status = ReloadStatus {
+        ok: outcome.ok,
+        error: (!outcome.ok).then(|| outcome.errors.join("\n")),
+        at: SystemTime::now(),
+    };
+    *state
+        .last_reload
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = status;
+}
+
+/// Sets the config gauges for the table loaded at start.
+pub fn record_initial(state: &State) {
+    state
+        .metrics
+        .gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, vec![])
+        .set(1.0);
+    state
+        .metrics
+        .gauge(CONFIG_GENERATION, vec![])
+        .set(state.active().generation as f64);
+}
+
+/// Reloads on a blocking thread.
+pub async fn reload_async(state: std::sync::Arc<State>) -> Outcome {
+    let fallback = state.clone();
+    tokio::task::spawn_blocking(move || reload(&state))
+        .await
+        .unwrap_or_else(|e| Outcome {
+            ok: false,
+            generation: fallback.active().generation,
+            changed: false,
+            changes: vec![],
+            errors: vec![format!("reload task failed: {e}")],
+        })
+}
