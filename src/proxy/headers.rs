@@ -57,6 +57,12 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers and those named in `Connection`. With `upgrade`, keeps
 /// `Connection: upgrade` and `Upgrade` so the upgrade reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Read before removal: `Connection: Upgrade` names the very header an upgrade keeps.
+    let upgrade_to = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
@@ -66,11 +72,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    let upgrade_to = if upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }

@@ -1,0 +1,383 @@
+//! Test harness: everything on 127.0.0.1:0, real sockets, no fixed ports, no bare sleeps
+//! where `eventually` works.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// Stops a server when dropped.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn stopper() -> (oneshot::Sender<()>, impl Future<Output = ()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+pub async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+pub async fn start_legacy(opts: legacy_stub::Options) -> Running {
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    tokio::spawn(legacy_stub::serve(l, opts, stop));
+    Running {
+        addr,
+        stop: Some(tx),
+    }
+}
+
+pub async fn start_users(bug: Option<users_service::Bug>) -> Running {
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    tokio::spawn(users_service::serve(l, bug, stop));
+    Running {
+        addr,
+        stop: Some(tx),
+    }
+}
+
+/// A backend that answers every request with a JSON echo of what it received:
+/// `{"backend", "method", "path", "headers": {name: [values]}, "body_len"}`.
+/// Special paths: `/slow/MS` waits before answering, `/status/N` answers N,
+/// `/stream/N` streams N KiB, `/ws` accepts a WebSocket upgrade and echoes messages.
+pub async fn start_echo(name: &'static str) -> Running {
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    tokio::spawn(legacy_stub::http::serve(
+        l,
+        move |req, _| echo(name, req),
+        stop,
+    ));
+    Running {
+        addr,
+        stop: Some(tx),
+    }
+}
+
+async fn echo(name: &'static str, req: Request<Incoming>) -> legacy_stub::http::Resp {
+    let path = req.uri().path().to_string();
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let entry = headers.entry(k.as_str()).or_insert_with(|| json!([]));
+        entry
+            .as_array_mut()
+            .unwrap()
+            .push(json!(String::from_utf8_lossy(v.as_bytes())));
+    }
+    let method = req.method().to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let body_len = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes().len())
+        .unwrap_or(usize::MAX);
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut resp = legacy_stub::http::json(
+        status,
+        &json!({"backend": name, "method": method, "path": pq, "headers": headers, "body_len": body_len}),
+    );
+    resp.headers_mut()
+        .insert("connection", "x-backend-secret".parse().unwrap());
+    resp.headers_mut()
+        .insert("x-backend-secret", "leak".parse().unwrap());
+    resp.headers_mut()
+        .insert("keep-alive", "timeout=5".parse().unwrap());
+    resp.headers_mut()
+        .insert("x-backend", name.parse().unwrap());
+    if let Some(kib) = path
+        .strip_prefix("/stream/")
+        .and_then(|m| m.parse::<usize>().ok())
+    {
+        *resp.body_mut() = Full::new(Bytes::from(vec![b'x'; kib * 1024]));
+    }
+    resp
+}
+
+/// How a raw TCP backend misbehaves.
+#[derive(Clone, Copy)]
+pub enum Misbehave {
+    /// Accepts, reads the request, closes without answering.
+    Reset,
+    /// Accepts and never answers.
+    Hang,
+    /// Answers bytes that are not HTTP.
+    Garbage,
+    /// Sends the head of a response, then part of the body, then hangs.
+    StallBody,
+}
+
+pub async fn start_raw(kind: Misbehave) -> Running {
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            let (mut s, _) =
+                tokio::select! { _ = &mut stop => return, r = l.accept() => r.unwrap() };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                match kind {
+                    Misbehave::Reset => drop(s),
+                    Misbehave::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
+                    Misbehave::Garbage => {
+                        let _ = s.write_all(b"this is not http\r\n\r\n").await;
+                    }
+                    Misbehave::StallBody => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                }
+            });
+        }
+    });
+    Running {
+        addr,
+        stop: Some(tx),
+    }
+}
+
+/// An address nothing listens on (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let (l, a) = listener().await;
+    drop(l);
+    a
+}
+
+/// A proxy running in-process on port 0, with its routes.toml in a temp dir.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub state: Arc<strangler::proxy::State>,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), strangler::RunError>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy on `routes` (the `[server]` listen/admin addresses are forced to port 0
+    /// unless the text sets them).
+    pub async fn start(routes: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        let text = with_server_defaults(routes);
+        std::fs::write(&path, &text).unwrap();
+        let loaded = match strangler::config::load(&path) {
+            Ok(l) => l,
+            Err(e) => panic!("test config invalid:\n{e}\n{text}"),
+        };
+        let server = strangler::Server::bind(loaded).await.unwrap();
+        let (addr, admin, state) = (server.proxy_addr(), server.admin_addr(), server.state());
+        let (tx, stop) = stopper();
+        let task = tokio::spawn(server.run(stop));
+        Proxy {
+            addr,
+            admin,
+            state,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("routes.toml")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Starts the graceful shutdown; returns the run task to await.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), strangler::RunError>> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Prepends a `[server]` on port 0 when the text has none.
+pub fn with_server_defaults(routes: &str) -> String {
+    if routes.contains("[server]") {
+        routes.to_string()
+    } else {
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\n{routes}")
+    }
+}
+
+/// Backends section with one `legacy` backend at `addr`.
+pub fn legacy_at(addr: SocketAddr) -> String {
+    format!("[backends.legacy]\nurl = \"http://{addr}\"\nlegacy = true\n")
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A response read whole.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(req: Request<Full<Bytes>>) -> Reply {
+    let resp = client().request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Reply {
+    send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+}
+
+pub fn request(method: Method, url: &str) -> http::request::Builder {
+    Request::builder().method(method).uri(url)
+}
+
+/// Writes raw bytes on a fresh connection and reads one response (head plus
+/// `content-length` bytes), or until the peer closes or `limit` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if complete(&out) {
+                return;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn complete(out: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(out);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    len.is_some_and(|n| body.len() >= n)
+}
+
+/// Retries `check` until it returns `Some` or `deadline` passes.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "condition not met within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of a Prometheus sample line `name{labels} value` whose labels include all `want`.
+pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse().ok())?
+        })
+}

@@ -1,0 +1,245 @@
+//! Upstream trouble and limits: refused, reset, hanging and garbage backends; timeouts;
+//! body and header limits; streaming without whole-body buffering.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full, StreamBody};
+use support::*;
+
+async fn proxy_to(addr: std::net::SocketAddr, backend_extra: &str, server_extra: &str) -> Proxy {
+    let server =
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{server_extra}\n");
+    Proxy::start(&format!("{server}[backends.legacy]\nurl = \"http://{addr}\"\nlegacy = true\n{backend_extra}\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n")).await
+}
+
+async fn metrics_text(proxy: &Proxy) -> String {
+    get(&proxy.admin_url("/metrics")).await.text()
+}
+
+#[tokio::test]
+async fn refused_connection_is_502_and_counted() {
+    let proxy = proxy_to(closed_port().await, "connect_timeout = \"500ms\"", "").await;
+    let r = get(&proxy.url("/api/users")).await;
+    assert_eq!(r.status, 502);
+    let j = r.json();
+    assert_eq!(j["code"], "upstream_unavailable");
+    assert_eq!(j["request_id"], r.headers["x-request-id"].to_str().unwrap());
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_upstream_errors_total",
+            &[("backend", "legacy"), ("kind", "connect")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_requests_total",
+            &[("route", "/"), ("backend", "legacy"), ("status", "502")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn reset_and_garbage_are_502() {
+    for (kind, label) in [
+        (Misbehave::Reset, "reset"),
+        (Misbehave::Garbage, "protocol"),
+    ] {
+        let backend = start_raw(kind).await;
+        let proxy = proxy_to(backend.addr, "", "").await;
+        let r = get(&proxy.url("/")).await;
+        assert_eq!(r.status, 502, "{label}");
+        assert_eq!(r.json()["code"], "upstream_unavailable");
+        let m = metrics_text(&proxy).await;
+        assert_eq!(
+            metric(&m, "strangler_upstream_errors_total", &[("kind", label)]),
+            Some(1.0),
+            "{label}: {m}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hanging_backend_is_504_after_the_timeout() {
+    let backend = start_raw(Misbehave::Hang).await;
+    let proxy = proxy_to(backend.addr, "timeout = \"300ms\"", "").await;
+    let started = std::time::Instant::now();
+    let r = get(&proxy.url("/")).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["code"], "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_upstream_errors_total",
+            &[("kind", "timeout")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_cut_at_the_timeout() {
+    let backend = start_raw(Misbehave::StallBody).await;
+    let proxy = proxy_to(backend.addr, "timeout = \"300ms\"", "").await;
+    let resp = client()
+        .request(
+            http::Request::get(proxy.url("/"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the head was already sent");
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the proxy must end the body");
+    assert!(body.is_err(), "a truncated body must not look complete");
+}
+
+#[tokio::test]
+async fn declared_body_over_the_limit_is_413() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "max_request_body = \"1KiB\"").await;
+    let r = send(
+        request(Method::POST, &proxy.url("/"))
+            .body(Full::new(Bytes::from(vec![b'a'; 2048])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["code"], "payload_too_large");
+    let r = send(
+        request(Method::POST, &proxy.url("/"))
+            .body(Full::new(Bytes::from(vec![b'a'; 1024])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 1024);
+}
+
+#[tokio::test]
+async fn chunked_body_growing_past_the_limit_is_413() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "max_request_body = \"64KiB\"").await;
+    let chunks = (0..40)
+        .map(|_| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![b'c'; 4096]))));
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client
+        .request(http::Request::post(proxy.url("/")).body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let j: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(j["code"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "max_request_body = \"64MiB\"").await;
+    // 32 MiB up, sent as a stream of chunks without a declared length.
+    let chunks = (0..512).map(|_| {
+        Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![b'u'; 64 * 1024])))
+    });
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client
+        .request(
+            http::Request::post(proxy.url("/upload"))
+                .body(StreamBody::new(futures_util::stream::iter(chunks)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let j: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(j["body_len"], 32 * 1024 * 1024);
+    // 16 MiB down.
+    let r = get(&proxy.url("/stream/16384")).await;
+    assert_eq!(r.body.len(), 16 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "max_header_size = \"8KiB\"").await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    let out = raw(proxy.addr, big.as_bytes(), Duration::from_secs(2)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    let ok = raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
+#[tokio::test]
+async fn slowloris_connections_are_closed() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "header_read_timeout = \"300ms\"").await;
+    let started = std::time::Instant::now();
+    // Half a request line, then silence: the proxy must hang up.
+    let out = raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "connection held for {took:?}"
+    );
+    assert!(!out.contains("200 OK"), "{out}");
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_extra_clients_until_one_leaves() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "max_connections = 1").await;
+    // First client holds the only slot with a slow request.
+    let slow = tokio::spawn({
+        let url = proxy.url("/slow/600");
+        async move { get(&url).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = std::time::Instant::now();
+    let out = raw(
+        proxy.addr,
+        b"GET /fast HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "second connection was served while the cap was full"
+    );
+}
