@@ -160,7 +160,7 @@ pub fn explain(
                     )
                 }
             };
-            let _ = writeln!(out, "canary:   {} {pct}; {detail}", name(c.backend));
+            let _ = writeln!(out, "canary:   {} {pct}%; {detail}", name(c.backend));
         }
     }
     match &r.shadow {

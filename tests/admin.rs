@@ -1,5 +1,7 @@
 //! The admin listener: probes, metrics, /routes, reload, and the token.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
 mod support;
 
 use http::Method;

@@ -1,6 +1,8 @@
 //! Header hygiene end to end: hop-by-hop both ways, x-forwarded-*, via, request ids,
 //! loop detection and the shadow marker.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
 mod support;
 
 use http::Method;
@@ -23,7 +25,7 @@ async fn proxy_to_echo(extra_server: &str) -> (Proxy, Running) {
     (proxy, legacy)
 }
 
-fn seen<'a>(r: &'a Reply, name: &str) -> Vec<String> {
+fn seen(r: &Reply, name: &str) -> Vec<String> {
     let v = r.json();
     v["headers"][name]
         .as_array()

@@ -1,5 +1,7 @@
 //! Start and stop: graceful drain, readiness, bad config at start, WebSocket pass-through.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
 mod support;
 
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! Routing end to end: longest prefix, filters, 404 JSON, base paths, byte-exact targets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
 mod support;
 
 use http::Method;

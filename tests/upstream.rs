@@ -1,6 +1,8 @@
 //! Upstream trouble and limits: refused, reset, hanging and garbage backends; timeouts;
 //! body and header limits; streaming without whole-body buffering.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Test harness: everything on 127.0.0.1:0, real sockets, no fixed ports, no bare sleeps
 //! where `eventually` works.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::net::SocketAddr;

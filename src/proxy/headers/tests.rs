@@ -1,5 +1,8 @@
 use super::*;
 
+/// Header pairs as written in a table row.
+type Pairs<'a> = &'a [(&'a str, &'a str)];
+
 fn map(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
@@ -19,7 +22,7 @@ fn names(h: &HeaderMap) -> Vec<String> {
 
 #[test]
 fn hop_by_hop_and_connection_named_headers_are_removed() {
-    let cases: &[(&[(&str, &str)], bool, &[&str])] = &[
+    let cases: &[(Pairs, bool, &[&str])] = &[
         (
             &[
                 ("connection", "keep-alive"),
@@ -172,7 +175,8 @@ fn request_ids() {
 fn hosts() {
     let uri: http::Uri = "/x".parse().unwrap();
     let abs: http::Uri = "http://abs.example:81/x".parse().unwrap();
-    let cases: &[(&[(&str, &str)], &http::Uri, Result<Option<&str>, ()>)] = &[
+    type Want<'a> = Result<Option<&'a str>, ()>;
+    let cases: &[(Pairs, &http::Uri, Want)] = &[
         (
             &[("host", "api.fittrack.example:8080")],
             &uri,

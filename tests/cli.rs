@@ -1,0 +1,204 @@
+//! The command line, run as the real binary: check, explain, diff, bad config at start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+mod support;
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_strangler");
+
+fn run(args: &[&str], dir: &std::path::Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("STRANGLER_CONFIG")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const GOOD: &str = r#"[backends.legacy]
+url = "http://127.0.0.1:3000"
+[backends.users]
+url = "http://127.0.0.1:3001"
+
+[[routes]]
+prefix = "/api/users"
+backend = "legacy"
+shadow = "users"
+
+[[routes]]
+prefix = "/api/social"
+backend = "legacy"
+canary = { backend = "users", percent = 10, sticky = "header:x-user-id" }
+
+[[routes]]
+prefix = "/"
+backend = "legacy"
+"#;
+
+#[test]
+fn check_prints_routes_with_their_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), GOOD).unwrap();
+    let out = run(&["check"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().next().unwrap().starts_with("ROUTE"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("/api/users   shadowing   legacy   users (100%)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("canary 10%"), "{stdout}");
+    assert!(
+        stdout.contains("valid: 3 routes, 2 backends (legacy: legacy)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_every_error_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = "[server]\nlisten = \"nowhere\"\n[backends.legacy]\nurl = \"http://127.0.0.1:3000\"\ncolour = 1\n[[routes]]\nprefix = \"/\"\nbackend = \"userz\"\n";
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    let out = run(&["check", "--config", "bad.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(lines[0].starts_with("bad.toml:2:10: `listen`"), "{stderr}");
+    assert!(
+        lines[1].starts_with("bad.toml:5:1: [backends.legacy]: unknown field `colour`"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].starts_with("bad.toml:8:11: `backend`: unknown backend \"userz\""),
+        "{stderr}"
+    );
+    // A missing file is one clear line too.
+    let out = run(&["check", "--config", "missing.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("missing.toml: cannot read"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn check_warns_without_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_root = "[backends.legacy]\nurl = \"http://127.0.0.1:3000\"\n[[routes]]\nprefix = \"/a\"\nmethods = [\"GET\"]\nbackend = \"legacy\"\n[[routes]]\nprefix = \"/a\"\nmethods = [\"GET\"]\nhost = \"x.example\"\nbackend = \"legacy\"\n";
+    std::fs::write(dir.path().join("routes.toml"), no_root).unwrap();
+    let out = run(&["check"], dir.path());
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("routes.toml:1:1: warning: no route without filters catches `/`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn explain_shows_route_backend_shadow_and_canary_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), GOOD).unwrap();
+    let out = run(&["explain", "GET", "/api/users/7?x=1"], dir.path());
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(s.contains("route:    /api/users (routes.toml:7)"), "{s}");
+    assert!(s.contains("stage:    shadowing"), "{s}");
+    assert!(
+        s.contains("backend:  legacy -> http://127.0.0.1:3000/api/users/7?x=1"),
+        "{s}"
+    );
+    assert!(
+        s.contains("shadow:   users; GET is mirrored to 100% of requests"),
+        "{s}"
+    );
+    let bucket = strangler::routes::canary_bucket(b"42");
+    let out = run(
+        &["explain", "GET", "/api/social/feed", "-H", "x-user-id: 42"],
+        dir.path(),
+    );
+    let s = text(&out.stdout);
+    assert!(
+        s.contains(&format!(
+            "canary:   users 10%; header x-user-id: bucket {bucket} of 10000"
+        )),
+        "{s}"
+    );
+    let want = if bucket < 1000 { "users" } else { "legacy" };
+    assert!(s.contains(&format!("backend:  {want} ->")), "{s}");
+    let out = run(&["explain", "POST", "/api/users"], dir.path());
+    assert!(
+        text(&out.stdout).contains("POST is not mirrored"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["explain", "GET", "/x", "-H", "no colon"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["explain", "G E T", "/x"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn diff_describes_a_route_flip() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("old.toml"), GOOD).unwrap();
+    let new = GOOD
+        .replace(
+            "backend = \"legacy\"\nshadow = \"users\"",
+            "backend = \"users\"\nshadow = \"legacy\"",
+        )
+        .replace("percent = 10", "percent = 50");
+    std::fs::write(dir.path().join("new.toml"), new).unwrap();
+    let out = run(&["diff", "old.toml", "new.toml"], dir.path());
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("/api/users: shadowing -> cut over, reverse shadow\n"),
+        "{s}"
+    );
+    assert!(s.contains("/api/social: canary 10% -> canary 50%\n"), "{s}");
+    let out = run(&["diff", "old.toml", "old.toml"], dir.path());
+    assert_eq!(text(&out.stdout), "no route changes\n");
+}
+
+#[test]
+fn bad_config_at_start_exits_1_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bad = format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[backends.legacy]\nurl = \"ftp://x\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n");
+    std::fs::write(dir.path().join("routes.toml"), bad).unwrap();
+    let out = run(&["run"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("routes.toml:4:7:"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The port was never taken.
+    std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+}
+
+#[test]
+fn unknown_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["check", "--no-such-flag"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["--log-format", "xml", "check"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+}
