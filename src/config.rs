@@ -24,6 +24,8 @@ pub struct ServerSettings {
     pub trust_shadow_header: bool,
     /// This proxy's name in `via` (`1.1 NAME`) and in loop detection.
     pub via: String,
+    /// Runtime worker threads (default: the number of CPUs).
+    pub workers: usize,
 }
 
 /// A routes.toml that was read and validated.

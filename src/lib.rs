@@ -154,6 +154,7 @@ static ADMIN_SETTINGS: std::sync::LazyLock<config::ServerSettings> =
         max_connections: 64,
         trust_shadow_header: false,
         via: "strangler".into(),
+        workers: 1,
     });
 
 /// Periodic and signal-driven work: metrics upkeep and SIGHUP reloads.

@@ -10,6 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use strangler::config::{self, Loaded};
 
+/// mimalloc: the request path allocates many small short-lived buffers; measured faster
+/// than the system allocator in bench/ (see bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A strangler-fig migration proxy: move endpoints from a legacy monolith to new services
 /// one route at a time, by editing routes.toml.
 #[derive(Parser)]
@@ -122,6 +127,7 @@ fn serve(path: &std::path::Path, demo: bool) -> ExitCode {
         eprintln!("{w}");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(loaded.parsed.server.workers)
         .enable_all()
         .build()
     {

@@ -202,3 +202,38 @@ fn unknown_flags_are_usage_errors() {
     let out = run(&["--log-format", "xml", "check"], dir.path());
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn workers_sets_the_runtime_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 3\n[backends.legacy]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n";
+    std::fs::write(dir.path().join("routes.toml"), cfg).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--log-format", "json"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it serves: the "strangler is serving" line.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0
+        && !line.contains("strangler is serving")
+    {
+        line.clear();
+    }
+    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter(|t| {
+            std::fs::read_to_string(t.as_ref().unwrap().path().join("comm"))
+                .unwrap()
+                .trim()
+                == "tokio-rt-worker"
+        })
+        .count();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(workers, 3);
+}

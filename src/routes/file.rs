@@ -20,6 +20,7 @@ pub struct ServerFile {
     pub max_connections: Option<Spanned<i64>>,
     pub trust_shadow_header: Option<bool>,
     pub via: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
 }
 
 /// `tls = { ... }` on the server or on a backend.

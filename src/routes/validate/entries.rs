@@ -73,6 +73,10 @@ impl Ctx {
             max_connections: max_connections as usize,
             trust_shadow_header: f.trust_shadow_header.unwrap_or(false),
             via,
+            workers: f
+                .workers
+                .as_ref()
+                .map_or_else(default_workers, |w| self.count(w, "workers", 1) as usize),
         }
     }
 
@@ -372,4 +376,9 @@ fn placeholder(name: String) -> Backend {
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         timeout: DEFAULT_TIMEOUT,
     }
+}
+
+/// One runtime worker per CPU unless `workers` says otherwise.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
