@@ -26,6 +26,20 @@ pub struct ServerSettings {
     pub via: String,
     /// Runtime worker threads (default: the number of CPUs).
     pub workers: usize,
+    /// How changes to routes.toml are noticed.
+    pub watch: Watch,
+}
+
+/// How the proxy notices that routes.toml changed (SIGHUP and `POST /reload` always work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Filesystem events on the file's directory (inotify), plus a content check every
+    /// `interval` as a safety net for mounts whose events go missing.
+    Notify { interval: std::time::Duration },
+    /// Only a content check every `interval` (NFS and other mounts without events).
+    Poll { interval: std::time::Duration },
+    /// No watching.
+    Off,
 }
 
 /// A routes.toml that was read and validated.

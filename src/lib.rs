@@ -100,6 +100,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let (proxy_addr, admin_addr) = (self.proxy_addr(), self.admin_addr());
         let Server {
             state,
             proxy,
@@ -115,7 +116,14 @@ impl Server {
             admin_stopped,
             "admin",
         ));
-        let background = tokio::spawn(background(state.clone(), stopped.clone()));
+        // The SIGHUP handler is in place before the proxy says it serves: a SIGHUP that came
+        // earlier would otherwise take the default action and end the process.
+        let background = tokio::spawn(background(state.clone(), stopped.clone(), sighup()));
+        let watcher = tokio::spawn(reload::watch::run(
+            state.clone(),
+            state.settings.watch,
+            stopped.clone(),
+        ));
         let proxy_state = state.clone();
         let proxy_task = server::serve(
             proxy,
@@ -125,7 +133,7 @@ impl Server {
             "proxy",
         );
         state.ready.store(true, Ordering::Release);
-        info!(listen = %state.settings.listen, admin = %state.settings.admin, "strangler is serving");
+        info!(listen = %proxy_addr, admin = %admin_addr, generation = state.active().generation, "strangler is serving");
         let shutdown_then_unready = async {
             shutdown.await;
             state.ready.store(false, Ordering::Release);
@@ -136,6 +144,7 @@ impl Server {
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         background.abort();
+        watcher.abort();
         info!("stopped");
         Ok(())
     }
@@ -155,13 +164,32 @@ static ADMIN_SETTINGS: std::sync::LazyLock<config::ServerSettings> =
         trust_shadow_header: false,
         via: "strangler".into(),
         workers: 1,
+        watch: config::Watch::Off,
     });
 
 /// Periodic and signal-driven work: metrics upkeep and SIGHUP reloads.
-async fn background(state: Arc<State>, mut shutdown: Shutdown) {
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+/// Registers the SIGHUP handler (Unix); failure to register is logged and reload stays
+/// available through `POST /reload` and the watcher.
+fn sighup() -> Hangup {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(|error| tracing::warn!(%error, "cannot handle SIGHUP"))
+            .ok()
+    }
+}
+
+async fn background(state: Arc<State>, mut shutdown: Shutdown, hangup: Hangup) {
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP);
     #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hup = hangup;
+    #[cfg(not(unix))]
+    let () = hangup;
     loop {
         #[cfg(unix)]
         let sighup = async {

@@ -1,7 +1,9 @@
 //! Reloading routes.toml: load -> validate -> swap, keeping the last good table. A file that
 //! does not validate never replaces the one being served; an identical file counts as a
 //! successful reload without a new generation. Every trigger (SIGHUP, `POST /reload`, the
-//! file watcher) ends here.
+//! file watcher in `watch`) ends here.
+
+pub mod watch;
 
 use std::sync::PoisonError;
 use std::time::SystemTime;
@@ -30,12 +32,21 @@ pub struct Outcome {
 
 /// Reloads the file now. Blocking (reads the file): call from a blocking context.
 pub fn reload(state: &State) -> Outcome {
+    apply(state, config::load(&state.path))
+}
+
+/// Reloads from content already read (the watcher reads until two reads agree).
+pub fn reload_bytes(state: &State, bytes: &[u8]) -> Outcome {
+    apply(state, config::load_bytes(&state.path, bytes))
+}
+
+fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Outcome {
     let _serial = state
         .reload_lock
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     let current = state.active();
-    let outcome = match config::load(&state.path) {
+    let outcome = match loaded {
         Err(e) => {
             let errors = e.lines();
             for line in &errors {

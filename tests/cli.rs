@@ -207,7 +207,7 @@ fn unknown_flags_are_usage_errors() {
 #[test]
 fn workers_sets_the_runtime_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 3\n[backends.legacy]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n";
+    let cfg = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 3\nwatch = \"off\"\n[backends.legacy]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n";
     std::fs::write(dir.path().join("routes.toml"), cfg).unwrap();
     let mut child = Command::new(BIN)
         .args(["run", "--log-format", "json"])
@@ -224,15 +224,23 @@ fn workers_sets_the_runtime_thread_count() {
     {
         line.clear();
     }
-    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .filter(|t| {
-            std::fs::read_to_string(t.as_ref().unwrap().path().join("comm"))
-                .unwrap()
-                .trim()
-                == "tokio-rt-worker"
-        })
-        .count();
+    // Workers start lazily; with `watch = "off"` nothing uses the blocking pool (whose threads
+    // share the name), so the count settles at the worker count.
+    let count = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter(|t| {
+                std::fs::read_to_string(t.as_ref().unwrap().path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "tokio-rt-worker")
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut workers = count();
+    while workers < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        workers = count();
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(workers, 3);

@@ -21,6 +21,8 @@ pub struct ServerFile {
     pub trust_shadow_header: Option<bool>,
     pub via: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
+    pub watch: Option<Spanned<String>>,
+    pub watch_interval: Option<Spanned<String>>,
 }
 
 /// `tls = { ... }` on the server or on a backend.

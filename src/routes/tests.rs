@@ -243,6 +243,8 @@ fn garbage_in_each_key_is_an_error() {
         ("[server]\nmax_connections = 0\n", "`max_connections` must be at least 1"),
         ("[server]\nvia = \"my proxy\"\n", "`via`"),
         ("[server]\nworkers = 0\n", "`workers` must be at least 1"),
+        ("[server]\nwatch = \"inotify\"\n", "expected \"notify\", \"poll\" or \"off\""),
+        ("[server]\nwatch = \"poll\"\nwatch_interval = \"often\"\n", "invalid duration"),
         ("[server]\nworkers = \"two\"\n", "invalid type"),
         ("[server]\ntls = { cert = \"a.pem\", key = \"a.key\" }\n", "TLS termination is not available"),
         ("[server]\nlisten = 8080\n", "invalid type"),

@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use super::file::{BackendFile, CanaryFile, CompareFile, GuardFile, RouteFile, ServerFile};
 use super::{Backend, BackendId, Canary, Compare, Guard, Route, RouteTable, Shadow, Sticky};
-use crate::config::ServerSettings;
+use crate::config::{ServerSettings, Watch};
 use crate::units::{parse_duration, parse_size};
 
 /// One error or warning, located in the file.

@@ -15,6 +15,11 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_HEADER_SIZE: u64 = 64 << 10;
 /// Concurrent client connections; past it the listener stops accepting until one closes.
 const DEFAULT_MAX_CONNECTIONS: i64 = 10_000;
+/// `watch = "poll"`: how often the file's content is checked. A read and a hash of a small
+/// file; one second keeps a flip's delay well under the ConfigMap sync delay.
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// `watch = "notify"`: the content check that backs up filesystem events.
+const DEFAULT_SAFETY_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Ctx {
     pub(super) fn server(&mut self, f: ServerFile) -> ServerSettings {
@@ -77,6 +82,30 @@ impl Ctx {
                 .workers
                 .as_ref()
                 .map_or_else(default_workers, |w| self.count(w, "workers", 1) as usize),
+            watch: self.watch(f.watch.as_ref(), f.watch_interval.as_ref()),
+        }
+    }
+
+    fn watch(
+        &mut self,
+        mode: Option<&Spanned<String>>,
+        interval: Option<&Spanned<String>>,
+    ) -> Watch {
+        let poll = self.duration(interval, "watch_interval", DEFAULT_POLL_INTERVAL);
+        match mode.map(|m| m.get_ref().as_str()) {
+            None | Some("notify") => Watch::Notify {
+                interval: interval.map_or(DEFAULT_SAFETY_INTERVAL, |_| poll),
+            },
+            Some("poll") => Watch::Poll { interval: poll },
+            Some("off") => Watch::Off,
+            Some(other) => {
+                let span = mode.map_or(0..0, Spanned::span);
+                self.err(
+                    span,
+                    format!("`watch` {other:?}: expected \"notify\", \"poll\" or \"off\""),
+                );
+                Watch::Off
+            }
         }
     }
 

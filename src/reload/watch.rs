@@ -1,0 +1,173 @@
+//! Noticing that routes.toml changed, whichever way it was written. The directory that holds
+//! the file is watched, not the file: editors replace files by renaming a temp file over them,
+//! `sed -i` and `rm` + re-create swap inodes, and Kubernetes ConfigMap volumes swap a `..data`
+//! symlink without any event naming routes.toml. Any event in the directory starts a debounce;
+//! when it settles, the file is read until two reads agree (a write seen half done), and only
+//! content whose hash was not seen before is validated and swapped in. A periodic content
+//! check backs the events up (and is all there is with `watch = "poll"`), and re-arms a watch
+//! that broke. Nothing here touches the request path.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::config::Watch;
+use crate::proxy::State;
+use crate::server::Shutdown;
+
+/// Quiet time after the last event before the file is read: editors and kubelet write in
+/// bursts of several events within a few milliseconds.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Pause between the two reads that must agree.
+const SETTLE: Duration = Duration::from_millis(50);
+/// Reads before giving up on a file that keeps changing (checked again on the next event).
+const MAX_READS: usize = 40;
+
+/// Watches `state.path` until shutdown.
+pub async fn run(state: Arc<State>, mode: Watch, mut shutdown: Shutdown) {
+    let interval = match mode {
+        Watch::Off => return,
+        Watch::Notify { interval } | Watch::Poll { interval } => interval,
+    };
+    let events = Arc::new(Notify::new());
+    let broken = Arc::new(AtomicBool::new(false));
+    let dir = watched_dir(&state.path);
+    let mut watcher = match mode {
+        Watch::Notify { .. } => arm(&dir, &events, &broken),
+        Watch::Poll { .. } | Watch::Off => None,
+    };
+    let mut seen = state.active().sha256.clone();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    info!(dir = %dir.display(), ?mode, "watching routes.toml");
+    loop {
+        tokio::select! {
+            _ = shutdown.started() => return,
+            _ = events.notified() => {
+                debounce(&events).await;
+                check(&state, &mut seen).await;
+            }
+            _ = tick.tick() => {
+                if matches!(mode, Watch::Notify { .. }) && (watcher.is_none() || broken.swap(false, Ordering::AcqRel)) {
+                    watcher = arm(&dir, &events, &broken);
+                }
+                check(&state, &mut seen).await;
+            }
+        }
+    }
+}
+
+/// The directory holding the file (`.` for a bare file name).
+fn watched_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Starts a watch on `dir`; `None` (logged) when the OS refuses, retried on the next tick.
+fn arm(dir: &Path, events: &Arc<Notify>, broken: &Arc<AtomicBool>) -> Option<RecommendedWatcher> {
+    let (events, broken_flag) = (events.clone(), broken.clone());
+    let handler = move |res: notify::Result<notify::Event>| match res {
+        // Reads (including ours) are not changes.
+        Ok(e) if matches!(e.kind, EventKind::Access(_)) => {}
+        Ok(e) => {
+            if matches!(e.kind, EventKind::Remove(_)) && e.need_rescan() {
+                broken_flag.store(true, Ordering::Release);
+            }
+            events.notify_one();
+        }
+        Err(error) => {
+            warn!(%error, "file watch failed; re-arming");
+            broken_flag.store(true, Ordering::Release);
+            events.notify_one();
+        }
+    };
+    let result = notify::recommended_watcher(handler)
+        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|()| w));
+    match result {
+        Ok(w) => {
+            debug!(dir = %dir.display(), "watch armed");
+            Some(w)
+        }
+        Err(error) => {
+            warn!(%error, dir = %dir.display(), "cannot watch the routes.toml directory; checking its content periodically instead");
+            None
+        }
+    }
+}
+
+/// Waits until no event has arrived for [`DEBOUNCE`].
+async fn debounce(events: &Notify) {
+    while tokio::time::timeout(DEBOUNCE, events.notified())
+        .await
+        .is_ok()
+    {}
+}
+
+/// Reloads when the file's settled content is new; a missing file keeps the current table.
+async fn check(state: &Arc<State>, seen: &mut String) {
+    let path = state.path.clone();
+    let read = tokio::task::spawn_blocking(move || read_settled(&path)).await;
+    let bytes = match read {
+        Ok(Ok(Some(bytes))) => bytes,
+        Ok(Ok(None)) => {
+            debug!("routes.toml kept changing while being read; waiting for the next change");
+            return;
+        }
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => {
+            if !seen.is_empty() {
+                info!(path = %state.path.display(), "routes.toml is missing; the current table keeps serving until it is back");
+                seen.clear();
+            }
+            return;
+        }
+        Ok(Err(error)) => {
+            warn!(%error, path = %state.path.display(), "cannot read routes.toml; the current table keeps serving");
+            return;
+        }
+        Err(error) => {
+            warn!(%error, "routes.toml read task failed");
+            return;
+        }
+    };
+    let sha: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if sha == *seen || sha == state.active().sha256 {
+        *seen = sha;
+        return;
+    }
+    *seen = sha;
+    let state = state.clone();
+    let outcome = tokio::task::spawn_blocking(move || super::reload_bytes(&state, &bytes)).await;
+    if let Ok(o) = outcome {
+        info!(
+            ok = o.ok,
+            generation = o.generation,
+            changed = o.changed,
+            "routes.toml change seen"
+        );
+    }
+}
+
+/// Reads the file until two consecutive reads agree; `Ok(None)` if they never do.
+fn read_settled(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let mut previous = std::fs::read(path)?;
+    for _ in 0..MAX_READS {
+        std::thread::sleep(SETTLE);
+        let current = std::fs::read(path)?;
+        if current == previous {
+            return Ok(Some(current));
+        }
+        previous = current;
+    }
+    Ok(None)
+}
