@@ -37,6 +37,7 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(&state),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state),
         (&Method::GET | &Method::HEAD, "/routes") => json_response(StatusCode::OK, &routes(&state)),
+        (&Method::GET | &Method::HEAD, "/diffs") => diffs(&state, req.uri().query()),
         (&Method::POST, "/reload") => {
             let outcome = crate::reload::reload_async(state.clone()).await;
             let status = if outcome.ok {
@@ -49,7 +50,7 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
                 &serde_json::to_value(&outcome).unwrap_or(Value::Null),
             )
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/reload") => error(
+        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/reload" | "/diffs") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed on this admin endpoint",
@@ -113,6 +114,78 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// Entries `GET /diffs` returns when `limit` is absent.
+const DEFAULT_DIFFS_LIMIT: usize = 50;
+
+/// `GET /diffs?route=PREFIX&limit=N`: recent mismatches, newest first.
+fn diffs(state: &State, query: Option<&str>) -> Response<ResponseBody> {
+    let mut route = None;
+    let mut limit = DEFAULT_DIFFS_LIMIT;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match (key, value) {
+            ("route", Some(v)) => route = Some(v),
+            ("limit", Some(v)) => match v.parse::<usize>() {
+                Ok(n) if (1..=crate::shadow::report::MAX_DIFFS).contains(&n) => limit = n,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        &format!(
+                            "limit must be a number from 1 to {}",
+                            crate::shadow::report::MAX_DIFFS
+                        ),
+                    )
+                }
+            },
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                        "unknown or malformed query parameter {key:?}; expected route and limit"
+                    ),
+                )
+            }
+        }
+    }
+    let entries = state.shadows.diffs.recent(route.as_deref(), limit);
+    json_response(
+        StatusCode::OK,
+        &Value::Array(entries.iter().map(|e| e.to_json()).collect()),
+    )
+}
+
+/// Decodes `%XX` escapes and `+`; `None` when the result is not UTF-8 or an escape is bad.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// `GET /routes`.
 pub fn routes(state: &State) -> Value {
     let active = state.active();
@@ -167,9 +240,21 @@ fn route_json(active: &Active, id: usize) -> Value {
         v["shadow_percent"] = json!(format_percent(s.percent)
             .parse::<f64>()
             .unwrap_or(s.percent));
-        v["compared"] = json!(0);
-        v["mismatch_rate"] = Value::Null;
-        v["ready_to_cut_over"] = json!(false);
+        v["shadow_methods"] = json!(s.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>());
+        if let Some(slot) = &active.shadow_slots[id] {
+            let stats = &slot.stats;
+            let compared = stats.compared.load(std::sync::atomic::Ordering::Relaxed);
+            let rate = stats.mismatch_rate();
+            let c = &r.compare;
+            v["compared"] = json!(compared);
+            v["mismatched"] = json!(stats.mismatched.load(std::sync::atomic::Ordering::Relaxed));
+            v["mismatch_rate"] = json!(rate);
+            v["ready_to_cut_over"] = json!(
+                compared >= c.min_comparisons && rate.is_some_and(|r| r <= c.max_mismatch_rate)
+            );
+            v["gate"] = json!({"min_comparisons": c.min_comparisons, "max_mismatch_rate": c.max_mismatch_rate});
+            v["learned_noise"] = json!(stats.learned_noise());
+        }
     }
     v
 }

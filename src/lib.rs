@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routes;
 pub mod server;
+pub mod shadow;
 pub mod units;
 
 use std::future::Future;

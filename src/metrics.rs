@@ -20,6 +20,8 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "strangler_upstream_errors_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "strangler_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "strangler_config_last_reload_successful";
 pub const CONFIG_GENERATION: &str = "strangler_config_generation";
+pub const SHADOW_TOTAL: &str = "strangler_shadow_total";
+pub const SHADOW_DURATION: &str = "strangler_shadow_duration_seconds";
 
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
@@ -65,6 +67,16 @@ impl Metrics {
             UPSTREAM_ERRORS_TOTAL,
             Unit::Count,
             "Failed upstream exchanges, by backend and kind.",
+        );
+        describe(
+            SHADOW_TOTAL,
+            Unit::Count,
+            "Shadowed requests, by route, shadow backend and outcome.",
+        );
+        recorder.describe_histogram(
+            SHADOW_DURATION.into(),
+            Some(Unit::Seconds),
+            "Time from sending the shadow copy to its response head.".into(),
         );
         describe(
             CONFIG_RELOADS_TOTAL,

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod tee;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,13 +20,17 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
+use tokio::sync::oneshot;
+
 use self::body::{ResponseBody, UpstreamBody};
 use self::forward::Upstream;
 use self::headers::*;
+use self::tee::{Held, Tee};
 use crate::config::{Loaded, ServerSettings};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
 use crate::routes::{canary_bucket, in_canary, BackendId, Route, RouteId, RouteTable, Sticky};
+use crate::shadow::{self, Shadows};
 
 /// Everything a request needs from one generation of routes.toml, swapped as one.
 pub struct Active {
@@ -38,6 +43,8 @@ pub struct Active {
     /// Parallel to `table.routes()`.
     route_metrics: Vec<RouteMetrics>,
     no_route: Responses,
+    /// Parallel to `table.routes()`: shadow settings and stats of shadowed routes.
+    pub shadow_slots: Vec<Option<shadow::Slot>>,
 }
 
 impl Active {
@@ -47,6 +54,7 @@ impl Active {
         generation: u64,
         previous: Option<&Active>,
         metrics: &Metrics,
+        shadows: &Shadows,
     ) -> Self {
         let table = loaded.parsed.table.clone();
         let old: &[Arc<Upstream>] = previous.map_or(&[], |p| &p.upstreams);
@@ -68,6 +76,7 @@ impl Active {
             upstreams,
             route_metrics,
             no_route: Responses::new(metrics, NO_ROUTE, NO_ROUTE),
+            shadow_slots: shadows.slots(&loaded.parsed.table, metrics),
         }
     }
 }
@@ -97,6 +106,8 @@ pub struct State {
     pub last_reload: Mutex<ReloadStatus>,
     answered: AtomicU64,
     answered_by_new: AtomicU64,
+    /// Shadow legs, their budget, stats and recent mismatches: outside the route table.
+    pub shadows: Arc<Shadows>,
 }
 
 /// What the request path learned, for metrics: which route and backend, if any.
@@ -111,7 +122,8 @@ impl State {
         let settings = loaded.parsed.server.clone();
         let via = HeaderValue::from_str(&format!("1.1 {}", settings.via))
             .unwrap_or(HeaderValue::from_static("1.1 strangler"));
-        let active = Active::build(loaded, 1, None, &metrics);
+        let shadows = Arc::new(Shadows::default());
+        let active = Active::build(loaded, 1, None, &metrics, &shadows);
         Arc::new(State {
             active: ArcSwap::from_pointee(active),
             settings,
@@ -128,6 +140,7 @@ impl State {
             }),
             answered: AtomicU64::new(0),
             answered_by_new: AtomicU64::new(0),
+            shadows,
         })
     }
 
@@ -231,6 +244,12 @@ impl State {
         }
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // Decided before the headers are cleaned: a request marked as a shadow copy is never
+        // shadowed again, whether or not the marker is trusted onward.
+        let plan = active.shadow_slots[route_id].as_ref().and_then(|slot| {
+            self.shadows
+                .plan(slot, backend, req.method(), req.headers(), upgrade)
+        });
 
         let (mut parts, body) = req.into_parts();
         let host = parts.headers.get(header::HOST).cloned();
@@ -241,20 +260,31 @@ impl State {
         set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
         append_via(&mut parts.headers, &self.via);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
-        parts.uri =
-            upstream
-                .uri(parts.uri.path_and_query())
-                .map_err(|_| ProxyError::BadRequest {
-                    reason: "the request target cannot be forwarded",
-                })?;
+        let pq = parts.uri.path_and_query().cloned();
+        parts.uri = upstream
+            .uri(pq.as_ref())
+            .map_err(|_| ProxyError::BadRequest {
+                reason: "the request target cannot be forwarded",
+            })?;
         parts.version = Version::HTTP_11;
-        let body = if body_is_empty(&parts.method, &body) {
+        let empty = body_is_empty(&parts.method, &body);
+        let deadline = start + upstream.timeout;
+
+        let mut shadow = plan.map(|plan| {
+            self.start_shadow(
+                active, plan, &parts, pq, request_id, backend, empty, deadline,
+            )
+        });
+        let body = if empty {
             UpstreamBody::empty()
         } else {
-            UpstreamBody::limited(body, limit)
+            UpstreamBody::limited(
+                body,
+                limit,
+                shadow.as_mut().and_then(|s| s.request_tee.take()),
+            )
         };
 
-        let deadline = start + upstream.timeout;
         let resp = upstream
             .send(Request::from_parts(parts, body), deadline)
             .await?;
@@ -273,10 +303,56 @@ impl State {
                 ResponseBody::full(bytes::Bytes::new()),
             ));
         }
+        let tee = shadow.and_then(|s| s.primary_answered(&parts, start.elapsed()));
         Ok(Response::from_parts(
             parts,
-            ResponseBody::upstream(body, deadline, upstream.timeout_counter()),
+            ResponseBody::upstream(body, deadline, upstream.timeout_counter(), tee),
         ))
+    }
+
+    /// Spawns the shadow leg of a request chosen for mirroring; returns the hand-over points
+    /// the primary exchange feeds (request body tee, response head, response body tee).
+    #[allow(clippy::too_many_arguments)]
+    fn start_shadow(
+        &self,
+        active: &Active,
+        plan: shadow::Plan,
+        parts: &http::request::Parts,
+        pq: Option<http::uri::PathAndQuery>,
+        request_id: &HeaderValue,
+        backend: BackendId,
+        empty: bool,
+        deadline: Instant,
+    ) -> ShadowFeed {
+        let budget = &self.shadows.budget;
+        let (request_tee, request_body) = if empty {
+            (None, shadow::RequestCopy::Ready(Held::empty(budget)))
+        } else {
+            let (tee, rx) = Tee::new(plan.max_body, budget);
+            (Some(tee), shadow::RequestCopy::Pending(rx))
+        };
+        let (head_tx, primary_head) = oneshot::channel();
+        let (response_tee, primary_body) = Tee::new(plan.max_body, budget);
+        let leg = shadow::Leg {
+            shadows: self.shadows.clone(),
+            method: parts.method.clone(),
+            pq,
+            headers: parts.headers.clone(),
+            request_id: request_id.to_str().unwrap_or_default().to_string(),
+            primary: active.upstreams[backend].clone(),
+            shadow: active.upstreams[plan.shadow].clone(),
+            request_body,
+            primary_head,
+            primary_body,
+            primary_deadline: deadline,
+            plan,
+        };
+        tokio::spawn(leg.run());
+        ShadowFeed {
+            request_tee,
+            head_tx: Some(head_tx),
+            response_tee: Some(response_tee),
+        }
     }
 
     /// Request checks that come before routing, then the route lookup.
@@ -306,6 +382,30 @@ impl State {
             .table
             .lookup(req.method(), host, path)
             .ok_or(ProxyError::NoRoute)
+    }
+}
+
+/// Where the primary exchange hands its copies to a shadow leg.
+struct ShadowFeed {
+    request_tee: Option<Tee>,
+    head_tx: Option<oneshot::Sender<shadow::Head>>,
+    response_tee: Option<Tee>,
+}
+
+impl ShadowFeed {
+    /// Hands the primary's response head over; returns the tee for its body.
+    fn primary_answered(
+        self,
+        parts: &http::response::Parts,
+        latency: std::time::Duration,
+    ) -> Option<Tee> {
+        let head = shadow::Head {
+            status: parts.status.as_u16(),
+            headers: parts.headers.clone(),
+            latency,
+        };
+        self.head_tx?.send(head).ok()?;
+        self.response_tee
     }
 }
 

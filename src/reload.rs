@@ -81,6 +81,7 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
                 generation,
                 Some(&current),
                 &state.metrics,
+                &state.shadows,
             ));
             for change in &changes {
                 info!(generation, change = %change, "route table changed");

@@ -1,8 +1,10 @@
 //! Body types of the request path. Both stream frame by frame: nothing here buffers a whole
 //! body. `UpstreamBody` enforces `max_request_body` while it streams (also for chunked bodies
 //! whose length is not announced); `ResponseBody` carries either an upstream's streamed body,
-//! bounded by the backend's `timeout` deadline, or a small body the proxy made itself.
+//! bounded by the backend's `timeout` deadline, or a small body the proxy made itself. Either
+//! may carry a [`Tee`] that keeps a bounded copy for the shadow comparison.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -12,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::tee::Tee;
 use crate::error::BoxError;
 
 /// The request body was larger than `max_request_body`.
@@ -28,22 +31,32 @@ pub enum UpstreamBody {
         inner: Incoming,
         remaining: u64,
         limit: u64,
+        tee: Option<Tee>,
     },
     /// A body the proxy holds whole (a bounded shadow copy, or none).
     Full(Full<Bytes>),
 }
 
 impl UpstreamBody {
-    pub fn limited(inner: Incoming, limit: u64) -> Self {
+    /// The client's body, limited to `limit` bytes, optionally copied into `tee`.
+    pub fn limited(inner: Incoming, limit: u64, mut tee: Option<Tee>) -> Self {
+        if inner.is_end_stream() {
+            tee.as_mut().map(Tee::finish);
+        }
         UpstreamBody::Streaming {
             inner,
             remaining: limit,
             limit,
+            tee,
         }
     }
 
+    pub fn full(bytes: Bytes) -> Self {
+        UpstreamBody::Full(Full::new(bytes))
+    }
+
     pub fn empty() -> Self {
-        UpstreamBody::Full(Full::new(Bytes::new()))
+        Self::full(Bytes::new())
     }
 }
 
@@ -60,21 +73,32 @@ impl Body for UpstreamBody {
                 inner,
                 remaining,
                 limit,
+                tee,
             } => {
-                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 Poll::Ready(match frame {
                     Some(Ok(frame)) => {
                         let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                         match remaining.checked_sub(len) {
                             Some(left) => {
                                 *remaining = left;
+                                if let (Some(t), Some(data)) = (tee.as_mut(), frame.data_ref()) {
+                                    t.push(data);
+                                    // hyper stops polling once a sized body is complete.
+                                    if inner.is_end_stream() {
+                                        t.finish();
+                                    }
+                                }
                                 Some(Ok(frame))
                             }
                             None => Some(Err(Box::new(TooLarge { limit: *limit }))),
                         }
                     }
                     Some(Err(e)) => Some(Err(Box::new(e))),
-                    None => None,
+                    None => {
+                        tee.as_mut().map(Tee::finish);
+                        None
+                    }
                 })
             }
             UpstreamBody::Full(full) => Pin::new(full)
@@ -110,6 +134,7 @@ pub enum ResponseBody {
         deadline: Instant,
         timer: Option<Pin<Box<Sleep>>>,
         on_timeout: Option<metrics::Counter>,
+        tee: Option<Tee>,
     },
     Full(Full<Bytes>),
 }
@@ -119,13 +144,23 @@ impl ResponseBody {
         ResponseBody::Full(Full::new(bytes))
     }
 
-    /// An upstream body that must end by `deadline` (the backend's whole-response timeout).
-    pub fn upstream(inner: Incoming, deadline: Instant, on_timeout: metrics::Counter) -> Self {
+    /// An upstream body that must end by `deadline` (the backend's whole-response timeout),
+    /// optionally copied into `tee`.
+    pub fn upstream(
+        inner: Incoming,
+        deadline: Instant,
+        on_timeout: metrics::Counter,
+        mut tee: Option<Tee>,
+    ) -> Self {
+        if inner.is_end_stream() {
+            tee.as_mut().map(Tee::finish);
+        }
         ResponseBody::Upstream {
             inner,
             deadline,
             timer: None,
             on_timeout: Some(on_timeout),
+            tee,
         }
     }
 }
@@ -144,8 +179,23 @@ impl Body for ResponseBody {
                 deadline,
                 timer,
                 on_timeout,
+                tee,
             } => {
-                if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+                if let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) {
+                    match (&frame, tee.as_mut()) {
+                        (Some(Ok(f)), Some(t)) => {
+                            if let Some(data) = f.data_ref() {
+                                t.push(data);
+                            }
+                            // hyper stops polling once a sized body is complete.
+                            if inner.is_end_stream() {
+                                t.finish();
+                            }
+                        }
+                        (None, Some(t)) => t.finish(),
+                        (Some(Err(_)), Some(_)) => *tee = None,
+                        (_, None) => {}
+                    }
                     return Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)));
                 }
                 // The timer is only armed for bodies that actually wait.
@@ -155,6 +205,7 @@ impl Body for ResponseBody {
                 if let Some(counter) = on_timeout.take() {
                     counter.increment(1);
                 }
+                *tee = None;
                 Poll::Ready(Some(Err(Box::new(BodyTimeout))))
             }
             ResponseBody::Full(full) => Pin::new(full)
@@ -177,5 +228,3 @@ impl Body for ResponseBody {
         }
     }
 }
-
-use std::future::Future as _;

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 /// Stops a server when dropped.
 pub struct Running {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    pub stop: Option<oneshot::Sender<()>>,
 }
 
 impl Drop for Running {

@@ -201,7 +201,6 @@ impl Ctx {
     /// nobody believes a route is shadowed or guarded when it is not.
     pub(super) fn pending_features(&mut self, f: &RouteFile) {
         let pending = [
-            (f.shadow.as_ref().map(Spanned::span), "shadow"),
             (f.fallback.as_ref().map(Spanned::span), "fallback"),
             (f.guard.as_ref().map(Spanned::span), "[routes.guard]"),
         ];

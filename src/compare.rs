@@ -1,0 +1,271 @@
+//! Pure comparison of a primary and a shadow answer: `(primary, shadow, rules) -> Verdict`.
+//! No IO, no async, no clocks. Status, the configured headers and the body are compared; JSON
+//! bodies structurally (key order never matters, numbers within a relative tolerance), every
+//! difference reported as a JSON pointer with both values; other bodies as bytes (text shows
+//! the first differing line). Bodies are decoded first when a side is gzip or deflate encoded.
+//! `learn_noise` compares two answers of the same backend to find fields that differ on their
+//! own (timestamps, request ids), which later comparisons ignore.
+
+mod json;
+
+use std::io::Read;
+
+use bytes::Bytes;
+#[cfg(test)]
+use http::header::CONTENT_TYPE;
+use http::header::{HeaderMap, HeaderName, CONTENT_ENCODING};
+use serde::Serialize;
+use serde_json::Value;
+
+pub use json::{pointer_matches, Pattern};
+
+/// At most this many differences are kept per comparison (the verdict stays a mismatch).
+pub const MAX_DIFFERENCES: usize = 50;
+/// Values longer than this (as JSON text) are shortened in reports.
+const MAX_VALUE_CHARS: usize = 256;
+
+/// One side of a comparison, as captured (body possibly still encoded).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What to compare and what to ignore.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub headers: Vec<HeaderName>,
+    /// JSON pointer patterns (`*` matches one segment) and `header:NAME` entries.
+    pub ignore: Vec<Pattern>,
+    pub tolerance: f64,
+    /// Decoded bodies larger than this are not compared.
+    pub max_body: usize,
+}
+
+/// How two values differ at a path.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Changed,
+    MissingInShadow,
+    MissingInPrimary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Difference {
+    /// `status`, `header:NAME`, a JSON pointer into the body (`/user/email`), `body`, or
+    /// `body:line N`.
+    pub path: String,
+    pub kind: Kind,
+    pub primary: Value,
+    pub shadow: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Match,
+    Mismatch(Vec<Difference>),
+    /// Not comparable (a body over `max_body` once decoded, or undecodable).
+    Skipped(&'static str),
+}
+
+/// Compares `primary` and `shadow` under `rules`.
+pub fn compare(primary: &Answer, shadow: &Answer, rules: &Rules) -> Verdict {
+    let mut diffs = Vec::new();
+    if primary.status != shadow.status {
+        diffs.push(changed(
+            "status".into(),
+            Value::from(primary.status),
+            Value::from(shadow.status),
+        ));
+    }
+    for name in &rules.headers {
+        let path = format!("header:{name}");
+        if rules.ignore.iter().any(|p| p.is_header(name)) {
+            continue;
+        }
+        let (a, b) = (
+            header_value(&primary.headers, name),
+            header_value(&shadow.headers, name),
+        );
+        if a != b {
+            diffs.push(changed(
+                path,
+                a.map_or(Value::Null, Value::from),
+                b.map_or(Value::Null, Value::from),
+            ));
+        }
+    }
+    let (a, b) = match (
+        decode(primary, rules.max_body),
+        decode(shadow, rules.max_body),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => return Verdict::Skipped(why),
+    };
+    body_differences(&a, &b, rules, &mut diffs);
+    if diffs.is_empty() {
+        Verdict::Match
+    } else {
+        diffs.truncate(MAX_DIFFERENCES);
+        Verdict::Mismatch(diffs)
+    }
+}
+
+/// JSON pointers (array indices generalized to `*`) whose values differ between two answers of
+/// the same backend to the same request: the noise later comparisons ignore.
+pub fn learn_noise(first: &Answer, second: &Answer, max_body: usize) -> Vec<String> {
+    let (Ok(a), Ok(b)) = (decode(first, max_body), decode(second, max_body)) else {
+        return vec![];
+    };
+    let (Ok(a), Ok(b)) = (
+        serde_json::from_slice::<Value>(&a),
+        serde_json::from_slice::<Value>(&b),
+    ) else {
+        return vec![];
+    };
+    let mut diffs = Vec::new();
+    json::diff(&a, &b, &mut String::new(), &Rules::default(), &mut diffs);
+    let mut paths: Vec<String> = diffs
+        .into_iter()
+        .map(|d| json::generalize(&d.path))
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+fn changed(path: String, primary: Value, shadow: Value) -> Difference {
+    Difference {
+        path,
+        kind: Kind::Changed,
+        primary,
+        shadow,
+    }
+}
+
+fn header_value(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<String> = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// The body with its Content-Encoding undone, at most `max` bytes.
+fn decode(answer: &Answer, max: usize) -> Result<Bytes, &'static str> {
+    let encoding = answer
+        .headers
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    let mut out = Vec::new();
+    let limit = max as u64 + 1;
+    let read = match encoding.as_str() {
+        "identity" | "" => {
+            return if answer.body.len() > max {
+                Err("body over max_body")
+            } else {
+                Ok(answer.body.clone())
+            }
+        }
+        "gzip" | "x-gzip" => flate2::read::GzDecoder::new(&answer.body[..])
+            .take(limit)
+            .read_to_end(&mut out),
+        "deflate" => {
+            // RFC 9110 deflate is zlib-wrapped; some servers send raw deflate.
+            let zlib = flate2::read::ZlibDecoder::new(&answer.body[..])
+                .take(limit)
+                .read_to_end(&mut out);
+            if zlib.is_err() {
+                out.clear();
+                flate2::read::DeflateDecoder::new(&answer.body[..])
+                    .take(limit)
+                    .read_to_end(&mut out)
+            } else {
+                zlib
+            }
+        }
+        _ => return Err("unsupported content-encoding"),
+    };
+    match read {
+        Ok(_) if out.len() > max => Err("body over max_body once decoded"),
+        Ok(_) => Ok(Bytes::from(out)),
+        Err(_) => Err("body could not be decoded"),
+    }
+}
+
+fn body_differences(a: &Bytes, b: &Bytes, rules: &Rules, diffs: &mut Vec<Difference>) {
+    if a == b {
+        return;
+    }
+    let json_pair = (
+        serde_json::from_slice::<Value>(a),
+        serde_json::from_slice::<Value>(b),
+    );
+    if let (Ok(ja), Ok(jb)) = json_pair {
+        json::diff(&ja, &jb, &mut String::new(), rules, diffs);
+        return;
+    }
+    if rules.ignore.iter().any(|p| p.matches("")) {
+        return;
+    }
+    match (std::str::from_utf8(a), std::str::from_utf8(b)) {
+        (Ok(ta), Ok(tb)) => {
+            let mut la = ta.lines();
+            let mut lb = tb.lines();
+            for n in 1.. {
+                match (la.next(), lb.next()) {
+                    (x, y) if x == y && x.is_some() => continue,
+                    (None, None) => break,
+                    (x, y) => {
+                        let v =
+                            |l: Option<&str>| l.map_or(Value::Null, |l| Value::from(shorten(l)));
+                        diffs.push(changed(format!("body:line {n}"), v(x), v(y)));
+                        break;
+                    }
+                }
+            }
+        }
+        _ => diffs.push(changed(
+            "body".into(),
+            Value::from(format!("{} bytes", a.len())),
+            Value::from(format!("{} bytes", b.len())),
+        )),
+    }
+}
+
+/// Shortens long text for reports.
+pub fn shorten(text: &str) -> String {
+    if text.chars().count() <= MAX_VALUE_CHARS {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(MAX_VALUE_CHARS).collect();
+    format!(
+        "{cut}… ({} more characters)",
+        text.chars().count() - MAX_VALUE_CHARS
+    )
+}
+
+/// A value bounded for reports: long strings and large structures are shortened.
+pub fn bounded(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::from(shorten(s)),
+        Value::Array(_) | Value::Object(_) => {
+            let text = v.to_string();
+            if text.chars().count() <= MAX_VALUE_CHARS {
+                v.clone()
+            } else {
+                Value::from(shorten(&text))
+            }
+        }
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

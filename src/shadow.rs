@@ -1,0 +1,289 @@
+//! Shadow traffic: the decision to mirror a request, and the shadow leg that sends the copy,
+//! waits for both answers and compares them. The leg runs in its own task, under a cap on
+//! concurrent legs and its own deadline; its inputs are bounded copies handed over by tees
+//! (`proxy::tee`). Nothing here can delay, change or fail the client's response: the request
+//! path only does a non-blocking permit grab and a spawn.
+
+mod leg;
+pub mod report;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use http::{HeaderMap, Method};
+use metrics::{Counter, Histogram, Label};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use leg::{Head, Leg, RequestCopy};
+pub use report::{DiffEntry, Diffs};
+
+use crate::compare::{Pattern, Rules};
+use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_TOTAL};
+use crate::proxy::tee::Budget;
+use crate::routes::{BackendId, Route, RouteTable};
+
+/// Shadow legs in flight at once; past it new copies are dropped (counted), never queued.
+pub const MAX_SHADOW_TASKS: usize = 256;
+/// Bytes all tees and legs may hold together (request copies, both answers); past it a
+/// comparison is skipped (counted) instead of buffering more.
+pub const MAX_BUFFERED_BYTES: usize = 128 << 20;
+/// A noise route sends a second copy to the answering backend for its first requests...
+const NOISE_WARMUP: u64 = 20;
+/// ...then for this share of shadowed requests.
+const NOISE_SAMPLE: f64 = 0.05;
+/// Learned noise paths kept per route.
+const MAX_NOISE_PATHS: usize = 64;
+
+/// The outcomes counted in `strangler_shadow_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Match,
+    Mismatch,
+    Error,
+    Skipped,
+    Dropped,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Match,
+        Outcome::Mismatch,
+        Outcome::Error,
+        Outcome::Skipped,
+        Outcome::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Match => "match",
+            Outcome::Mismatch => "mismatch",
+            Outcome::Error => "error",
+            Outcome::Skipped => "skipped",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// Comparison state of one shadowed route, kept across reloads while the route, its backend
+/// and its shadow stay the same.
+pub struct RouteShadow {
+    pub prefix: String,
+    pub shadow: String,
+    pub compared: AtomicU64,
+    pub mismatched: AtomicU64,
+    noise: Mutex<Vec<String>>,
+    noise_samples: AtomicU64,
+    outcomes: [Counter; 5],
+    pub duration: Histogram,
+}
+
+impl RouteShadow {
+    fn new(metrics: &Metrics, prefix: &str, shadow: &str) -> Self {
+        let labels = |extra: Option<&'static str>| {
+            let mut l = vec![
+                Label::new("route", prefix.to_string()),
+                Label::new("shadow", shadow.to_string()),
+            ];
+            if let Some(o) = extra {
+                l.push(Label::new("outcome", o));
+            }
+            l
+        };
+        RouteShadow {
+            prefix: prefix.to_string(),
+            shadow: shadow.to_string(),
+            compared: AtomicU64::new(0),
+            mismatched: AtomicU64::new(0),
+            noise: Mutex::new(Vec::new()),
+            noise_samples: AtomicU64::new(0),
+            outcomes: Outcome::ALL.map(|o| metrics.counter(SHADOW_TOTAL, labels(Some(o.as_str())))),
+            duration: metrics.histogram(SHADOW_DURATION, labels(None)),
+        }
+    }
+
+    pub fn count(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].increment(1);
+        match outcome {
+            Outcome::Match => {
+                self.compared.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Mismatch => {
+                self.compared.fetch_add(1, Ordering::Relaxed);
+                self.mismatched.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Error | Outcome::Skipped | Outcome::Dropped => {}
+        }
+    }
+
+    /// Mismatches over comparisons, `None` before the first comparison.
+    pub fn mismatch_rate(&self) -> Option<f64> {
+        let compared = self.compared.load(Ordering::Relaxed);
+        (compared > 0).then(|| self.mismatched.load(Ordering::Relaxed) as f64 / compared as f64)
+    }
+
+    pub fn learned_noise(&self) -> Vec<String> {
+        self.noise
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn learn(&self, paths: Vec<String>) {
+        let mut noise = self.noise.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in paths {
+            if noise.len() < MAX_NOISE_PATHS && !noise.contains(&p) {
+                noise.push(p);
+            }
+        }
+    }
+
+    /// Whether this request also gets a noise copy.
+    fn noise_sample(&self) -> bool {
+        self.noise_samples.fetch_add(1, Ordering::Relaxed) < NOISE_WARMUP
+            || fastrand::f64() < NOISE_SAMPLE
+    }
+
+    fn rules(&self, base: &Rules) -> Rules {
+        let mut rules = base.clone();
+        rules.ignore.extend(
+            self.noise
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|p| Pattern::parse(p)),
+        );
+        rules
+    }
+}
+
+/// The shadow state of one generation's route: stats and comparison rules.
+pub struct Slot {
+    pub stats: Arc<RouteShadow>,
+    pub rules: Rules,
+    pub backend: BackendId,
+    pub percent: f64,
+    pub methods: Vec<Method>,
+    pub noise: bool,
+}
+
+/// Shadow state of the whole process: the leg cap, the byte budget, per-route stats and the
+/// ring of recent mismatches. Lives outside the route table.
+pub struct Shadows {
+    tasks: Arc<Semaphore>,
+    pub budget: Arc<Budget>,
+    stats: Mutex<HashMap<String, Arc<RouteShadow>>>,
+    pub diffs: Diffs,
+}
+
+impl Default for Shadows {
+    fn default() -> Self {
+        Shadows {
+            tasks: Arc::new(Semaphore::new(MAX_SHADOW_TASKS)),
+            budget: Budget::new(MAX_BUFFERED_BYTES),
+            stats: Mutex::default(),
+            diffs: Diffs::default(),
+        }
+    }
+}
+
+impl Shadows {
+    /// Shadow slots for a new table, parallel to its routes; stats carry over for routes whose
+    /// (prefix, filters, backend, shadow) did not change, others start fresh.
+    pub fn slots(&self, table: &RouteTable, metrics: &Metrics) -> Vec<Option<Slot>> {
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kept = HashMap::new();
+        let slots = table
+            .routes()
+            .iter()
+            .map(|route| {
+                let s = route.shadow.as_ref()?;
+                let shadow = &table.backend(s.backend).name;
+                let key = format!(
+                    "{} {} -> {}",
+                    route.identity(),
+                    table.backend(route.backend).name,
+                    shadow
+                );
+                let entry = stats
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(RouteShadow::new(metrics, &route.prefix, shadow)));
+                kept.insert(key, entry.clone());
+                Some(Slot {
+                    stats: entry,
+                    rules: rules(route),
+                    backend: s.backend,
+                    percent: s.percent,
+                    methods: s.methods.clone(),
+                    noise: route.compare.noise,
+                })
+            })
+            .collect();
+        *stats = kept;
+        slots
+    }
+
+    /// Whether to mirror this request; `None` when not. Never waits: a full cap drops the
+    /// copy and counts it.
+    pub fn plan(
+        &self,
+        slot: &Slot,
+        answering: BackendId,
+        method: &Method,
+        headers: &HeaderMap,
+        upgrade: bool,
+    ) -> Option<Plan> {
+        let eligible = slot.backend != answering
+            && !upgrade
+            && slot.methods.contains(method)
+            && !headers.contains_key(crate::proxy::headers::X_STRANGLER_SHADOW)
+            && (slot.percent >= 100.0 || fastrand::f64() * 100.0 < slot.percent);
+        if !eligible {
+            return None;
+        }
+        match self.tasks.clone().try_acquire_owned() {
+            Ok(permit) => Some(Plan {
+                _permit: permit,
+                shadow: slot.backend,
+                stats: slot.stats.clone(),
+                rules: slot.stats.rules(&slot.rules),
+                max_body: slot.rules.max_body,
+                noise: slot.noise
+                    && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+                    && slot.stats.noise_sample(),
+            }),
+            Err(_) => {
+                slot.stats.count(Outcome::Dropped);
+                None
+            }
+        }
+    }
+
+    /// Shadow legs in flight.
+    pub fn in_flight(&self) -> usize {
+        MAX_SHADOW_TASKS - self.tasks.available_permits()
+    }
+}
+
+/// A request chosen for mirroring, holding its leg's permit.
+pub struct Plan {
+    /// Held until the leg ends: the cap counts legs, not requests.
+    _permit: OwnedSemaphorePermit,
+    /// The backend that gets the copy.
+    pub shadow: BackendId,
+    pub stats: Arc<RouteShadow>,
+    pub rules: Rules,
+    pub max_body: usize,
+    pub noise: bool,
+}
+
+fn rules(route: &Route) -> Rules {
+    let c = &route.compare;
+    Rules {
+        headers: c.headers.clone(),
+        ignore: c.ignore.iter().map(|p| Pattern::parse(p)).collect(),
+        tolerance: c.tolerance,
+        max_body: usize::try_from(c.max_body).unwrap_or(usize::MAX),
+    }
+}

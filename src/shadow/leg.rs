@@ -1,0 +1,281 @@
+//! One shadow leg: send the copy, collect both answers (bounded), compare, record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, Request};
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::report::{DiffEntry, Side};
+use super::{Outcome, Plan, Shadows};
+use crate::compare::{compare, learn_noise, Answer, Verdict};
+use crate::proxy::body::UpstreamBody;
+use crate::proxy::forward::Upstream;
+use crate::proxy::headers::X_STRANGLER_SHADOW;
+use crate::proxy::tee::{Budget, Captured, Held, Tee};
+
+/// How long the leg waits for the primary's body after the primary's own deadline.
+const PRIMARY_GRACE: Duration = Duration::from_secs(1);
+
+/// The primary's response head, handed over when it arrives.
+pub struct Head {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub latency: Duration,
+}
+
+/// The request body copy: already known (no body) or still streaming to the primary.
+pub enum RequestCopy {
+    Ready(Held),
+    Pending(oneshot::Receiver<Captured>),
+}
+
+/// Everything a leg needs, moved into its task.
+pub struct Leg {
+    pub plan: Plan,
+    pub shadows: Arc<Shadows>,
+    pub method: Method,
+    pub pq: Option<PathAndQuery>,
+    /// The forwarded request's headers (already cleaned by the proxy).
+    pub headers: HeaderMap,
+    pub request_id: String,
+    pub primary: Arc<Upstream>,
+    pub shadow: Arc<Upstream>,
+    pub request_body: RequestCopy,
+    pub primary_head: oneshot::Receiver<Head>,
+    pub primary_body: oneshot::Receiver<Captured>,
+    pub primary_deadline: Instant,
+}
+
+/// Why a side has no answer to compare.
+enum Missing {
+    Error(String),
+    Skipped(&'static str),
+}
+
+impl Leg {
+    /// Runs the leg to its end and records the outcome. Consumes the permit when done.
+    pub async fn run(self) {
+        let stats = self.plan.stats.clone();
+        let route = stats.prefix.clone();
+        let (outcome, entry) = self.compare().await;
+        stats.count(outcome);
+        match (&outcome, entry) {
+            (Outcome::Mismatch, Some(entry)) => {
+                let first: Vec<&str> = entry
+                    .differences
+                    .iter()
+                    .take(3)
+                    .map(|d| d.path.as_str())
+                    .collect();
+                info!(route = %route, request_id = %entry.request_id, differences = entry.differences.len(), first = ?first, "shadow mismatch");
+                let shadows = entry.shadows.clone();
+                shadows.diffs.push(entry.into_report());
+            }
+            (o, _) => debug!(route = %route, outcome = o.as_str(), "shadow compared"),
+        }
+    }
+
+    async fn compare(self) -> (Outcome, Option<Pending>) {
+        let budget = self.shadows.budget.clone();
+        let max = self.plan.max_body;
+        let body = match self.request_body {
+            RequestCopy::Ready(held) => held,
+            RequestCopy::Pending(rx) => {
+                match tokio::time::timeout_at(self.primary_deadline, rx).await {
+                    Ok(Ok(Captured::Body(held))) => held,
+                    Ok(Ok(Captured::TooLarge)) => return (Outcome::Skipped, None),
+                    _ => return (Outcome::Skipped, None),
+                }
+            }
+        };
+        let copy = |to: &Upstream| -> Option<Request<UpstreamBody>> {
+            let mut req = Request::builder()
+                .method(self.method.clone())
+                .uri(to.uri(self.pq.as_ref()).ok()?)
+                .body(UpstreamBody::full(body.bytes.clone()))
+                .ok()?;
+            *req.headers_mut() = self.headers.clone();
+            req.headers_mut()
+                .insert(X_STRANGLER_SHADOW, HeaderValue::from_static("1"));
+            Some(req)
+        };
+        let (Some(shadow_req), noise_req) = (
+            copy(&self.shadow),
+            self.plan.noise.then(|| copy(&self.primary)).flatten(),
+        ) else {
+            return (Outcome::Error, None);
+        };
+        let shadow_deadline = Instant::now() + self.shadow.timeout;
+        let primary = async {
+            let wait = self.primary_deadline + PRIMARY_GRACE;
+            let head = tokio::time::timeout_at(wait, self.primary_head)
+                .await
+                .ok()?
+                .ok()?;
+            match tokio::time::timeout_at(wait, self.primary_body)
+                .await
+                .ok()?
+                .ok()?
+            {
+                Captured::Body(held) => Some((head, held)),
+                Captured::TooLarge => None,
+            }
+        };
+        let noise = async {
+            match noise_req {
+                Some(req) => fetch(&self.primary, req, shadow_deadline, max, &budget)
+                    .await
+                    .ok(),
+                None => None,
+            }
+        };
+        let (shadow, primary, noise) = tokio::join!(
+            fetch(&self.shadow, shadow_req, shadow_deadline, max, &budget),
+            primary,
+            noise
+        );
+        let Some((head, primary_body)) = primary else {
+            return (Outcome::Skipped, None);
+        };
+        let primary_answer = Answer {
+            status: head.status,
+            headers: head.headers,
+            body: primary_body.bytes.clone(),
+        };
+        let (shadow_answer, shadow_latency, _held) = match shadow {
+            Ok(s) => s,
+            Err(Missing::Error(why)) => {
+                debug!(error = %why, "shadow request failed");
+                return (Outcome::Error, None);
+            }
+            Err(Missing::Skipped(why)) => {
+                debug!(why, "shadow answer not compared");
+                return (Outcome::Skipped, None);
+            }
+        };
+        self.plan
+            .stats
+            .duration
+            .record(shadow_latency.as_secs_f64());
+        let mut rules = self.plan.rules;
+        if let Some((second, _, _held)) = noise {
+            let noise_learned = learn_noise(&primary_answer, &second, max);
+            if !noise_learned.is_empty() {
+                self.plan.stats.learn(noise_learned.clone());
+                rules.ignore.extend(
+                    noise_learned
+                        .iter()
+                        .map(|p| crate::compare::Pattern::parse(p)),
+                );
+            }
+        }
+        match compare(&primary_answer, &shadow_answer, &rules) {
+            Verdict::Match => (Outcome::Match, None),
+            Verdict::Skipped(_) => (Outcome::Skipped, None),
+            Verdict::Mismatch(differences) => {
+                let pending = Pending {
+                    shadows: self.shadows.clone(),
+                    route: self.plan.stats.prefix.clone(),
+                    method: self.method.to_string(),
+                    path: self
+                        .pq
+                        .as_ref()
+                        .map_or("/".to_string(), |pq| pq.path().to_string()),
+                    request_id: self.request_id,
+                    primary: Side {
+                        backend: self.primary.name.clone(),
+                        status: head.status,
+                        latency_ms: head.latency.as_secs_f64() * 1000.0,
+                    },
+                    shadow: Side {
+                        backend: self.shadow.name.clone(),
+                        status: shadow_answer.status,
+                        latency_ms: shadow_latency.as_secs_f64() * 1000.0,
+                    },
+                    differences,
+                    learned_noise: self.plan.stats.learned_noise(),
+                };
+                (Outcome::Mismatch, Some(pending))
+            }
+        }
+    }
+}
+
+/// A mismatch on its way to the ring.
+struct Pending {
+    shadows: Arc<Shadows>,
+    route: String,
+    method: String,
+    path: String,
+    request_id: String,
+    primary: Side,
+    shadow: Side,
+    differences: Vec<crate::compare::Difference>,
+    learned_noise: Vec<String>,
+}
+
+impl Pending {
+    fn into_report(self) -> DiffEntry {
+        DiffEntry::new(
+            self.route,
+            self.method,
+            self.path,
+            self.request_id,
+            self.primary,
+            self.shadow,
+            self.differences,
+            self.learned_noise,
+        )
+    }
+}
+
+/// Sends `req` and reads the answer, at most `max` body bytes, by `deadline`.
+async fn fetch(
+    to: &Upstream,
+    req: Request<UpstreamBody>,
+    deadline: Instant,
+    max: usize,
+    budget: &Arc<Budget>,
+) -> Result<(Answer, Duration, Held), Missing> {
+    let started = Instant::now();
+    let resp = to
+        .send(req, deadline)
+        .await
+        .map_err(|e| Missing::Error(e.to_string()))?;
+    let latency = started.elapsed();
+    let (parts, mut body) = resp.into_parts();
+    let (mut tee, rx) = Tee::new(max, budget);
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Missing::Error(e.to_string()))?;
+            if let Some(data) = frame.data_ref() {
+                tee.push(data);
+                if tee.is_done() {
+                    return Err(Missing::Skipped("answer over compare.max_body"));
+                }
+            }
+        }
+        tee.finish();
+        Ok(())
+    };
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .map_err(|_| Missing::Error("shadow answer timed out".into()))??;
+    match rx.await {
+        Ok(Captured::Body(held)) => Ok((
+            Answer {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body: held.bytes.clone(),
+            },
+            latency,
+            held,
+        )),
+        _ => Err(Missing::Skipped("answer over compare.max_body")),
+    }
+}
