@@ -53,7 +53,11 @@ async fn listen_for(loaded: &Loaded, name: &'static str) -> Result<TcpListener, 
 }
 
 /// Runs the three demo processes' servers in this process until `shutdown` resolves.
-pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
+pub async fn run(
+    loaded: Loaded,
+    users_bug: Option<users_service::Bug>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DemoError> {
     let legacy = listen_for(&loaded, "legacy").await?;
     let users = listen_for(&loaded, "users").await?;
     let (legacy_addr, users_addr) = (legacy.local_addr().ok(), users.local_addr().ok());
@@ -68,7 +72,7 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
         Default::default(),
         stopped(rx.clone()),
     ));
-    let users_task = tokio::spawn(users_service::serve(users, None, stopped(rx.clone())));
+    let users_task = tokio::spawn(users_service::serve(users, users_bug, stopped(rx.clone())));
     println!("FitTrack demo: strangler in front of the legacy monolith and the extracted users service\n");
     println!("  proxy          http://{proxy}");
     println!(
@@ -85,7 +89,8 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
     println!("  curl -s http://{proxy}/api/workouts?user_id=7");
     println!("  curl -s http://{proxy}/api/social/feed");
     println!("  curl -s -X POST http://{proxy}/api/users -H 'content-type: application/json' -d '{{\"name\":\"Rosalind Franklin\",\"email\":\"rosalind@fittrack.example\"}}'");
-    println!("  curl -s http://{admin}/routes");
+    println!("  curl -s http://{admin}/routes   # stages, shadow comparisons, readiness");
+    println!("  curl -s http://{admin}/diffs    # recent shadow mismatches (start the demo with --users-bug email-case to see one)");
     println!("Edit routes.toml and `curl -X POST http://{admin}/reload` to move a route. Ctrl-C stops all three.\n");
     let result = server
         .run(async {

@@ -64,7 +64,13 @@ enum Command {
     /// Print what changing OLD into NEW does to each route.
     Diff { old: PathBuf, new: PathBuf },
     /// Run the FitTrack demo: legacy-stub, users-service and the proxy on routes.toml.
-    Demo(ConfigArg),
+    Demo {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Start users-service with a deliberate bug, so the shadow comparison finds it.
+        #[arg(long, value_enum)]
+        users_bug: Option<users_service::Bug>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,8 +80,8 @@ fn main() -> ExitCode {
         config: std::env::var_os("STRANGLER_CONFIG").map_or("routes.toml".into(), PathBuf::from),
     }));
     match command {
-        Command::Run(c) => serve(&c.config, false),
-        Command::Demo(c) => serve(&c.config, true),
+        Command::Run(c) => serve(&c.config, None),
+        Command::Demo { config, users_bug } => serve(&config.config, Some(users_bug)),
         Command::Check(c) => check(&c.config),
         Command::Explain {
             config,
@@ -119,7 +125,8 @@ fn load(path: &std::path::Path) -> Option<Loaded> {
     }
 }
 
-fn serve(path: &std::path::Path, demo: bool) -> ExitCode {
+/// Serves `path`; `demo` is `Some(users-service bug)` for the demo.
+fn serve(path: &std::path::Path, demo: Option<Option<users_service::Bug>>) -> ExitCode {
     let Some(loaded) = load(path) else {
         return ExitCode::FAILURE;
     };
@@ -138,8 +145,8 @@ fn serve(path: &std::path::Path, demo: bool) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        if demo {
-            strangler::demo::run(loaded, shutdown_signal())
+        if let Some(bug) = demo {
+            strangler::demo::run(loaded, bug, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())
         } else {
