@@ -175,10 +175,13 @@ impl State {
             .unwrap_or_else(|| self.ids.next());
         let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
         let mut trace = Trace::default();
-        let result = self
-            .handle_inner(&active, req, peer, &request_id, start, &mut trace)
-            .instrument(span)
-            .await;
+        let inner = self.handle_inner(&active, req, peer, &request_id, start, &mut trace);
+        // Instrumenting costs even with the span disabled; only pay for it when it records.
+        let result = if span.is_disabled() {
+            inner.await
+        } else {
+            inner.instrument(span).await
+        };
         let mut resp = match result {
             Ok(resp) => resp,
             Err(error) => {
@@ -285,7 +288,7 @@ impl State {
             )
         };
 
-        let resp = upstream
+        let (resp, lease) = upstream
             .send(Request::from_parts(parts, body), deadline)
             .await?;
         let (mut parts, body) = resp.into_parts();
@@ -293,6 +296,8 @@ impl State {
         strip_hop_by_hop(&mut parts.headers, switching && upgrade);
         append_via(&mut parts.headers, &self.via);
         if switching {
+            // The connection now belongs to the tunnel.
+            drop(lease);
             let mut upstream_resp = Response::from_parts(parts.clone(), body);
             let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
             if let Some(client_upgrade) = client_upgrade {
@@ -306,7 +311,7 @@ impl State {
         let tee = shadow.and_then(|s| s.primary_answered(&parts, start.elapsed()));
         Ok(Response::from_parts(
             parts,
-            ResponseBody::upstream(body, deadline, upstream.timeout_counter(), tee),
+            ResponseBody::upstream(body, deadline, upstream.timeout_counter(), tee, lease),
         ))
     }
 

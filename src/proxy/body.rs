@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::forward::Lease;
 use super::tee::Tee;
 use crate::error::BoxError;
 
@@ -135,8 +136,20 @@ pub enum ResponseBody {
         timer: Option<Pin<Box<Sleep>>>,
         on_timeout: Option<metrics::Counter>,
         tee: Option<Tee>,
+        /// The connection, given back once the body is complete.
+        lease: Option<Lease>,
     },
     Full(Full<Bytes>),
+}
+
+/// The upstream body is complete: hand the copy over and the connection back.
+fn completed(tee: &mut Option<Tee>, lease: &mut Option<Lease>) {
+    if let Some(t) = tee.as_mut() {
+        t.finish();
+    }
+    if let Some(l) = lease.take() {
+        l.release();
+    }
 }
 
 impl ResponseBody {
@@ -145,15 +158,17 @@ impl ResponseBody {
     }
 
     /// An upstream body that must end by `deadline` (the backend's whole-response timeout),
-    /// optionally copied into `tee`.
+    /// optionally copied into `tee`; its connection goes back to the pool when it is complete.
     pub fn upstream(
         inner: Incoming,
         deadline: Instant,
         on_timeout: metrics::Counter,
-        mut tee: Option<Tee>,
+        tee: Option<Tee>,
+        lease: Lease,
     ) -> Self {
+        let (mut tee, mut lease) = (tee, Some(lease));
         if inner.is_end_stream() {
-            tee.as_mut().map(Tee::finish);
+            completed(&mut tee, &mut lease);
         }
         ResponseBody::Upstream {
             inner,
@@ -161,6 +176,7 @@ impl ResponseBody {
             timer: None,
             on_timeout: Some(on_timeout),
             tee,
+            lease,
         }
     }
 }
@@ -180,21 +196,24 @@ impl Body for ResponseBody {
                 timer,
                 on_timeout,
                 tee,
+                lease,
             } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) {
-                    match (&frame, tee.as_mut()) {
-                        (Some(Ok(f)), Some(t)) => {
-                            if let Some(data) = f.data_ref() {
+                    match &frame {
+                        Some(Ok(f)) => {
+                            if let (Some(t), Some(data)) = (tee.as_mut(), f.data_ref()) {
                                 t.push(data);
                             }
                             // hyper stops polling once a sized body is complete.
                             if inner.is_end_stream() {
-                                t.finish();
+                                completed(tee, lease);
                             }
                         }
-                        (None, Some(t)) => t.finish(),
-                        (Some(Err(_)), Some(_)) => *tee = None,
-                        (_, None) => {}
+                        None => completed(tee, lease),
+                        Some(Err(_)) => {
+                            *tee = None;
+                            *lease = None;
+                        }
                     }
                     return Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)));
                 }
@@ -206,6 +225,7 @@ impl Body for ResponseBody {
                     counter.increment(1);
                 }
                 *tee = None;
+                *lease = None;
                 Poll::Ready(Some(Err(Box::new(BodyTimeout))))
             }
             ResponseBody::Full(full) => Pin::new(full)

@@ -243,7 +243,7 @@ async fn fetch(
     budget: &Arc<Budget>,
 ) -> Result<(Answer, Duration, Held), Missing> {
     let started = Instant::now();
-    let resp = to
+    let (resp, lease) = to
         .send(req, deadline)
         .await
         .map_err(|e| Missing::Error(e.to_string()))?;
@@ -261,6 +261,7 @@ async fn fetch(
             }
         }
         tee.finish();
+        lease.release();
         Ok(())
     };
     tokio::time::timeout_at(deadline, read)
