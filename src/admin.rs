@@ -38,6 +38,7 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state),
         (&Method::GET | &Method::HEAD, "/routes") => json_response(StatusCode::OK, &routes(&state)),
         (&Method::GET | &Method::HEAD, "/diffs") => diffs(&state, req.uri().query()),
+        (&Method::POST, "/guard/reset") => guard_reset(&state, req.uri().query()),
         (&Method::POST, "/reload") => {
             let outcome = crate::reload::reload_async(state.clone()).await;
             let status = if outcome.ok {
@@ -50,7 +51,10 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
                 &serde_json::to_value(&outcome).unwrap_or(Value::Null),
             )
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/reload" | "/diffs") => error(
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/routes" | "/reload" | "/diffs" | "/guard/reset",
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed on this admin endpoint",
@@ -112,6 +116,43 @@ fn metrics(state: &State) -> Response<ResponseBody> {
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `POST /guard/reset?route=PREFIX`: clears the tripped guard(s) of the route(s) with that
+/// prefix (routes with the same prefix and different filters are reset together).
+fn guard_reset(state: &State, query: Option<&str>) -> Response<ResponseBody> {
+    let route = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|p| p.strip_prefix("route="))
+        .and_then(percent_decode);
+    let Some(route) = route.filter(|r| !r.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "POST /guard/reset needs ?route=PREFIX",
+        );
+    };
+    let active = state.active();
+    let guards: Vec<_> = active
+        .guard_slots
+        .iter()
+        .flatten()
+        .filter(|g| g.prefix == route)
+        .collect();
+    if guards.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route with prefix {route:?} has a guard"),
+        );
+    }
+    let was_tripped = guards.iter().any(|g| g.is_tripped());
+    guards.iter().for_each(|g| g.reset());
+    json_response(
+        StatusCode::OK,
+        &json!({"route": route, "was_tripped": was_tripped, "guard_tripped": false}),
+    )
 }
 
 /// Entries `GET /diffs` returns when `limit` is absent.
@@ -211,7 +252,18 @@ pub fn routes(state: &State) -> Value {
     })
 }
 
+/// The route's stage, or `rolled back by guard` while its guard is tripped.
+pub fn stage(active: &Active, id: usize) -> String {
+    match &active.guard_slots[id] {
+        Some(g) if g.is_tripped() => "rolled back by guard".to_string(),
+        _ => active.table.stage(id).to_string(),
+    }
+}
+
 fn route_json(active: &Active, id: usize) -> Value {
+    let tripped = active.guard_slots[id]
+        .as_ref()
+        .is_some_and(|g| g.is_tripped());
     let t = &active.table;
     let r = t.route(id);
     let name = |b: usize| t.backend(b).name.clone();
@@ -232,8 +284,14 @@ fn route_json(active: &Active, id: usize) -> Value {
             },
         })),
         "fallback": r.fallback.map(name),
-        "stage": t.stage(id).to_string(),
-        "guard_tripped": false,
+        "stage": stage(active, id),
+        "guard_tripped": tripped,
+        "guard": r.guard.as_ref().map(|g| json!({
+            "max_error_rate": g.max_error_rate,
+            "window": humantime::format_duration(g.window).to_string(),
+            "min_requests": g.min_requests,
+            "to": name(g.to),
+        })),
         "line": r.line,
     });
     if let Some(s) = &r.shadow {

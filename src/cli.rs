@@ -182,6 +182,20 @@ pub fn explain(
         "fallback: {}",
         r.fallback.map_or("none".to_string(), name)
     );
+    match &r.guard {
+        None => out.push_str("guard:    none\n"),
+        Some(g) => {
+            let _ = writeln!(
+                out,
+                "guard:    rolls back to {} when more than {}% of {}'s answers fail in {} (at least {} requests)",
+                name(g.to),
+                format_percent(g.max_error_rate * 100.0),
+                t.backend(answering).name,
+                humantime::format_duration(g.window),
+                g.min_requests
+            );
+        }
+    }
     Ok(out)
 }
 

@@ -46,7 +46,16 @@ impl GuardState {
         let gauge = metrics.gauge(GUARD_TRIPPED, vec![Label::new("route", prefix.to_string())]);
         gauge.set(0.0);
         let step_ms = (config.window.as_millis() as u64 / BUCKETS as u64).max(1);
-        GuardState { prefix: prefix.to_string(), config, to_name, step_ms, base, buckets: Default::default(), tripped: AtomicBool::new(false), gauge }
+        GuardState {
+            prefix: prefix.to_string(),
+            config,
+            to_name,
+            step_ms,
+            base,
+            buckets: Default::default(),
+            tripped: AtomicBool::new(false),
+            gauge,
+        }
     }
 
     pub fn is_tripped(&self) -> bool {
@@ -66,7 +75,11 @@ impl GuardState {
         let step = now.saturating_duration_since(self.base).as_millis() as u64 / self.step_ms;
         let b = &self.buckets[(step % BUCKETS as u64) as usize];
         let seen = b.step.load(Ordering::Acquire);
-        if seen != step && b.step.compare_exchange(seen, step, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if seen != step
+            && b.step
+                .compare_exchange(seen, step, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             b.requests.store(0, Ordering::Release);
             b.errors.store(0, Ordering::Release);
         }
@@ -76,7 +89,10 @@ impl GuardState {
         }
         let (requests, errors) = self.window(step);
         let rate = errors as f64 / requests.max(1) as f64;
-        if requests >= self.config.min_requests && rate > self.config.max_error_rate && !self.tripped.swap(true, Ordering::AcqRel) {
+        if requests >= self.config.min_requests
+            && rate > self.config.max_error_rate
+            && !self.tripped.swap(true, Ordering::AcqRel)
+        {
             self.gauge.set(1.0);
             warn!(
                 route = %self.prefix,
@@ -96,7 +112,12 @@ impl GuardState {
         self.buckets
             .iter()
             .filter(|b| step.saturating_sub(b.step.load(Ordering::Acquire)) < BUCKETS as u64)
-            .fold((0, 0), |(r, e), b| (r + b.requests.load(Ordering::Acquire), e + b.errors.load(Ordering::Acquire)))
+            .fold((0, 0), |(r, e), b| {
+                (
+                    r + b.requests.load(Ordering::Acquire),
+                    e + b.errors.load(Ordering::Acquire),
+                )
+            })
     }
 
     /// Clears the trip and the window.
@@ -120,7 +141,10 @@ pub struct Guards {
 
 impl Default for Guards {
     fn default() -> Self {
-        Guards { base: Instant::now(), by_entry: Mutex::default() }
+        Guards {
+            base: Instant::now(),
+            by_entry: Mutex::default(),
+        }
     }
 }
 
@@ -139,7 +163,15 @@ impl Guards {
                 entry.line = 0;
                 let names: Vec<&str> = table.backends().iter().map(|b| b.name.as_str()).collect();
                 let key = format!("{entry:?} {names:?}");
-                let state = map.get(&key).cloned().unwrap_or_else(|| Arc::new(GuardState::new(&route.prefix, g.clone(), table.backend(g.to).name.clone(), self.base, metrics)));
+                let state = map.get(&key).cloned().unwrap_or_else(|| {
+                    Arc::new(GuardState::new(
+                        &route.prefix,
+                        g.clone(),
+                        table.backend(g.to).name.clone(),
+                        self.base,
+                        metrics,
+                    ))
+                });
                 kept.insert(key, state.clone());
                 Some(state)
             })

@@ -23,6 +23,7 @@ pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod guard;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -21,6 +21,8 @@ pub const CONFIG_RELOADS_TOTAL: &str = "strangler_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "strangler_config_last_reload_successful";
 pub const CONFIG_GENERATION: &str = "strangler_config_generation";
 pub const SHADOW_TOTAL: &str = "strangler_shadow_total";
+pub const FALLBACK_TOTAL: &str = "strangler_fallback_total";
+pub const GUARD_TRIPPED: &str = "strangler_guard_tripped";
 pub const SHADOW_DURATION: &str = "strangler_shadow_duration_seconds";
 
 /// `route` label of requests no route matched (a prefix always starts with `/`).
@@ -67,6 +69,16 @@ impl Metrics {
             UPSTREAM_ERRORS_TOTAL,
             Unit::Count,
             "Failed upstream exchanges, by backend and kind.",
+        );
+        describe(
+            FALLBACK_TOTAL,
+            Unit::Count,
+            "Requests answered by a route's fallback backend, by route, from and to.",
+        );
+        recorder.describe_gauge(
+            GUARD_TRIPPED.into(),
+            None,
+            "1 while a route's guard has rolled its traffic back.".into(),
         );
         describe(
             SHADOW_TOTAL,

@@ -24,13 +24,16 @@ use tokio::sync::oneshot;
 
 use self::body::{ResponseBody, UpstreamBody};
 use self::forward::Upstream;
+use self::forward::{Failed, Lease};
 use self::headers::*;
-use self::tee::{Held, Tee};
+use self::tee::{Budget, Captured, Held, Tee};
 use crate::config::{Loaded, ServerSettings};
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
+use crate::guard::{GuardState, Guards};
+use crate::metrics::{Metrics, Responses, RouteMetrics, FALLBACK_TOTAL, NO_ROUTE};
 use crate::routes::{canary_bucket, in_canary, BackendId, Route, RouteId, RouteTable, Sticky};
 use crate::shadow::{self, Shadows};
+use metrics::Label;
 
 /// Everything a request needs from one generation of routes.toml, swapped as one.
 pub struct Active {
@@ -45,6 +48,8 @@ pub struct Active {
     no_route: Responses,
     /// Parallel to `table.routes()`: shadow settings and stats of shadowed routes.
     pub shadow_slots: Vec<Option<shadow::Slot>>,
+    /// Parallel to `table.routes()`: guards of guarded routes.
+    pub guard_slots: Vec<Option<Arc<GuardState>>>,
 }
 
 impl Active {
@@ -55,6 +60,7 @@ impl Active {
         previous: Option<&Active>,
         metrics: &Metrics,
         shadows: &Shadows,
+        guards: &Guards,
     ) -> Self {
         let table = loaded.parsed.table.clone();
         let old: &[Arc<Upstream>] = previous.map_or(&[], |p| &p.upstreams);
@@ -77,6 +83,7 @@ impl Active {
             route_metrics,
             no_route: Responses::new(metrics, NO_ROUTE, NO_ROUTE),
             shadow_slots: shadows.slots(&loaded.parsed.table, metrics),
+            guard_slots: guards.slots(&loaded.parsed.table, metrics),
         }
     }
 }
@@ -108,6 +115,8 @@ pub struct State {
     answered_by_new: AtomicU64,
     /// Shadow legs, their budget, stats and recent mismatches: outside the route table.
     pub shadows: Arc<Shadows>,
+    /// Guards, outside the route table so a trip outlives reloads of other routes.
+    pub guards: Guards,
 }
 
 /// What the request path learned, for metrics: which route and backend, if any.
@@ -123,7 +132,8 @@ impl State {
         let via = HeaderValue::from_str(&format!("1.1 {}", settings.via))
             .unwrap_or(HeaderValue::from_static("1.1 strangler"));
         let shadows = Arc::new(Shadows::default());
-        let active = Active::build(loaded, 1, None, &metrics, &shadows);
+        let guards = Guards::default();
+        let active = Active::build(loaded, 1, None, &metrics, &shadows, &guards);
         Arc::new(State {
             active: ArcSwap::from_pointee(active),
             settings,
@@ -141,6 +151,7 @@ impl State {
             answered: AtomicU64::new(0),
             answered_by_new: AtomicU64::new(0),
             shadows,
+            guards,
         })
     }
 
@@ -233,7 +244,11 @@ impl State {
         let route_id = self.route(active, &req)?;
         trace.route = Some(route_id);
         let route = active.table.route(route_id);
-        let backend = pick_backend(route, req.headers(), peer);
+        let guard = active.guard_slots[route_id].as_deref();
+        let backend = match guard {
+            Some(g) if g.is_tripped() => g.to(),
+            _ => pick_backend(route, req.headers(), peer),
+        };
         trace.backend = Some(backend);
         let upstream = &active.upstreams[backend];
 
@@ -255,29 +270,33 @@ impl State {
         });
 
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned();
-        strip_hop_by_hop(&mut parts.headers, upgrade);
-        if !self.settings.trust_shadow_header {
-            parts.headers.remove(X_STRANGLER_SHADOW);
-        }
-        set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
-        append_via(&mut parts.headers, &self.via);
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        self.clean_request(&mut parts, peer, request_id, upgrade);
         let pq = parts.uri.path_and_query().cloned();
         parts.uri = upstream
             .uri(pq.as_ref())
             .map_err(|_| ProxyError::BadRequest {
                 reason: "the request target cannot be forwarded",
             })?;
-        parts.version = Version::HTTP_11;
         let empty = body_is_empty(&parts.method, &body);
         let deadline = start + upstream.timeout;
 
         let mut shadow = plan.map(|plan| {
             self.start_shadow(
-                active, plan, &parts, pq, request_id, backend, empty, deadline,
+                active,
+                plan,
+                &parts,
+                pq.clone(),
+                request_id,
+                backend,
+                empty,
+                deadline,
             )
         });
+        let fallback = route.fallback.filter(|&f| f != backend && !upgrade);
+        let (retry, replay_tee) = match fallback {
+            Some(_) => Retry::prepare(&parts, pq, empty, &self.shadows.budget),
+            None => (None, None),
+        };
         let body = if empty {
             UpstreamBody::empty()
         } else {
@@ -285,12 +304,27 @@ impl State {
                 body,
                 limit,
                 shadow.as_mut().and_then(|s| s.request_tee.take()),
+                replay_tee,
             )
         };
 
-        let (resp, lease) = upstream
+        let first = upstream
             .send(Request::from_parts(parts, body), deadline)
-            .await?;
+            .await;
+        guard_watch(guard, active, backend, &first, start);
+        let (resp, lease, deadline) = match (fallback, retry) {
+            (Some(to), Some(retry)) => {
+                self.send_with_fallback(
+                    active, route_id, backend, to, first, retry, deadline, trace,
+                )
+                .await?
+            }
+            _ => first
+                .map(|(resp, lease)| (resp, lease, deadline))
+                .map_err(|f| f.error)?,
+        };
+        let upstream = &active.upstreams[trace.backend.unwrap_or(backend)];
+
         let (mut parts, body) = resp.into_parts();
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(&mut parts.headers, switching && upgrade);
@@ -313,6 +347,93 @@ impl State {
             parts,
             ResponseBody::upstream(body, deadline, upstream.timeout_counter(), tee, lease),
         ))
+    }
+
+    /// Hop-by-hop removal, the shadow marker, `x-forwarded-*`, `via`, `x-request-id`.
+    fn clean_request(
+        &self,
+        parts: &mut http::request::Parts,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        upgrade: bool,
+    ) {
+        let host = parts.headers.get(header::HOST).cloned();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if !self.settings.trust_shadow_header {
+            parts.headers.remove(X_STRANGLER_SHADOW);
+        }
+        set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
+        append_via(&mut parts.headers, &self.via);
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        parts.version = Version::HTTP_11;
+    }
+
+    /// Sends the request to the route's fallback when the first attempt failed and that is
+    /// safe: for any method when the request never left (connect failure), for idempotent
+    /// methods on a timeout or a 5xx head (nothing has reached the client yet). Otherwise the
+    /// first attempt's outcome stands.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_with_fallback(
+        &self,
+        active: &Active,
+        route_id: RouteId,
+        from: BackendId,
+        to: BackendId,
+        first: Result<(Response<Incoming>, Lease), Failed>,
+        retry: Retry,
+        deadline: Instant,
+        trace: &mut Trace,
+    ) -> Result<(Response<Incoming>, Lease, Instant), ProxyError> {
+        let target = &active.upstreams[to];
+        let req = match first {
+            Ok((resp, lease)) if resp.status().is_server_error() && retry.idempotent => {
+                match retry.rebuild(target) {
+                    Some(req) => req,
+                    None => return Ok((resp, lease, deadline)),
+                }
+            }
+            Ok((resp, lease)) => return Ok((resp, lease, deadline)),
+            Err(Failed {
+                unsent: Some(mut req),
+                ..
+            }) => {
+                *req.uri_mut() =
+                    target
+                        .uri(retry.pq.as_ref())
+                        .map_err(|_| ProxyError::BadRequest {
+                            reason: "the request target cannot be forwarded",
+                        })?;
+                req
+            }
+            Err(Failed {
+                error: error @ ProxyError::UpstreamTimeout { .. },
+                ..
+            }) => match retry.idempotent.then(|| retry.rebuild(target)).flatten() {
+                Some(req) => req,
+                None => return Err(error),
+            },
+            Err(failed) => return Err(failed.error),
+        };
+        let route = &active.table.route(route_id).prefix;
+        let (from_name, to_name) = (
+            &active.table.backend(from).name,
+            &active.table.backend(to).name,
+        );
+        self.metrics
+            .counter(
+                FALLBACK_TOTAL,
+                vec![
+                    Label::new("route", route.clone()),
+                    Label::new("from", from_name.clone()),
+                    Label::new("to", to_name.clone()),
+                ],
+            )
+            .increment(1);
+        debug!(route = %route, from = %from_name, to = %to_name, "answered by the fallback");
+        trace.backend = Some(to);
+        let deadline = Instant::now() + target.timeout;
+        let (resp, lease) = target.send(req, deadline).await.map_err(|f| f.error)?;
+        Ok((resp, lease, deadline))
     }
 
     /// Spawns the shadow leg of a request chosen for mirroring; returns the hand-over points
@@ -388,6 +509,105 @@ impl State {
             .lookup(req.method(), host, path)
             .ok_or(ProxyError::NoRoute)
     }
+}
+
+/// Request bodies up to this size are kept so an idempotent request can be sent again to a
+/// fallback after a timeout or a 5xx; a larger body is not replayed (the first answer stands).
+const FALLBACK_MAX_BODY: usize = 1 << 20;
+
+/// What it takes to send a request again to a fallback backend.
+struct Retry {
+    method: Method,
+    headers: http::HeaderMap,
+    pq: Option<http::uri::PathAndQuery>,
+    /// GET, HEAD, OPTIONS, PUT, DELETE (and TRACE): safe to send twice.
+    idempotent: bool,
+    body: Option<Replay>,
+}
+
+enum Replay {
+    Empty,
+    Captured(oneshot::Receiver<Captured>),
+}
+
+impl Retry {
+    /// Keeps the request head, and a tee for the body of an idempotent request.
+    fn prepare(
+        parts: &http::request::Parts,
+        pq: Option<http::uri::PathAndQuery>,
+        empty: bool,
+        budget: &Arc<Budget>,
+    ) -> (Option<Retry>, Option<Tee>) {
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        let (body, tee) = match (idempotent, empty) {
+            (false, _) => (None, None),
+            (true, true) => (Some(Replay::Empty), None),
+            (true, false) => {
+                let (tee, rx) = Tee::new(FALLBACK_MAX_BODY, budget);
+                (Some(Replay::Captured(rx)), Some(tee))
+            }
+        };
+        (
+            Some(Retry {
+                method: parts.method.clone(),
+                headers: parts.headers.clone(),
+                pq,
+                idempotent,
+                body,
+            }),
+            tee,
+        )
+    }
+
+    /// The request again, for `to`; `None` when its body was not kept whole.
+    fn rebuild(self, to: &Upstream) -> Option<Request<UpstreamBody>> {
+        let bytes = match self.body? {
+            Replay::Empty => bytes::Bytes::new(),
+            Replay::Captured(mut rx) => match rx.try_recv().ok()? {
+                Captured::Body(held) => held.bytes.clone(),
+                Captured::TooLarge => return None,
+            },
+        };
+        let mut req = Request::builder()
+            .method(self.method)
+            .uri(to.uri(self.pq.as_ref()).ok()?)
+            .body(UpstreamBody::full(bytes))
+            .ok()?;
+        *req.headers_mut() = self.headers;
+        Some(req)
+    }
+}
+
+/// Feeds the route's guard with the first attempt's outcome when the attempted backend is the
+/// one it watches (not the legacy one, not where it rolls back to). Client faults are not
+/// the backend's errors.
+fn guard_watch(
+    guard: Option<&GuardState>,
+    active: &Active,
+    backend: BackendId,
+    first: &Result<(Response<Incoming>, Lease), Failed>,
+    now: Instant,
+) {
+    let Some(g) = guard else { return };
+    if Some(backend) == active.table.legacy() || backend == g.to() {
+        return;
+    }
+    let error = match first {
+        Ok((resp, _)) => resp.status().is_server_error(),
+        Err(f) => matches!(
+            f.error,
+            ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamTimeout { .. }
+        ),
+    };
+    g.record(now, error);
 }
 
 /// Where the primary exchange hands its copies to a shadow leg.

@@ -82,6 +82,7 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
                 Some(&current),
                 &state.metrics,
                 &state.shadows,
+                &state.guards,
             ));
             for change in &changes {
                 info!(generation, change = %change, "route table changed");

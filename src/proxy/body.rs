@@ -32,23 +32,30 @@ pub enum UpstreamBody {
         inner: Incoming,
         remaining: u64,
         limit: u64,
+        /// Bounded copy for the shadow comparison.
         tee: Option<Tee>,
+        /// Bounded copy to send again to a fallback backend.
+        replay: Option<Tee>,
     },
-    /// A body the proxy holds whole (a bounded shadow copy, or none).
+    /// A body the proxy holds whole (a bounded copy, or none).
     Full(Full<Bytes>),
 }
 
 impl UpstreamBody {
-    /// The client's body, limited to `limit` bytes, optionally copied into `tee`.
-    pub fn limited(inner: Incoming, limit: u64, mut tee: Option<Tee>) -> Self {
+    /// The client's body, limited to `limit` bytes, optionally copied into `tee` (shadow) and
+    /// `replay` (fallback).
+    pub fn limited(inner: Incoming, limit: u64, tee: Option<Tee>, replay: Option<Tee>) -> Self {
+        let (mut tee, mut replay) = (tee, replay);
         if inner.is_end_stream() {
             tee.as_mut().map(Tee::finish);
+            replay.as_mut().map(Tee::finish);
         }
         UpstreamBody::Streaming {
             inner,
             remaining: limit,
             limit,
             tee,
+            replay,
         }
     }
 
@@ -75,6 +82,7 @@ impl Body for UpstreamBody {
                 remaining,
                 limit,
                 tee,
+                replay,
             } => {
                 let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 Poll::Ready(match frame {
@@ -83,11 +91,13 @@ impl Body for UpstreamBody {
                         match remaining.checked_sub(len) {
                             Some(left) => {
                                 *remaining = left;
-                                if let (Some(t), Some(data)) = (tee.as_mut(), frame.data_ref()) {
-                                    t.push(data);
-                                    // hyper stops polling once a sized body is complete.
-                                    if inner.is_end_stream() {
-                                        t.finish();
+                                if let Some(data) = frame.data_ref() {
+                                    for t in [tee.as_mut(), replay.as_mut()].into_iter().flatten() {
+                                        t.push(data);
+                                        // hyper stops polling once a sized body is complete.
+                                        if inner.is_end_stream() {
+                                            t.finish();
+                                        }
                                     }
                                 }
                                 Some(Ok(frame))
@@ -98,6 +108,7 @@ impl Body for UpstreamBody {
                     Some(Err(e)) => Some(Err(Box::new(e))),
                     None => {
                         tee.as_mut().map(Tee::finish);
+                        replay.as_mut().map(Tee::finish);
                         None
                     }
                 })

@@ -91,6 +91,22 @@ impl Lease {
     }
 }
 
+/// A failed exchange; `unsent` is the request when it never left the proxy (the connection
+/// could not be made), so it may be sent elsewhere whatever its method.
+pub struct Failed {
+    pub error: ProxyError,
+    pub unsent: Option<Request<UpstreamBody>>,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Self {
+        Failed {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 /// One backend's connections and identity.
 pub struct Upstream {
     pub name: String,
@@ -162,7 +178,7 @@ impl Upstream {
         &self,
         req: Request<UpstreamBody>,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
         match tokio::time::timeout_at(deadline, self.exchange(req)).await {
             Ok(result) => result,
             Err(_) => {
@@ -170,7 +186,8 @@ impl Upstream {
                 Err(ProxyError::UpstreamTimeout {
                     backend: self.name.clone(),
                     after: self.timeout,
-                })
+                }
+                .into())
             }
         }
     }
@@ -178,17 +195,28 @@ impl Upstream {
     async fn exchange(
         &self,
         mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
         loop {
             let (mut sender, reused) = match self.pool.take() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                None => match self.connect().await {
+                    Ok(s) => (s, false),
+                    Err(error) => {
+                        return Err(Failed {
+                            error,
+                            unsent: Some(req),
+                        })
+                    }
+                },
             };
             if let Err(e) = sender.ready().await {
                 if reused {
                     continue;
                 }
-                return Err(self.classify(e));
+                return Err(Failed {
+                    error: self.classify(e),
+                    unsent: Some(req),
+                });
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -203,7 +231,7 @@ impl Upstream {
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to try another connection, whatever the method.
                     Some(r) if reused => req = r,
-                    _ => return Err(self.classify(e.into_error())),
+                    _ => return Err(self.classify(e.into_error()).into()),
                 },
             }
         }

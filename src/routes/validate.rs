@@ -130,11 +130,6 @@ impl Ctx {
         self.errors.push(d);
     }
 
-    fn warn(&mut self, span: Range<usize>, message: String) {
-        let d = self.locate(span, message);
-        self.warnings.push(d);
-    }
-
     fn finish_errors(mut self) -> Vec<Diagnostic> {
         self.errors.sort_by_key(|d| (d.line, d.col));
         self.errors

@@ -246,7 +246,7 @@ async fn fetch(
     let (resp, lease) = to
         .send(req, deadline)
         .await
-        .map_err(|e| Missing::Error(e.to_string()))?;
+        .map_err(|f| Missing::Error(f.error.to_string()))?;
     let latency = started.elapsed();
     let (parts, mut body) = resp.into_parts();
     let (mut tee, rx) = Tee::new(max, budget);

@@ -337,7 +337,6 @@ impl Ctx {
         }
         let compare = self.compare(f.compare.as_ref().map(Spanned::get_ref));
         let guard = f.guard.as_ref().and_then(|g| self.guard(g, names, legacy));
-        self.pending_features(&f);
         Some(Route {
             prefix: f.prefix.get_ref().clone(),
             key: key?,

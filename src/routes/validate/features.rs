@@ -197,20 +197,6 @@ impl Ctx {
         })
     }
 
-    /// Keys that validate but whose behaviour is not in this build yet: said out loud, so
-    /// nobody believes a route is shadowed or guarded when it is not.
-    pub(super) fn pending_features(&mut self, f: &RouteFile) {
-        let pending = [
-            (f.fallback.as_ref().map(Spanned::span), "fallback"),
-            (f.guard.as_ref().map(Spanned::span), "[routes.guard]"),
-        ];
-        for (span, key) in pending {
-            if let Some(span) = span {
-                self.warn(span, format!("`{key}` is validated but not acted on by this build yet: the route's backend answers every request"));
-            }
-        }
-    }
-
     pub(super) fn table_warnings(&mut self, table: &RouteTable) {
         if !table.has_catch_all() {
             self.warnings.push(Diagnostic {
