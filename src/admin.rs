@@ -243,12 +243,30 @@ pub fn routes(state: &State) -> Value {
         "source_sha256": active.sha256,
         "last_reload": { "ok": last.ok, "error": last.error, "at": rfc3339(last.at) },
         "routes": (0..active.table.routes().len()).map(|id| route_json(&active, id)).collect::<Vec<_>>(),
-        "backends": active.table.backends().iter().map(|b| json!({"name": b.name, "url": b.url, "legacy": b.legacy})).collect::<Vec<_>>(),
+        "backends": (0..active.table.backends().len()).map(|id| backend_json(&active, id)).collect::<Vec<_>>(),
         "coverage": {
             "routes": route_coverage(&active),
             "requests": if answered == 0 { Value::Null } else { json!(by_new as f64 / answered as f64) },
             "requests_answered": answered,
         },
+    })
+}
+
+/// A backend with the live state of its endpoints.
+fn backend_json(active: &Active, id: usize) -> Value {
+    let b = active.table.backend(id);
+    let endpoints: Vec<Value> = active.upstreams[id]
+        .endpoints
+        .iter()
+        .map(|e| json!({"address": e.authority.as_str(), "in_flight": e.in_flight(), "idle": e.pool.idle(), "ejected": e.ejected(), "healthy": e.healthy()}))
+        .collect();
+    json!({
+        "name": b.name,
+        "url": b.url,
+        "legacy": b.legacy,
+        "retries": b.retries,
+        "health": b.health.as_ref().map(|h| json!({"path": h.path, "interval": humantime::format_duration(h.interval).to_string()})),
+        "endpoints": endpoints,
     })
 }
 

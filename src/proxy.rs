@@ -394,9 +394,9 @@ impl State {
             }
             Ok((resp, lease)) => return Ok((resp, lease, deadline)),
             Err(Failed {
-                unsent: Some(mut req),
-                ..
+                unsent: Some(req), ..
             }) => {
+                let mut req = *req;
                 *req.uri_mut() =
                     target
                         .uri(retry.pq.as_ref())

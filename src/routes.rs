@@ -42,6 +42,18 @@ pub struct Backend {
     pub legacy: bool,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Where requests go: the URL's host:port unless `endpoints` lists several.
+    pub endpoints: Vec<Authority>,
+    /// Retries of idempotent requests whose connection could not be made.
+    pub retries: u32,
+    pub health: Option<HealthCheck>,
+}
+
+/// Active health checks of a backend's endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
 }
 
 /// Who gets a copy of the request.

@@ -46,6 +46,17 @@ pub struct BackendFile {
     pub connect_timeout: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub tls: Option<Spanned<TlsFile>>,
+    pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    pub retries: Option<Spanned<i64>>,
+    pub health: Option<Spanned<HealthFile>>,
+}
+
+/// `health = { path, interval }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    pub path: Spanned<String>,
+    pub interval: Option<Spanned<String>>,
 }
 
 /// One `[[routes]]` entry.

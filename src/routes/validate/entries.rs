@@ -246,7 +246,27 @@ impl Ctx {
             return None;
         }
         let authority = uri.authority()?.clone();
+        let endpoints = match &f.endpoints {
+            None => vec![authority.clone()],
+            Some(list) => self.endpoints(&name, list),
+        };
+        let retries = f.retries.as_ref().map_or(0, |r| {
+            let n = *r.get_ref();
+            if !(0..=MAX_RETRIES).contains(&n) {
+                self.err(
+                    r.span(),
+                    format!(
+                        "[backends.{name}] `retries` must be between 0 and {MAX_RETRIES}, got {n}"
+                    ),
+                );
+            }
+            n.clamp(0, MAX_RETRIES) as u32
+        });
+        let health = f.health.as_ref().map(|h| self.health(&name, h.get_ref()));
         Some(Backend {
+            endpoints,
+            retries,
+            health,
             name,
             url: text.clone(),
             scheme: http::uri::Scheme::HTTP,
@@ -392,6 +412,70 @@ impl Ctx {
     }
 }
 
+/// Retries per request at most: more would multiply load on a struggling backend even
+/// inside the retry budget.
+const MAX_RETRIES: i64 = 5;
+/// Active health check period when `health.interval` is absent.
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Ctx {
+    fn endpoints(
+        &mut self,
+        name: &str,
+        list: &Spanned<Vec<Spanned<String>>>,
+    ) -> Vec<http::uri::Authority> {
+        if list.get_ref().is_empty() {
+            self.err(
+                list.span(),
+                format!("[backends.{name}] `endpoints` is empty; remove it to use the url's host"),
+            );
+        }
+        let mut out: Vec<http::uri::Authority> = Vec::new();
+        for e in list.get_ref() {
+            let text = e.get_ref();
+            let bare = text
+                .strip_prefix("http://")
+                .unwrap_or(text)
+                .trim_end_matches('/');
+            match bare.parse::<http::uri::Authority>() {
+                Ok(a) if !a.host().is_empty() && !bare.contains(['/', '?', '@']) && !text.starts_with("https://") => {
+                    if out.contains(&a) {
+                        self.err(e.span(), format!("[backends.{name}] endpoint {text:?} is listed twice"));
+                    }
+                    out.push(a);
+                }
+                _ => self.err(e.span(), format!("[backends.{name}] endpoint {text:?} must be \"host:port\" or \"http://host:port\"")),
+            }
+        }
+        out
+    }
+
+    fn health(
+        &mut self,
+        name: &str,
+        h: &super::super::file::HealthFile,
+    ) -> crate::routes::HealthCheck {
+        if !h.path.get_ref().starts_with('/') {
+            self.err(
+                h.path.span(),
+                format!(
+                    "[backends.{name}] `health.path` {:?} must start with /",
+                    h.path.get_ref()
+                ),
+            );
+        }
+        let interval = self.duration(
+            h.interval.as_ref(),
+            "health.interval",
+            DEFAULT_HEALTH_INTERVAL,
+        );
+        crate::routes::HealthCheck {
+            path: h.path.get_ref().clone(),
+            interval,
+        }
+    }
+}
+
 /// Stands in for a backend entry that has errors (never served: errors stop the build).
 fn placeholder(name: String) -> Backend {
     Backend {
@@ -403,6 +487,9 @@ fn placeholder(name: String) -> Backend {
         legacy: false,
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         timeout: DEFAULT_TIMEOUT,
+        endpoints: vec![],
+        retries: 0,
+        health: None,
     }
 }
 
