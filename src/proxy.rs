@@ -538,15 +538,7 @@ impl Retry {
         empty: bool,
         budget: &Arc<Budget>,
     ) -> (Option<Retry>, Option<Tee>) {
-        let idempotent = matches!(
-            parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
-        );
+        let idempotent = idempotent(&parts.method);
         let (body, tee) = match (idempotent, empty) {
             (false, _) => (None, None),
             (true, true) => (Some(Replay::Empty), None),
@@ -632,6 +624,14 @@ impl ShadowFeed {
         self.head_tx?.send(head).ok()?;
         self.response_tee
     }
+}
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2): fallbacks and retries only repeat these.
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Whether the request certainly has no body (so the upstream request can say so).

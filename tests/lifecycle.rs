@@ -97,23 +97,3 @@ async fn websocket_upgrades_pass_through() {
     }
     ws.close(None).await.unwrap();
 }
-
-/// A WebSocket echo server on port 0.
-async fn start_ws_echo() -> std::net::SocketAddr {
-    let (l, addr) = listener().await;
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() && ws.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}

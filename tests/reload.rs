@@ -345,24 +345,7 @@ async fn warm_pools_survive_reloads_and_removed_backends_close_theirs() {
 
 #[tokio::test]
 async fn websockets_stay_open_across_reloads() {
-    let ws_backend = {
-        let (l, addr) = listener().await;
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                        return;
-                    };
-                    while let Some(Ok(m)) = ws.next().await {
-                        if m.is_text() && ws.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        addr
-    };
+    let ws_backend = start_ws_echo().await;
     let other = start_echo("users").await;
     let proxy = Proxy::start(&table("watch = \"off\"", ws_backend, other.addr, "legacy")).await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use metrics::Counter;
 use tokio::time::Instant;
@@ -132,15 +132,7 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         self.budget.deposit();
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
-        );
+        let idempotent = super::idempotent(req.method());
         let mut req = req;
         let mut tried: Option<usize> = None;
         for attempt in 0..=self.retries {

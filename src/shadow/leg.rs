@@ -61,6 +61,7 @@ impl Leg {
     /// Runs the leg to its end and records the outcome. Consumes the permit when done.
     pub async fn run(self) {
         let stats = self.plan.stats.clone();
+        let shadows = self.shadows.clone();
         let route = stats.prefix.clone();
         let (outcome, entry) = self.compare().await;
         stats.count(outcome);
@@ -72,15 +73,14 @@ impl Leg {
                     .take(3)
                     .map(|d| d.path.as_str())
                     .collect();
-                info!(route = %route, request_id = %entry.request_id, differences = entry.differences.len(), first = ?first, "shadow mismatch");
-                let shadows = entry.shadows.clone();
-                shadows.diffs.push(entry.into_report());
+                info!(route = %route, request_id = %entry.request_id, differences = entry.total_differences, first = ?first, "shadow mismatch");
+                shadows.diffs.push(entry);
             }
             (o, _) => debug!(route = %route, outcome = o.as_str(), "shadow compared"),
         }
     }
 
-    async fn compare(self) -> (Outcome, Option<Pending>) {
+    async fn compare(self) -> (Outcome, Option<DiffEntry>) {
         let budget = self.shadows.budget.clone();
         let max = self.plan.max_body;
         let body = match self.request_body {
@@ -178,59 +178,33 @@ impl Leg {
             Verdict::Match => (Outcome::Match, None),
             Verdict::Skipped(_) => (Outcome::Skipped, None),
             Verdict::Mismatch(differences) => {
-                let pending = Pending {
-                    shadows: self.shadows.clone(),
-                    route: self.plan.stats.prefix.clone(),
-                    method: self.method.to_string(),
-                    path: self
-                        .pq
-                        .as_ref()
-                        .map_or("/".to_string(), |pq| pq.path().to_string()),
-                    request_id: self.request_id,
-                    primary: Side {
-                        backend: self.primary.name.clone(),
-                        status: head.status,
-                        latency_ms: head.latency.as_secs_f64() * 1000.0,
-                    },
-                    shadow: Side {
-                        backend: self.shadow.name.clone(),
-                        status: shadow_answer.status,
-                        latency_ms: shadow_latency.as_secs_f64() * 1000.0,
-                    },
-                    differences,
-                    learned_noise: self.plan.stats.learned_noise(),
+                let primary = Side {
+                    backend: self.primary.name.clone(),
+                    status: head.status,
+                    latency_ms: head.latency.as_secs_f64() * 1000.0,
                 };
-                (Outcome::Mismatch, Some(pending))
+                let shadow = Side {
+                    backend: self.shadow.name.clone(),
+                    status: shadow_answer.status,
+                    latency_ms: shadow_latency.as_secs_f64() * 1000.0,
+                };
+                let path = self
+                    .pq
+                    .as_ref()
+                    .map_or("/".to_string(), |pq| pq.path().to_string());
+                let entry = DiffEntry::new(
+                    self.plan.stats.prefix.clone(),
+                    self.method.to_string(),
+                    path,
+                    self.request_id,
+                    primary,
+                    shadow,
+                    differences,
+                    self.plan.stats.learned_noise(),
+                );
+                (Outcome::Mismatch, Some(entry))
             }
         }
-    }
-}
-
-/// A mismatch on its way to the ring.
-struct Pending {
-    shadows: Arc<Shadows>,
-    route: String,
-    method: String,
-    path: String,
-    request_id: String,
-    primary: Side,
-    shadow: Side,
-    differences: Vec<crate::compare::Difference>,
-    learned_noise: Vec<String>,
-}
-
-impl Pending {
-    fn into_report(self) -> DiffEntry {
-        DiffEntry::new(
-            self.route,
-            self.method,
-            self.path,
-            self.request_id,
-            self.primary,
-            self.shadow,
-            self.differences,
-            self.learned_noise,
-        )
     }
 }
 

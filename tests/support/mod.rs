@@ -381,3 +381,23 @@ pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
             .then(|| value.parse().ok())?
         })
 }
+
+/// A WebSocket echo server on port 0.
+pub async fn start_ws_echo() -> std::net::SocketAddr {
+    let (l, addr) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = futures_util::StreamExt::next(&mut ws).await {
+                    if m.is_text() && futures_util::SinkExt::send(&mut ws, m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
