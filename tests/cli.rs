@@ -201,6 +201,10 @@ fn unknown_flags_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["--log-format", "xml", "check"], dir.path());
     assert_eq!(out.status.code(), Some(2));
+    let out = run(&["demo", "--users-bug", "nope"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["explain", "GET"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "explain needs a path");
 }
 
 #[cfg(target_os = "linux")]

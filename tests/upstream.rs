@@ -245,3 +245,22 @@ async fn the_connection_cap_holds_extra_clients_until_one_leaves() {
         "second connection was served while the cap was full"
     );
 }
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_400_and_the_pool_stays_healthy() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to(echo.addr, "", "").await;
+    let bad = b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n";
+    let out = raw(proxy.addr, bad, Duration::from_secs(3)).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("\"code\":\"bad_request\""), "{out}");
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(&m, "strangler_upstream_errors_total", &[("kind", "reset")]),
+        Some(0.0),
+        "a client's broken body is not the upstream's fault: {m}"
+    );
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/after")).await.status, 200);
+    }
+}

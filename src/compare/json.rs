@@ -88,15 +88,6 @@ pub fn diff(a: &Value, b: &Value, path: &mut String, rules: &Rules, out: &mut Ve
     if out.len() >= MAX_DIFFERENCES || ignored(path, rules) {
         return;
     }
-    let push =
-        |out: &mut Vec<Difference>, path: &str, kind, pa: Option<&Value>, pb: Option<&Value>| {
-            out.push(Difference {
-                path: path.to_string(),
-                kind,
-                primary: pa.map_or(Value::Null, bounded),
-                shadow: pb.map_or(Value::Null, bounded),
-            });
-        };
     match (a, b) {
         (Value::Object(ma), Value::Object(mb)) => {
             let mut keys: Vec<&String> = ma
@@ -105,46 +96,53 @@ pub fn diff(a: &Value, b: &Value, path: &mut String, rules: &Rules, out: &mut Ve
                 .collect();
             keys.sort();
             for k in keys {
-                let len = path.len();
-                path.push('/');
-                path.push_str(&escape(k));
-                match (ma.get(k), mb.get(k)) {
-                    (Some(x), Some(y)) => diff(x, y, path, rules, out),
-                    (x, y) if !ignored(path, rules) && out.len() < MAX_DIFFERENCES => {
-                        let kind = if y.is_none() {
-                            Kind::MissingInShadow
-                        } else {
-                            Kind::MissingInPrimary
-                        };
-                        push(out, path, kind, x, y);
-                    }
-                    _ => {}
-                }
-                path.truncate(len);
+                child(&escape(k), ma.get(k), mb.get(k), path, rules, out);
             }
         }
         (Value::Array(xa), Value::Array(xb)) => {
             for i in 0..xa.len().max(xb.len()) {
-                let len = path.len();
-                path.push('/');
-                path.push_str(&i.to_string());
-                match (xa.get(i), xb.get(i)) {
-                    (Some(x), Some(y)) => diff(x, y, path, rules, out),
-                    (x, y) if !ignored(path, rules) && out.len() < MAX_DIFFERENCES => {
-                        let kind = if y.is_none() {
-                            Kind::MissingInShadow
-                        } else {
-                            Kind::MissingInPrimary
-                        };
-                        push(out, path, kind, x, y);
-                    }
-                    _ => {}
-                }
-                path.truncate(len);
+                child(&i.to_string(), xa.get(i), xb.get(i), path, rules, out);
             }
         }
         (Value::Number(x), Value::Number(y)) if numbers_equal(x, y, rules.tolerance) => {}
         (x, y) if x == y => {}
-        (x, y) => push(out, path, Kind::Changed, Some(x), Some(y)),
+        (x, y) => out.push(Difference {
+            path: path.clone(),
+            kind: Kind::Changed,
+            primary: bounded(x),
+            shadow: bounded(y),
+        }),
     }
+}
+
+/// Compares one member (object key or array index) present on at least one side.
+fn child(
+    segment: &str,
+    a: Option<&Value>,
+    b: Option<&Value>,
+    path: &mut String,
+    rules: &Rules,
+    out: &mut Vec<Difference>,
+) {
+    let len = path.len();
+    path.push('/');
+    path.push_str(segment);
+    match (a, b) {
+        (Some(x), Some(y)) => diff(x, y, path, rules, out),
+        (x, y) if !ignored(path, rules) && out.len() < MAX_DIFFERENCES => {
+            let kind = if y.is_none() {
+                Kind::MissingInShadow
+            } else {
+                Kind::MissingInPrimary
+            };
+            out.push(Difference {
+                path: path.clone(),
+                kind,
+                primary: x.map_or(Value::Null, bounded),
+                shadow: y.map_or(Value::Null, bounded),
+            });
+        }
+        _ => {}
+    }
+    path.truncate(len);
 }
