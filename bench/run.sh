@@ -76,6 +76,7 @@ cat > "$WORK/routes.toml" <<CONF
 listen = "127.0.0.1:$STRANGLER"
 admin = "127.0.0.1:$ADMIN"
 workers = $WORKERS
+access_log = false
 [backends.legacy]
 url = "http://127.0.0.1:$BACKEND"
 legacy = true

@@ -28,6 +28,8 @@ pub struct ServerSettings {
     pub workers: usize,
     /// How changes to routes.toml are noticed.
     pub watch: Watch,
+    /// One `strangler::access` event per request.
+    pub access_log: bool,
 }
 
 /// How the proxy notices that routes.toml changed (SIGHUP and `POST /reload` always work).

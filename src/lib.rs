@@ -168,6 +168,7 @@ static ADMIN_SETTINGS: std::sync::LazyLock<config::ServerSettings> =
         via: "strangler".into(),
         workers: 1,
         watch: config::Watch::Off,
+        access_log: false,
     });
 
 /// Periodic and signal-driven work: metrics upkeep and SIGHUP reloads.

@@ -3,6 +3,7 @@
 //! with clean headers; stream the response back. Errors become responses in one place,
 //! `ProxyError::to_response`. Nothing here blocks, locks, or buffers a body.
 
+pub mod access;
 pub mod body;
 pub mod forward;
 pub mod headers;
@@ -22,6 +23,7 @@ use tracing::{debug, warn, Instrument};
 
 use tokio::sync::oneshot;
 
+use self::access::AccessLog;
 use self::body::{ResponseBody, UpstreamBody};
 use self::forward::Upstream;
 use self::forward::{Failed, Lease};
@@ -124,6 +126,8 @@ pub struct State {
 struct Trace {
     route: Option<RouteId>,
     backend: Option<BackendId>,
+    /// Whether a shadow copy was sent.
+    shadowed: bool,
 }
 
 impl State {
@@ -186,6 +190,8 @@ impl State {
             .unwrap_or_else(|| self.ids.next());
         let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
         let mut trace = Trace::default();
+        let log_head = (self.settings.access_log && AccessLog::enabled())
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         let inner = self.handle_inner(&active, req, peer, &request_id, start, &mut trace);
         // Instrumenting costs even with the span disabled; only pay for it when it records.
         let result = if span.is_disabled() {
@@ -206,8 +212,24 @@ impl State {
                 error.to_response(&request_id)
             }
         };
-        resp.headers_mut().insert(X_REQUEST_ID, request_id);
         self.record(&active, &trace, resp.status(), start);
+        if let Some((method, path)) = log_head {
+            let entry = AccessLog {
+                method,
+                path,
+                route: trace.route.map(|id| active.table.route(id).prefix.clone()),
+                backend: trace
+                    .backend
+                    .map(|id| active.table.backend(id).name.clone()),
+                status: resp.status().as_u16(),
+                request_id: request_id.to_str().unwrap_or_default().to_string(),
+                shadowed: trace.shadowed,
+                start,
+                bytes: 0,
+            };
+            resp.body_mut().log(entry);
+        }
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
         resp
     }
 
@@ -280,6 +302,7 @@ impl State {
         let empty = body_is_empty(&parts.method, &body);
         let deadline = start + upstream.timeout;
 
+        trace.shadowed = plan.is_some();
         let mut shadow = plan.map(|plan| {
             self.start_shadow(
                 active,
@@ -365,6 +388,10 @@ impl State {
         set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
         append_via(&mut parts.headers, &self.via);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        if !valid_traceparent(&parts.headers) {
+            parts.headers.insert(TRACEPARENT, new_traceparent());
+            parts.headers.remove(TRACESTATE);
+        }
         parts.version = Version::HTTP_11;
     }
 

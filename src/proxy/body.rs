@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::access::AccessLog;
 use super::forward::Lease;
 use super::tee::Tee;
 use crate::error::BoxError;
@@ -149,6 +150,8 @@ pub enum ResponseBody {
         tee: Option<Tee>,
         /// The connection, given back once the body is complete.
         lease: Option<Lease>,
+        /// The access log entry, emitted when the body ends or is dropped.
+        log: Option<Box<AccessLog>>,
     },
     Full(Full<Bytes>),
 }
@@ -188,6 +191,35 @@ impl ResponseBody {
             on_timeout: Some(on_timeout),
             tee,
             lease,
+            log: None,
+        }
+    }
+}
+
+impl ResponseBody {
+    /// Attaches the access log entry: emitted now for a body the proxy made, at the end (or
+    /// abandonment) of an upstream body.
+    pub fn log(&mut self, mut entry: AccessLog) {
+        match self {
+            ResponseBody::Upstream { inner, log, .. } => {
+                if inner.is_end_stream() {
+                    entry.emit("complete");
+                } else {
+                    *log = Some(Box::new(entry));
+                }
+            }
+            ResponseBody::Full(full) => {
+                entry.bytes = full.size_hint().exact().unwrap_or(0);
+                entry.emit("complete");
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let ResponseBody::Upstream { log: Some(l), .. } = self {
+            l.emit("aborted");
         }
     }
 }
@@ -208,19 +240,33 @@ impl Body for ResponseBody {
                 on_timeout,
                 tee,
                 lease,
+                log,
             } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) {
                     match &frame {
                         Some(Ok(f)) => {
-                            if let (Some(t), Some(data)) = (tee.as_mut(), f.data_ref()) {
-                                t.push(data);
+                            if let Some(data) = f.data_ref() {
+                                if let Some(t) = tee.as_mut() {
+                                    t.push(data);
+                                }
+                                if let Some(l) = log.as_mut() {
+                                    l.bytes += data.len() as u64;
+                                }
                             }
                             // hyper stops polling once a sized body is complete.
                             if inner.is_end_stream() {
                                 completed(tee, lease);
+                                if let Some(l) = log.take() {
+                                    l.emit("complete");
+                                }
                             }
                         }
-                        None => completed(tee, lease),
+                        None => {
+                            completed(tee, lease);
+                            if let Some(l) = log.take() {
+                                l.emit("complete");
+                            }
+                        }
                         Some(Err(_)) => {
                             *tee = None;
                             *lease = None;

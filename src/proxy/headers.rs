@@ -127,6 +127,47 @@ pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
     headers.append(header::VIA, via.clone());
 }
 
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Whether the request carries one W3C `traceparent` the proxy can pass on:
+/// `00-<32 hex trace id, not all zero>-<16 hex parent id, not all zero>-<2 hex flags>`.
+pub fn valid_traceparent(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(&TRACEPARENT).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let b = v.as_bytes();
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+    b.len() == 55
+        && &b[..3] == b"00-"
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(&b[3..35])
+        && nonzero(&b[3..35])
+        && hex(&b[36..52])
+        && nonzero(&b[36..52])
+        && hex(&b[53..55])
+}
+
+/// A new sampled trace: `00-<random trace id>-<random parent id>-01`. The proxy starts the
+/// trace so the primary and the shadow legs of a request share it.
+pub fn new_traceparent() -> HeaderValue {
+    let id = format!(
+        "00-{:016x}{:016x}-{:016x}-01",
+        fastrand::u64(1..),
+        fastrand::u64(..),
+        fastrand::u64(1..)
+    );
+    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000001-0000000000000001-01",
+    ))
+}
+
 /// The client's request id if it is 1-128 characters of `[A-Za-z0-9._-]`.
 pub fn valid_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
     let mut values = headers.get_all(&X_REQUEST_ID).iter();

@@ -23,6 +23,7 @@ pub struct ServerFile {
     pub workers: Option<Spanned<i64>>,
     pub watch: Option<Spanned<String>>,
     pub watch_interval: Option<Spanned<String>>,
+    pub access_log: Option<bool>,
 }
 
 /// `tls = { ... }` on the server or on a backend.

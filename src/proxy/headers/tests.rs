@@ -212,3 +212,30 @@ fn dot_segments() {
         assert_eq!(has_dot_segments(path), want, "{path}");
     }
 }
+
+#[test]
+fn traceparent_validation_and_generation() {
+    let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    assert!(valid_traceparent(&map(&[("traceparent", ok)])));
+    let bad = [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "garbage",
+    ];
+    for b in bad {
+        assert!(!valid_traceparent(&map(&[("traceparent", b)])), "{b}");
+    }
+    assert!(
+        !valid_traceparent(&map(&[("traceparent", ok), ("traceparent", ok)])),
+        "two are ambiguous"
+    );
+    let fresh = new_traceparent();
+    assert!(
+        valid_traceparent(&map(&[("traceparent", fresh.to_str().unwrap())])),
+        "{fresh:?}"
+    );
+    assert_ne!(new_traceparent(), fresh);
+}

@@ -83,6 +83,7 @@ impl Ctx {
                 .as_ref()
                 .map_or_else(default_workers, |w| self.count(w, "workers", 1) as usize),
             watch: self.watch(f.watch.as_ref(), f.watch_interval.as_ref()),
+            access_log: f.access_log.unwrap_or(true),
         }
     }
 
