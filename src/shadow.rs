@@ -19,7 +19,7 @@ pub use leg::{Head, Leg, RequestCopy};
 pub use report::{DiffEntry, Diffs};
 
 use crate::compare::{Pattern, Rules};
-use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_TOTAL};
+use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_GATE, SHADOW_TOTAL};
 use crate::proxy::tee::Budget;
 use crate::routes::{BackendId, Route, RouteTable};
 
@@ -209,6 +209,10 @@ impl Shadows {
                     .get(&key)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(RouteShadow::new(metrics, &route.prefix, shadow)));
+                // The readiness gate, exported so alerts can compare each route with its own.
+                metrics
+                    .gauge(SHADOW_GATE, vec![Label::new("route", route.prefix.clone())])
+                    .set(route.compare.max_mismatch_rate);
                 kept.insert(key, entry.clone());
                 Some(Slot {
                     stats: entry,

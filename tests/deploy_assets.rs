@@ -1,0 +1,75 @@
+//! The Grafana dashboard and the Prometheus rules in deploy/ only use metric names that the
+//! binary really exports: a proxy is driven through every feature that creates metrics, its
+//! /metrics is scraped, and every `strangler_*` name in the assets must appear there.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use support::*;
+
+/// `strangler_*` names in `text`.
+fn names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("strangler_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn dashboards_and_alerts_use_only_exported_metrics() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard =
+        std::fs::read_to_string(format!("{root}/deploy/grafana/strangler.json")).unwrap();
+    let rules = std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("the dashboard is valid JSON");
+    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let mut used = names(&dashboard);
+    used.extend(names(&rules));
+    assert!(used.len() >= 10, "{used:?}");
+
+    // Drive every metric into existence: traffic, a shadow comparison, a guard, a fallback,
+    // upstream errors, a reload.
+    let legacy = start_legacy(Default::default()).await;
+    let users = start_users(None).await;
+    let dead = closed_port().await;
+    let proxy = Proxy::start(&format!(
+        "{}[backends.users]\nurl = \"http://{}\"\n[backends.gone]\nurl = \"http://{dead}\"\n\
+         [[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\nshadow = \"users\"\n\
+         [[routes]]\nprefix = \"/api/workouts\"\nbackend = \"gone\"\nfallback = \"legacy\"\n[routes.guard]\nmax_error_rate = 0.5\n\
+         [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+        legacy_at(legacy.addr),
+        users.addr
+    ))
+    .await;
+    get(&proxy.url("/api/users/1")).await;
+    get(&proxy.url("/api/workouts/1")).await;
+    strangler::reload::reload_async(proxy.state.clone()).await;
+    let exported = eventually(std::time::Duration::from_secs(5), || async {
+        proxy.state.metrics.upkeep();
+        let text = get(&proxy.admin_url("/metrics")).await.text();
+        text.contains("strangler_shadow_duration_seconds_bucket")
+            .then_some(text)
+    })
+    .await;
+    let exported: BTreeSet<String> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "used in deploy/ but not exported: {missing:?}\nexported: {exported:?}"
+    );
+}
