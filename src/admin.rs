@@ -31,6 +31,7 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
         return resp;
     }
     match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/") => board(),
         (&Method::GET | &Method::HEAD, "/healthz") => {
             json_response(StatusCode::OK, &json!({"status": "ok"}))
         }
@@ -65,6 +66,23 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
             "no such admin endpoint; try /routes, /metrics, /healthz, /readyz",
         ),
     }
+}
+
+/// The migration board: one self-contained page (no CDN) that polls `/routes` and `/diffs`.
+const BOARD: &str = include_str!("admin/board.html");
+
+fn board() -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(BOARD.as_bytes())));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
+    );
+    resp
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
@@ -242,6 +260,7 @@ pub fn routes(state: &State) -> Value {
         "source": state.path.display().to_string(),
         "source_sha256": active.sha256,
         "last_reload": { "ok": last.ok, "error": last.error, "at": rfc3339(last.at) },
+        "latency_bounds_ms": crate::traffic::LATENCY_BOUNDS_MS,
         "routes": (0..active.table.routes().len()).map(|id| route_json(&active, id)).collect::<Vec<_>>(),
         "backends": (0..active.table.backends().len()).map(|id| backend_json(&active, id)).collect::<Vec<_>>(),
         "coverage": {
@@ -311,6 +330,7 @@ fn route_json(active: &Active, id: usize) -> Value {
             "to": name(g.to),
         })),
         "line": r.line,
+        "traffic": active.traffic[id].to_json(),
     });
     if let Some(s) = &r.shadow {
         v["shadow_percent"] = json!(format_percent(s.percent)

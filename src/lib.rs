@@ -30,6 +30,7 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod shadow;
+pub mod traffic;
 pub mod units;
 
 use std::future::Future;

@@ -52,6 +52,8 @@ pub struct Active {
     pub shadow_slots: Vec<Option<shadow::Slot>>,
     /// Parallel to `table.routes()`: guards of guarded routes.
     pub guard_slots: Vec<Option<Arc<GuardState>>>,
+    /// Parallel to `table.routes()`: traffic counters.
+    pub traffic: Vec<Arc<crate::traffic::RouteTraffic>>,
 }
 
 impl Active {
@@ -63,6 +65,7 @@ impl Active {
         metrics: &Metrics,
         shadows: &Shadows,
         guards: &Guards,
+        traffic: &crate::traffic::Traffic,
     ) -> Self {
         let table = loaded.parsed.table.clone();
         let old: &[Arc<Upstream>] = previous.map_or(&[], |p| &p.upstreams);
@@ -86,6 +89,7 @@ impl Active {
             no_route: Responses::new(metrics, NO_ROUTE, NO_ROUTE),
             shadow_slots: shadows.slots(&loaded.parsed.table, metrics),
             guard_slots: guards.slots(&loaded.parsed.table, metrics),
+            traffic: traffic.slots(&loaded.parsed.table),
         }
     }
 }
@@ -119,6 +123,8 @@ pub struct State {
     pub shadows: Arc<Shadows>,
     /// Guards, outside the route table so a trip outlives reloads of other routes.
     pub guards: Guards,
+    /// Per-route traffic counters, outside the route table.
+    pub traffic: crate::traffic::Traffic,
 }
 
 /// What the request path learned, for metrics: which route and backend, if any.
@@ -137,7 +143,8 @@ impl State {
             .unwrap_or(HeaderValue::from_static("1.1 strangler"));
         let shadows = Arc::new(Shadows::default());
         let guards = Guards::default();
-        let active = Active::build(loaded, 1, None, &metrics, &shadows, &guards);
+        let traffic = crate::traffic::Traffic::default();
+        let active = Active::build(loaded, 1, None, &metrics, &shadows, &guards, &traffic);
         Arc::new(State {
             active: ArcSwap::from_pointee(active),
             settings,
@@ -156,6 +163,7 @@ impl State {
             answered_by_new: AtomicU64::new(0),
             shadows,
             guards,
+            traffic,
         })
     }
 
@@ -249,9 +257,11 @@ impl State {
             m.record(&self.metrics, status.as_u16(), elapsed);
         }
         self.answered.fetch_add(1, Ordering::Relaxed);
-        if Some(backend) != active.table.legacy() {
+        let by_new = Some(backend) != active.table.legacy();
+        if by_new {
             self.answered_by_new.fetch_add(1, Ordering::Relaxed);
         }
+        active.traffic[route].record(status.is_server_error(), by_new, elapsed);
     }
 
     async fn handle_inner(

@@ -83,6 +83,7 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
                 &state.metrics,
                 &state.shadows,
                 &state.guards,
+                &state.traffic,
             ));
             for change in &changes {
                 info!(generation, change = %change, "route table changed");

@@ -63,6 +63,7 @@ impl Leg {
         let stats = self.plan.stats.clone();
         let shadows = self.shadows.clone();
         let route = stats.prefix.clone();
+        let request_id = self.request_id.clone();
         let (outcome, entry) = self.compare().await;
         stats.count(outcome);
         match (&outcome, entry) {
@@ -76,7 +77,9 @@ impl Leg {
                 info!(route = %route, request_id = %entry.request_id, differences = entry.total_differences, first = ?first, "shadow mismatch");
                 shadows.diffs.push(entry);
             }
-            (o, _) => debug!(route = %route, outcome = o.as_str(), "shadow compared"),
+            (o, _) => {
+                debug!(route = %route, request_id = %request_id, outcome = o.as_str(), "shadow compared")
+            }
         }
     }
 

@@ -1,0 +1,79 @@
+//! Per-route traffic counters for `/routes` and the board: requests, 5xx answers, answers by
+//! a non-legacy backend, and a latency histogram. Plain atomics, kept across reloads by route
+//! identity; the board turns deltas between two polls into rates and a recent p99.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::routes::RouteTable;
+
+/// Upper bounds (milliseconds) of the latency buckets; one more bucket holds the rest.
+pub const LATENCY_BOUNDS_MS: [f64; 14] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
+
+#[derive(Default)]
+pub struct RouteTraffic {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    by_new: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+}
+
+impl RouteTraffic {
+    pub fn record(&self, server_error: bool, by_new: bool, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if server_error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if by_new {
+            self.by_new.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn to_json(&self) -> Value {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "requests": load(&self.requests),
+            "errors": load(&self.errors),
+            "answered_by_new": load(&self.by_new),
+            "latency_buckets": self.buckets.iter().map(load).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Counters of the process, by route identity.
+#[derive(Default)]
+pub struct Traffic {
+    by_route: Mutex<HashMap<String, Arc<RouteTraffic>>>,
+}
+
+impl Traffic {
+    /// Counters for a new table, parallel to its routes.
+    pub fn slots(&self, table: &RouteTable) -> Vec<Arc<RouteTraffic>> {
+        let mut map = self.by_route.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kept = HashMap::new();
+        let slots = table
+            .routes()
+            .iter()
+            .map(|r| {
+                let key = r.identity();
+                let t = map.get(&key).cloned().unwrap_or_default();
+                kept.insert(key, t.clone());
+                t
+            })
+            .collect();
+        *map = kept;
+        slots
+    }
+}
