@@ -83,7 +83,10 @@ pub async fn run(
         "  users-service  http://{}",
         users_addr.map_or("?".into(), |a| a.to_string())
     );
-    println!("  admin          http://{admin}/routes  (route table and stages)   http://{admin}/metrics\n");
+    println!("  dashboard      http://{admin}/   (the migration board)");
+    println!(
+        "  admin          http://{admin}/routes   http://{admin}/diffs   http://{admin}/metrics\n"
+    );
     println!("Try:");
     println!("  curl -s http://{proxy}/api/users/7");
     println!("  curl -s http://{proxy}/api/workouts?user_id=7");
