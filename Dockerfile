@@ -9,7 +9,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin strangler --bin legacy-stub --bin users-service
+RUN cargo build --release --locked --workspace --bins
 
 FROM debian:bookworm-slim AS runtime
 # A fixed numeric user, so Kubernetes can check runAsNonRoot without a passwd entry.
