@@ -157,15 +157,21 @@ pub fn valid_traceparent(headers: &HeaderMap) -> bool {
 /// A new sampled trace: `00-<random trace id>-<random parent id>-01`. The proxy starts the
 /// trace so the primary and the shadow legs of a request share it.
 pub fn new_traceparent() -> HeaderValue {
-    let id = format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        fastrand::u64(1..),
-        fastrand::u64(..),
-        fastrand::u64(1..)
-    );
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static(
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex(&mut tp[3..19], fastrand::u64(1..));
+    hex(&mut tp[19..35], fastrand::u64(..));
+    hex(&mut tp[36..52], fastrand::u64(1..));
+    HeaderValue::from_bytes(&tp).unwrap_or(HeaderValue::from_static(
         "00-00000000000000000000000000000001-0000000000000001-01",
     ))
+}
+
+/// Writes `v` as 16 lower-case hex digits into `out` (no allocation).
+fn hex(out: &mut [u8], v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in out.iter_mut().take(16).enumerate() {
+        *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
 }
 
 /// The client's request id if it is 1-128 characters of `[A-Za-z0-9._-]`.
@@ -197,8 +203,10 @@ impl RequestIds {
 
     pub fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:016x}{:016x}", self.seed, splitmix64(n));
-        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+        let mut id = [0u8; 32];
+        hex(&mut id[..16], self.seed);
+        hex(&mut id[16..], splitmix64(n));
+        HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
