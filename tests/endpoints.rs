@@ -104,6 +104,7 @@ async fn the_retry_budget_holds_during_a_full_outage() {
         assert_eq!(r.json()["code"], "upstream_unavailable");
     }
     let attempts = connect_errors(&proxy).await;
+    eprintln!("retry budget: {attempts} connect attempts for {n} requests with retries = 3");
     // Without the budget: 4 attempts a request (800). With it: one each, plus the 10 retries
     // the budget starts with, plus a fifth of the requests.
     assert!(
