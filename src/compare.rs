@@ -30,6 +30,27 @@ pub struct Answer {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Trailer fields, when the body ended with some.
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Answer {
+    /// A gRPC answer (`content-type: application/grpc...`).
+    pub fn is_grpc(&self) -> bool {
+        self.headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"))
+    }
+
+    /// gRPC's status: a trailer, or a header in a trailers-only answer.
+    pub fn grpc_status(&self) -> Option<&str> {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| self.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+    }
 }
 
 /// What to compare and what to ignore.
@@ -96,6 +117,23 @@ pub fn compare(primary: &Answer, shadow: &Answer, rules: &Rules) -> Verdict {
                 b.map_or(Value::Null, Value::from),
             ));
         }
+    }
+    // gRPC: the call's outcome is `grpc-status`; protobuf payloads have no canonical
+    // encoding, so equal messages may differ byte for byte and are not compared.
+    if primary.is_grpc() || shadow.is_grpc() {
+        let (a, b) = (primary.grpc_status(), shadow.grpc_status());
+        if a != b || primary.is_grpc() != shadow.is_grpc() {
+            diffs.push(changed(
+                "grpc-status".into(),
+                a.map_or(Value::Null, Value::from),
+                b.map_or(Value::Null, Value::from),
+            ));
+        }
+        return if diffs.is_empty() {
+            Verdict::Match
+        } else {
+            Verdict::Mismatch(diffs)
+        };
     }
     let (a, b) = match (
         decode(primary, rules.max_body),

@@ -30,6 +30,10 @@ pub struct ServerSettings {
     pub watch: Watch,
     /// One `strangler::access` event per request.
     pub access_log: bool,
+    /// TLS on the public listener: where its certificates come from.
+    pub tls: Option<crate::tls::ServerTlsFiles>,
+    /// Cleartext HTTP/2 (prior knowledge) on a listener without TLS.
+    pub h2c: bool,
 }
 
 /// How the proxy notices that routes.toml changed (SIGHUP and `POST /reload` always work).
@@ -109,7 +113,8 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, LoadError> {
             message: format!("not UTF-8 text ({e})"),
         }],
     })?;
-    let parsed = routes::parse(text).map_err(|errors| LoadError::Invalid {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let parsed = routes::parse_at(text, dir).map_err(|errors| LoadError::Invalid {
         path: shown,
         errors,
     })?;

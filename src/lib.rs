@@ -30,6 +30,7 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod shadow;
+pub mod tls;
 pub mod traffic;
 pub mod units;
 
@@ -116,6 +117,7 @@ impl Server {
         let admin_task = tokio::spawn(server::serve(
             admin,
             &ADMIN_SETTINGS,
+            None,
             move |req, _peer| admin::handle(admin_state.clone(), req),
             admin_stopped,
             "admin",
@@ -132,6 +134,7 @@ impl Server {
         let proxy_task = server::serve(
             proxy,
             &state.settings,
+            state.tls.clone(),
             move |req, peer| proxy_state.clone().handle(req, peer),
             stopped,
             "proxy",
@@ -170,6 +173,8 @@ static ADMIN_SETTINGS: std::sync::LazyLock<config::ServerSettings> =
         workers: 1,
         watch: config::Watch::Off,
         access_log: false,
+        tls: None,
+        h2c: false,
     });
 
 /// Periodic and signal-driven work: metrics upkeep and SIGHUP reloads.

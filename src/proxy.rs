@@ -42,6 +42,10 @@ pub struct Active {
     pub generation: u64,
     pub loaded_at: SystemTime,
     pub sha256: String,
+    /// The certificate and key files the configuration read, with their digests.
+    pub files: crate::tls::Files,
+    /// Of the files behind the listener's TLS configuration (`""` without TLS).
+    pub server_tls: String,
     pub table: RouteTable,
     /// Parallel to `table.backends()`.
     pub upstreams: Vec<Arc<Upstream>>,
@@ -83,6 +87,12 @@ impl Active {
             generation,
             loaded_at: SystemTime::now(),
             sha256: loaded.sha256.clone(),
+            files: loaded.parsed.files.clone(),
+            server_tls: loaded
+                .parsed
+                .tls
+                .as_ref()
+                .map_or_else(String::new, |t| t.fingerprint.clone()),
             table,
             upstreams,
             route_metrics,
@@ -125,6 +135,8 @@ pub struct State {
     pub guards: Guards,
     /// Per-route traffic counters, outside the route table.
     pub traffic: crate::traffic::Traffic,
+    /// The listener's TLS configuration; a reload swaps it when certificate files change.
+    pub tls: Option<crate::server::TlsConfig>,
 }
 
 /// What the request path learned, for metrics: which route and backend, if any.
@@ -164,6 +176,11 @@ impl State {
             shadows,
             guards,
             traffic,
+            tls: loaded
+                .parsed
+                .tls
+                .as_ref()
+                .map(|t| Arc::new(arc_swap::ArcSwap::new(t.config.clone()))),
         })
     }
 
@@ -390,12 +407,27 @@ impl State {
         request_id: &HeaderValue,
         upgrade: bool,
     ) {
+        // HTTP/2 carries the host as `:authority`; HTTP/1.1 backends need it as Host.
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+        }
         let host = parts.headers.get(header::HOST).cloned();
+        let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers, upgrade);
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if !self.settings.trust_shadow_header {
             parts.headers.remove(X_STRANGLER_SHADOW);
         }
-        set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
+        let proto = if self.tls.is_some() { "https" } else { "http" };
+        set_forwarded(&mut parts.headers, peer.ip(), proto, host.as_ref());
         append_via(&mut parts.headers, &self.via);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         if !valid_traceparent(&parts.headers) {

@@ -60,13 +60,15 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
                 errors,
             }
         }
-        Ok(loaded) if loaded.sha256 == current.sha256 => Outcome {
-            ok: true,
-            generation: current.generation,
-            changed: false,
-            changes: vec![],
-            errors: vec![],
-        },
+        Ok(loaded) if loaded.sha256 == current.sha256 && loaded.parsed.files == current.files => {
+            Outcome {
+                ok: true,
+                generation: current.generation,
+                changed: false,
+                changes: vec![],
+                errors: vec![],
+            }
+        }
         Ok(loaded) => {
             if loaded.parsed.server != state.settings {
                 warn!("[server] changed in routes.toml; those settings apply at the next restart");
@@ -74,8 +76,12 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
             for w in &loaded.parsed.warnings {
                 warn!(warning = %w.render(&state.path.display().to_string()), "routes.toml");
             }
-            let changes = diff(&current.table, &loaded.parsed.table);
+            let mut changes = diff(&current.table, &loaded.parsed.table);
+            if loaded.parsed.files != current.files {
+                changes.push("certificate files changed".into());
+            }
             let generation = current.generation + 1;
+            swap_listener_tls(state, &current, &loaded);
             state.swap(Active::build(
                 &loaded,
                 generation,
@@ -100,6 +106,18 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
     };
     record(state, &outcome);
     outcome
+}
+
+/// New listener certificates take effect for the next handshake, when the files changed at
+/// the paths the listener was started with (other `[server]` changes wait for a restart).
+fn swap_listener_tls(state: &State, current: &Active, loaded: &config::Loaded) {
+    let (Some(live), Some(next)) = (&state.tls, &loaded.parsed.tls) else {
+        return;
+    };
+    if loaded.parsed.server.tls == state.settings.tls && next.fingerprint != current.server_tls {
+        live.store(next.config.clone());
+        info!("listener TLS certificates reloaded; new connections use them");
+    }
 }
 
 fn record(state: &State, outcome: &Outcome) {

@@ -20,7 +20,7 @@ use http::header::HeaderName;
 use http::uri::{Authority, Scheme};
 use http::Method;
 
-pub use validate::{parse, Diagnostic, Parsed};
+pub use validate::{parse, parse_at, Diagnostic, Parsed};
 
 /// Index of a backend in [`RouteTable::backends`].
 pub type BackendId = usize;
@@ -47,6 +47,17 @@ pub struct Backend {
     /// Retries of idempotent requests whose connection could not be made.
     pub retries: u32,
     pub health: Option<HealthCheck>,
+    /// HTTP/1.1, or HTTP/2 (ALPN `h2` over TLS, prior knowledge over cleartext).
+    pub protocol: Protocol,
+    /// How an `https://` backend is connected and verified.
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
+/// The HTTP version spoken to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2,
 }
 
 /// Active health checks of a backend's endpoints.

@@ -1,19 +1,23 @@
-//! Listeners and connections: the accept loop under the connection cap, HTTP/1.1 with
-//! upgrades, and graceful shutdown. On shutdown the loop stops accepting, every connection is
-//! asked to finish its in-flight request and close, and `drain` waits for them, bounded.
+//! Listeners and connections: the accept loop under the connection cap, TLS termination,
+//! HTTP/1.1 with upgrades, HTTP/2 (ALPN `h2` over TLS, or cleartext prior knowledge with
+//! `h2c`), and graceful shutdown. On shutdown the loop stops accepting, every connection is
+//! asked to finish its in-flight requests and close, and `drain` waits for them, bounded.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
@@ -22,6 +26,25 @@ use crate::proxy::body::ResponseBody;
 
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// HTTP/2 limits per client connection. Streams: as nginx's `http2_max_concurrent_streams`.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Flow-control windows: enough for a fast stream without letting one connection pin much
+/// memory (64 KiB is the protocol default; hyper's own defaults are these).
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 2 << 20;
+/// A ping after this much silence; the connection is closed if it is not answered in time.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Rapid reset (CVE-2023-44487): streams the client opens and resets before they are
+/// handled, at most this many at once; past it the connection is closed with GOAWAY.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// "MadeYouReset" (CVE-2025-8671): streams the server had to reset because the client broke
+/// the rules, at most this many per connection before it is closed.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
+
+/// The listener's TLS configuration, swapped when its certificate files change.
+pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Fires once, for every connection, when shutdown starts.
 #[derive(Clone)]
@@ -52,10 +75,54 @@ pub fn http1_builder(settings: &ServerSettings) -> http1::Builder {
     b
 }
 
+/// Applies the HTTP/2 limits to hyper's builder or hyper-util's (same methods, two types).
+macro_rules! h2_limits {
+    ($b:expr, $settings:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size($settings.max_header_size.min(u32::MAX as usize) as u32)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .keep_alive_interval(H2_KEEPALIVE)
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+    };
+}
+
+/// The HTTP/2 server settings shared by every client connection.
+pub fn http2_builder(settings: &ServerSettings) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    h2_limits!(b, settings);
+    b
+}
+
+/// HTTP/1.1 or cleartext HTTP/2 by prior knowledge, told apart by the connection preface.
+fn h2c_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_size.max(8192))
+        .keep_alive(true);
+    h2_limits!(b.http2(), settings);
+    b
+}
+
+/// How connections on a listener are served.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    h2c: Option<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsConfig>,
+    handshake_timeout: Duration,
+}
+
 /// Accepts connections until shutdown, then drains them for at most `drain_timeout`.
 pub async fn serve<S, F>(
     listener: TcpListener,
     settings: &ServerSettings,
+    tls: Option<TlsConfig>,
     service: S,
     mut shutdown: Shutdown,
     name: &'static str,
@@ -68,7 +135,13 @@ pub async fn serve<S, F>(
         .min(Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize);
     let permits = Arc::new(Semaphore::new(max));
-    let builder = Arc::new(http1_builder(settings));
+    let protocols = Arc::new(Protocols {
+        http1: http1_builder(settings),
+        http2: http2_builder(settings),
+        h2c: (settings.h2c && tls.is_none()).then(|| h2c_builder(settings)),
+        tls,
+        handshake_timeout: settings.header_read_timeout,
+    });
     loop {
         let permit = tokio::select! {
             biased;
@@ -89,8 +162,8 @@ pub async fn serve<S, F>(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
-        let builder = builder.clone();
-        let mut conn_shutdown = shutdown.clone();
+        let protocols = protocols.clone();
+        let conn_shutdown = shutdown.clone();
         let span = tracing::debug_span!("conn", %peer, listener = name);
         tokio::spawn(
             async move {
@@ -98,20 +171,7 @@ pub async fn serve<S, F>(
                     let fut = service(req, peer);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = conn_shutdown.started() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(error) = result {
-                    debug!(%error, "connection ended with an error");
-                }
+                connection(&protocols, stream, svc, conn_shutdown).await;
                 drop(permit);
             }
             .instrument(span),
@@ -119,6 +179,71 @@ pub async fn serve<S, F>(
     }
     drop(listener);
     drain(&permits, max, settings.drain_timeout, name).await;
+}
+
+/// Serves one client connection: TLS first if configured, then the protocol ALPN chose (or
+/// the preface shows, with h2c), until it closes or shutdown asks it to.
+async fn connection<S, B>(p: &Protocols, stream: TcpStream, svc: S, mut shutdown: Shutdown)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some(tls) = &p.tls else {
+        let io = TokioIo::new(stream);
+        return match &p.h2c {
+            Some(auto) => {
+                let conn = auto.serve_connection_with_upgrades(io, svc);
+                drive(conn, shutdown, |c| c.graceful_shutdown()).await
+            }
+            None => {
+                let conn = p.http1.serve_connection(io, svc).with_upgrades();
+                drive(conn, shutdown, |c| c.graceful_shutdown()).await
+            }
+        };
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+    let accepted = tokio::select! {
+        _ = shutdown.started() => return,
+        r = tokio::time::timeout(p.handshake_timeout, acceptor.accept(stream)) => r,
+    };
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => return debug!(%error, "TLS handshake failed"),
+        Err(_) => return debug!("TLS handshake timed out"),
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
+    let io = TokioIo::new(stream);
+    if h2 {
+        let conn = p.http2.serve_connection(io, svc);
+        drive(conn, shutdown, |c| c.graceful_shutdown()).await
+    } else {
+        let conn = p.http1.serve_connection(io, svc).with_upgrades();
+        drive(conn, shutdown, |c| c.graceful_shutdown()).await
+    }
+}
+
+/// Runs a connection to its end; once shutdown starts, asks it to finish gracefully.
+async fn drive<C, E>(conn: C, mut shutdown: Shutdown, graceful: impl FnOnce(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.started() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(%error, "connection ended with an error");
+    }
 }
 
 /// Waits until every connection has returned its permit, or `timeout`.

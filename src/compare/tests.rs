@@ -9,7 +9,69 @@ fn answer(status: u16, ct: &str, body: &str) -> Answer {
         status,
         headers,
         body: Bytes::from(body.to_string()),
+        trailers: None,
     }
+}
+
+fn grpc(status: u16, grpc_status: &str, in_trailers: bool, body: &'static [u8]) -> Answer {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc+proto"),
+    );
+    let mut trailers = HeaderMap::new();
+    let value = HeaderValue::from_str(grpc_status).unwrap();
+    if in_trailers {
+        trailers.insert("grpc-status", value);
+    } else {
+        headers.insert("grpc-status", value);
+    }
+    Answer {
+        status,
+        headers,
+        body: Bytes::from_static(body),
+        trailers: in_trailers.then_some(trailers),
+    }
+}
+
+#[test]
+fn grpc_answers_compare_by_status_and_grpc_status_not_payload_bytes() {
+    let r = rules(&[], 0.0);
+    // Same outcome, different protobuf bytes (field order is not canonical): a match.
+    assert_eq!(
+        compare(
+            &grpc(200, "0", true, b"\0\0\0\0\x02\x08\x01"),
+            &grpc(200, "0", true, b"\0\0\0\0\x02\x10\x01"),
+            &r
+        ),
+        Verdict::Match
+    );
+    // A trailers-only error answer carries grpc-status as a header.
+    assert_eq!(
+        compare(&grpc(200, "5", false, b""), &grpc(200, "5", true, b""), &r),
+        Verdict::Match
+    );
+    let Verdict::Mismatch(d) = compare(&grpc(200, "0", true, b""), &grpc(200, "13", true, b""), &r)
+    else {
+        panic!("NOT_FOUND vs INTERNAL must differ");
+    };
+    assert_eq!(d[0].path, "grpc-status");
+    assert_eq!(
+        (d[0].primary.clone(), d[0].shadow.clone()),
+        (json!("0"), json!("13"))
+    );
+    // A missing grpc-status (a broken stream) differs from OK.
+    let mut broken = grpc(200, "0", true, b"");
+    broken.trailers = None;
+    assert!(matches!(
+        compare(&grpc(200, "0", true, b""), &broken, &r),
+        Verdict::Mismatch(_)
+    ));
+    // HTTP status still counts.
+    assert!(matches!(
+        compare(&grpc(200, "0", true, b""), &grpc(503, "0", true, b""), &r),
+        Verdict::Mismatch(_)
+    ));
 }
 
 fn rules(ignore: &[&str], tolerance: f64) -> Rules {
@@ -146,6 +208,7 @@ fn text_shows_the_first_differing_line_and_binary_the_sizes() {
         status: 200,
         headers: HeaderMap::new(),
         body: Bytes::from_static(b),
+        trailers: None,
     };
     assert_eq!(
         paths(&compare(

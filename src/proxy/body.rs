@@ -245,13 +245,11 @@ impl Body for ResponseBody {
                 if let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) {
                     match &frame {
                         Some(Ok(f)) => {
-                            if let Some(data) = f.data_ref() {
-                                if let Some(t) = tee.as_mut() {
-                                    t.push(data);
-                                }
-                                if let Some(l) = log.as_mut() {
-                                    l.bytes += data.len() as u64;
-                                }
+                            if let Some(t) = tee.as_mut() {
+                                t.frame(f);
+                            }
+                            if let (Some(data), Some(l)) = (f.data_ref(), log.as_mut()) {
+                                l.bytes += data.len() as u64;
                             }
                             // hyper stops polling once a sized body is complete.
                             if inner.is_end_stream() {

@@ -15,7 +15,7 @@ mod endpoint;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use metrics::Counter;
@@ -52,9 +52,6 @@ impl From<ProxyError> for Failed {
 /// One backend.
 pub struct Upstream {
     pub name: String,
-    scheme: Scheme,
-    /// The URL's authority: the request URI's (the Host header is the client's).
-    authority: Authority,
     base_path: String,
     connect_timeout: Duration,
     pub timeout: Duration,
@@ -78,20 +75,11 @@ impl Upstream {
                         .find(|e| e.reusable_for(a, backend))
                         .cloned()
                 })
-                .unwrap_or_else(|| {
-                    Endpoint::new(
-                        &backend.name,
-                        a.clone(),
-                        backend.connect_timeout,
-                        backend.health.clone(),
-                    )
-                })
+                .unwrap_or_else(|| Endpoint::new(&backend.name, a.clone(), backend))
             })
             .collect();
         Arc::new(Upstream {
             name: backend.name.clone(),
-            scheme: backend.scheme.clone(),
-            authority: backend.authority.clone(),
             base_path: backend.base_path.clone(),
             connect_timeout: backend.connect_timeout,
             timeout: backend.timeout,
@@ -118,11 +106,9 @@ impl Upstream {
                 PathAndQuery::try_from(joined)?
             }
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        // Origin-form: HTTP/1.1 backends see the client's Host, and HTTP/2 ones get it as
+        // `:authority` (`Endpoint::exchange`).
+        Ok(Uri::from(pq))
     }
 
     /// Sends the request and waits for the response head until `deadline`.

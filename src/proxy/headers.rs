@@ -81,6 +81,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether `TE` lists `trailers`: the client (gRPC, typically) accepts trailer fields. TE
+/// is hop-by-hop, so the proxy says it again itself on the next hop; it forwards trailers.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
 /// Appends the client address to `x-forwarded-for` (keeping what earlier proxies wrote) and
 /// sets `x-forwarded-proto` and `x-forwarded-host`.
 pub fn set_forwarded(

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use tokio::sync::oneshot;
 
 /// Bytes held by every tee and shadow leg of the process, together.
@@ -56,6 +57,8 @@ impl Drop for Reservation {
 /// A captured body and the budget it holds.
 pub struct Held {
     pub bytes: Bytes,
+    /// Trailer fields that ended the body (gRPC's `grpc-status`), if any.
+    pub trailers: Option<HeaderMap>,
     _reservation: Reservation,
 }
 
@@ -64,6 +67,7 @@ impl Held {
     pub fn empty(budget: &Arc<Budget>) -> Self {
         Held {
             bytes: Bytes::new(),
+            trailers: None,
             _reservation: Reservation {
                 budget: budget.clone(),
                 bytes: 0,
@@ -82,6 +86,8 @@ pub enum Captured {
 /// The capturing side, carried by a body.
 pub struct Tee {
     parts: Vec<Bytes>,
+    /// Boxed: rare (gRPC), and bodies carrying a tee stay small.
+    trailers: Option<Box<HeaderMap>>,
     len: usize,
     max: usize,
     held: Reservation,
@@ -98,6 +104,7 @@ impl Tee {
         (
             Tee {
                 parts: Vec::new(),
+                trailers: None,
                 len: 0,
                 max,
                 held,
@@ -122,6 +129,23 @@ impl Tee {
         }
         self.len += data.len();
         self.parts.push(data.clone());
+    }
+
+    /// Records the trailer fields (they end the body; `finish` follows). Small: bounded by
+    /// the header size limits of the connection they came on.
+    pub fn trailers(&mut self, trailers: &HeaderMap) {
+        if self.tx.is_some() {
+            self.trailers = Some(Box::new(trailers.clone()));
+        }
+    }
+
+    /// Records a frame: its data, or its trailers.
+    pub fn frame(&mut self, frame: &http_body::Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.push(data);
+        } else if let Some(t) = frame.trailers_ref() {
+            self.trailers(t);
+        }
     }
 
     /// Whether the copy was handed over or given up.
@@ -150,6 +174,7 @@ impl Tee {
         let held = std::mem::replace(&mut self.held, empty);
         let _ = tx.send(Captured::Body(Held {
             bytes,
+            trailers: self.trailers.take().map(|t| *t),
             _reservation: held,
         }));
     }

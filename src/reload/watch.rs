@@ -37,15 +37,15 @@ pub async fn run(state: Arc<State>, mode: Watch, mut shutdown: Shutdown) {
     };
     let events = Arc::new(Notify::new());
     let broken = Arc::new(AtomicBool::new(false));
-    let dir = watched_dir(&state.path);
+    let mut dirs = watched_dirs(&state);
     let mut watcher = match mode {
-        Watch::Notify { .. } => arm(&dir, &events, &broken),
+        Watch::Notify { .. } => arm(&dirs, &events, &broken),
         Watch::Poll { .. } | Watch::Off => None,
     };
     let mut seen = state.active().sha256.clone();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    info!(dir = %dir.display(), ?mode, "watching routes.toml");
+    info!(dirs = ?dirs, ?mode, "watching routes.toml and the files it names");
     loop {
         tokio::select! {
             _ = shutdown.started() => return,
@@ -55,9 +55,17 @@ pub async fn run(state: Arc<State>, mode: Watch, mut shutdown: Shutdown) {
             }
             _ = tick.tick() => {
                 if matches!(mode, Watch::Notify { .. }) && (watcher.is_none() || broken.swap(false, Ordering::AcqRel)) {
-                    watcher = arm(&dir, &events, &broken);
+                    watcher = arm(&dirs, &events, &broken);
                 }
                 check(&state, &mut seen).await;
+            }
+        }
+        // A reload may name certificate files in other directories.
+        let now = watched_dirs(&state);
+        if now != dirs {
+            dirs = now;
+            if matches!(mode, Watch::Notify { .. }) {
+                watcher = arm(&dirs, &events, &broken);
             }
         }
     }
@@ -71,8 +79,26 @@ fn watched_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Starts a watch on `dir`; `None` (logged) when the OS refuses, retried on the next tick.
-fn arm(dir: &Path, events: &Arc<Notify>, broken: &Arc<AtomicBool>) -> Option<RecommendedWatcher> {
+/// The directories of routes.toml and of every certificate file it names (Kubernetes
+/// replaces a mounted Secret by swapping a symlink in its directory, as for ConfigMaps).
+fn watched_dirs(state: &State) -> Vec<PathBuf> {
+    let active = state.active();
+    let mut dirs = vec![watched_dir(&state.path)];
+    for p in active.files.paths() {
+        let d = watched_dir(p);
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    dirs
+}
+
+/// Starts a watch on `dirs`; `None` (logged) when the OS refuses, retried on the next tick.
+fn arm(
+    dirs: &[PathBuf],
+    events: &Arc<Notify>,
+    broken: &Arc<AtomicBool>,
+) -> Option<RecommendedWatcher> {
     let (events, broken_flag) = (events.clone(), broken.clone());
     let handler = move |res: notify::Result<notify::Event>| match res {
         // Reads (including ours) are not changes.
@@ -89,15 +115,19 @@ fn arm(dir: &Path, events: &Arc<Notify>, broken: &Arc<AtomicBool>) -> Option<Rec
             events.notify_one();
         }
     };
-    let result = notify::recommended_watcher(handler)
-        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|()| w));
+    let result = notify::recommended_watcher(handler).and_then(|mut w| {
+        for dir in dirs {
+            w.watch(dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(w)
+    });
     match result {
         Ok(w) => {
-            debug!(dir = %dir.display(), "watch armed");
+            debug!(?dirs, "watch armed");
             Some(w)
         }
         Err(error) => {
-            warn!(%error, dir = %dir.display(), "cannot watch the routes.toml directory; checking its content periodically instead");
+            warn!(%error, ?dirs, "cannot watch the configuration's directories; checking their content periodically instead");
             None
         }
     }
@@ -111,12 +141,17 @@ async fn debounce(events: &Notify) {
     {}
 }
 
-/// Reloads when the file's settled content is new; a missing file keeps the current table.
+/// Reloads when the file's settled content, or a certificate file it names, is new; a
+/// missing routes.toml keeps the current table.
 async fn check(state: &Arc<State>, seen: &mut String) {
     let path = state.path.clone();
-    let read = tokio::task::spawn_blocking(move || read_settled(&path)).await;
-    let bytes = match read {
-        Ok(Ok(Some(bytes))) => bytes,
+    let active = state.active();
+    let read = tokio::task::spawn_blocking(move || {
+        read_settled(&path).map(|r| r.map(|bytes| (bytes, active.files.reread())))
+    })
+    .await;
+    let (bytes, files) = match read {
+        Ok(Ok(Some(read))) => read,
         Ok(Ok(None)) => {
             debug!("routes.toml kept changing while being read; waiting for the next change");
             return;
@@ -141,11 +176,13 @@ async fn check(state: &Arc<State>, seen: &mut String) {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    if sha == *seen || sha == state.active().sha256 {
-        *seen = sha;
+    let key = format!("{sha} {}", files.fingerprint());
+    let active = state.active();
+    if key == *seen || (sha == active.sha256 && files == active.files) {
+        *seen = key;
         return;
     }
-    *seen = sha;
+    *seen = key;
     let state = state.clone();
     let outcome = tokio::task::spawn_blocking(move || super::reload_bytes(&state, &bytes)).await;
     if let Ok(o) = outcome {

@@ -24,17 +24,28 @@ pub struct ServerFile {
     pub watch: Option<Spanned<String>>,
     pub watch_interval: Option<Spanned<String>>,
     pub access_log: Option<bool>,
+    pub h2c: Option<bool>,
 }
 
-/// `tls = { ... }` on the server or on a backend.
+/// `tls = { ... }` on the server or on a backend (validation says which keys go where).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
-    pub cert: Option<String>,
-    pub key: Option<String>,
-    pub ca: Option<String>,
-    pub client_ca: Option<String>,
-    pub server_name: Option<String>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub ca: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub sni: Option<Spanned<Vec<Spanned<CertPairFile>>>>,
+}
+
+/// One more listener certificate: `{ cert, key }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPairFile {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 /// `[backends.NAME]`.
@@ -47,6 +58,7 @@ pub struct BackendFile {
     pub connect_timeout: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub tls: Option<Spanned<TlsFile>>,
+    pub protocol: Option<Spanned<String>>,
     pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub retries: Option<Spanned<i64>>,
     pub health: Option<Spanned<HealthFile>>,

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -39,8 +40,12 @@ impl Diagnostic {
 #[derive(Debug, Clone)]
 pub struct Parsed {
     pub server: ServerSettings,
+    /// The listener's TLS configuration, loaded from the files `server.tls` names.
+    pub tls: Option<crate::tls::ServerTls>,
     pub table: RouteTable,
     pub warnings: Vec<Diagnostic>,
+    /// Every file besides routes.toml that was read (certificates, keys, CAs).
+    pub files: crate::tls::Files,
 }
 
 /// Default `connect_timeout` of a backend (contract: 2s).
@@ -52,9 +57,17 @@ const DEFAULT_COMPARE_MAX_BODY: u64 = 1 << 20;
 /// Shadow methods when `shadow_methods` is absent: only the safe ones (writes opt in).
 const DEFAULT_SHADOW_METHODS: [Method; 3] = [Method::GET, Method::HEAD, Method::OPTIONS];
 
-/// Parses and validates routes.toml text.
+/// Parses and validates routes.toml text; files it names are relative to the working
+/// directory.
 pub fn parse(src: &str) -> Result<Parsed, Vec<Diagnostic>> {
+    parse_at(src, Path::new(""))
+}
+
+/// Parses and validates routes.toml text read from a file in `dir`: relative paths in it
+/// (certificates, keys) are relative to `dir`.
+pub fn parse_at(src: &str, dir: &Path) -> Result<Parsed, Vec<Diagnostic>> {
     let mut cx = Ctx::new(src);
+    cx.dir = dir.to_path_buf();
     let (root, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
         for e in syntax {
@@ -75,7 +88,7 @@ pub fn parse(src: &str) -> Result<Parsed, Vec<Diagnostic>> {
             ),
         }
     }
-    let server = cx.server(server.unwrap_or_default());
+    let (server, tls) = cx.server(server.unwrap_or_default());
     let (backends, legacy) = cx.backends(backends);
     let routes = cx.routes(routes, &backends, legacy);
     if !cx.errors.is_empty() {
@@ -87,8 +100,10 @@ pub fn parse(src: &str) -> Result<Parsed, Vec<Diagnostic>> {
     warnings.sort_by_key(|d| (d.line, d.col));
     Ok(Parsed {
         server,
+        tls,
         table,
         warnings,
+        files: cx.files,
     })
 }
 
@@ -98,6 +113,9 @@ struct Ctx {
     src: String,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
+    /// The directory of routes.toml: relative file paths start there.
+    dir: PathBuf,
+    files: crate::tls::Files,
 }
 
 impl Ctx {
@@ -110,6 +128,8 @@ impl Ctx {
             src: src.to_string(),
             errors: vec![],
             warnings: vec![],
+            dir: PathBuf::new(),
+            files: crate::tls::Files::default(),
         }
     }
 
@@ -259,3 +279,4 @@ impl Ctx {
 
 mod entries;
 mod features;
+mod tls;

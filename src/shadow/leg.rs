@@ -149,6 +149,7 @@ impl Leg {
             status: head.status,
             headers: head.headers,
             body: primary_body.bytes.clone(),
+            trailers: primary_body.trailers.clone(),
         };
         let (shadow_answer, shadow_latency, _held) = match shadow {
             Ok(s) => s,
@@ -230,11 +231,9 @@ async fn fetch(
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Missing::Error(e.to_string()))?;
-            if let Some(data) = frame.data_ref() {
-                tee.push(data);
-                if tee.is_done() {
-                    return Err(Missing::Skipped("answer over compare.max_body"));
-                }
+            tee.frame(&frame);
+            if tee.is_done() {
+                return Err(Missing::Skipped("answer over compare.max_body"));
             }
         }
         tee.finish();
@@ -250,6 +249,7 @@ async fn fetch(
                 status: parts.status.as_u16(),
                 headers: parts.headers,
                 body: held.bytes.clone(),
+                trailers: held.trailers.clone(),
             },
             latency,
             held,

@@ -6,18 +6,21 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
-use http::uri::Authority;
-use http::{header, HeaderValue, Request, Response};
+use http::uri::{Authority, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::rt::{Read, Write};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::error::{BoxError, UpstreamErrorKind};
 use crate::proxy::body::{TooLarge, UpstreamBody};
-use crate::routes::{Backend, HealthCheck};
+use crate::routes::{Backend, HealthCheck, Protocol};
+use crate::tls::{ClientTls, ALPN_H2};
 
 /// Idle connections older than this are closed instead of reused: below common upstream
 /// keep-alive timeouts. (A connection the upstream closed earlier is noticed and skipped; a
@@ -35,8 +38,41 @@ const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 /// A health probe gets at most this long (or its interval, if shorter).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 upstream connections: a ping after this much silence, closed if unanswered.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Sender = SendRequest<UpstreamBody>;
+/// A connection's request handle: one exchange at a time on HTTP/1.1, many on HTTP/2.
+enum Sender {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    async fn send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
 
 /// A failed exchange: kind, cause, and the request if it was never written.
 pub type ExchangeError = (UpstreamErrorKind, BoxError, Option<Request<UpstreamBody>>);
@@ -46,13 +82,19 @@ struct Idle {
     since: std::time::Instant,
 }
 
-/// The idle connections of one endpoint.
+/// The idle connections of one endpoint (HTTP/1.1), or its shared one (HTTP/2).
 pub struct Pool {
     idle: ArrayQueue<Idle>,
+    shared: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
+    /// Held while a shared connection is being made, so a burst makes one, not one each.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
     fn take(&self) -> Option<Sender> {
+        if let Some(s) = self.shared() {
+            return Some(Sender::H2(s));
+        }
         while let Some(i) = self.idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(i.sender);
@@ -61,8 +103,18 @@ impl Pool {
         None
     }
 
+    /// The shared HTTP/2 connection, if it is open.
+    fn shared(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        self.shared
+            .load()
+            .as_deref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
     fn put(&self, sender: Sender) {
-        if !sender.is_closed() {
+        // An HTTP/2 handle is a clone of the shared connection: nothing to give back.
+        if !sender.is_closed() && matches!(sender, Sender::H1(_)) {
             // A full pool drops the connection: it closes when its task sees no sender.
             let _ = self.idle.push(Idle {
                 sender,
@@ -72,7 +124,7 @@ impl Pool {
     }
 
     pub fn idle(&self) -> usize {
-        self.idle.len()
+        self.idle.len() + usize::from(self.shared().is_some())
     }
 }
 
@@ -105,6 +157,8 @@ pub struct Endpoint {
     addr: String,
     connect_timeout: Duration,
     health: Option<HealthCheck>,
+    protocol: Protocol,
+    tls: Option<ClientTls>,
     pub pool: Pool,
     in_flight: AtomicUsize,
     failures: AtomicU32,
@@ -117,24 +171,25 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(
-        backend: &str,
-        authority: Authority,
-        connect_timeout: Duration,
-        health: Option<HealthCheck>,
-    ) -> Arc<Self> {
+    pub fn new(name: &str, authority: Authority, backend: &Backend) -> Arc<Self> {
+        let health = backend.health.clone();
+        let default_port = if backend.tls.is_some() { 443 } else { 80 };
         let ep = Arc::new(Endpoint {
-            backend: backend.to_string(),
+            backend: name.to_string(),
             addr: format!(
                 "{}:{}",
                 authority.host(),
-                authority.port_u16().unwrap_or(80)
+                authority.port_u16().unwrap_or(default_port)
             ),
             authority,
-            connect_timeout,
+            connect_timeout: backend.connect_timeout,
             health: health.clone(),
+            protocol: backend.protocol,
+            tls: backend.tls.clone(),
             pool: Pool {
                 idle: ArrayQueue::new(POOL_MAX_IDLE),
+                shared: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
             },
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
@@ -154,6 +209,8 @@ impl Endpoint {
         &self.authority == authority
             && self.connect_timeout == backend.connect_timeout
             && self.health == backend.health
+            && self.protocol == backend.protocol
+            && self.tls == backend.tls
     }
 
     fn now_ms(&self) -> u64 {
@@ -210,10 +267,13 @@ impl Endpoint {
             sender: None,
             ep: self.clone(),
         };
+        if self.protocol == Protocol::H2 {
+            self.to_h2(&mut req);
+        }
         loop {
             let (mut sender, reused) = match self.pool.take() {
                 Some(s) => (s, true),
-                None => match self.connect(connect_timeout).await {
+                None => match self.connect_shared(connect_timeout).await {
                     Ok(s) => (s, false),
                     Err(e) => {
                         self.failed();
@@ -228,7 +288,7 @@ impl Endpoint {
                 self.failed();
                 return Err((UpstreamErrorKind::Connect, Box::new(e), Some(req)));
             }
-            match sender.try_send_request(req).await {
+            match sender.send(req).await {
                 Ok(resp) => {
                     self.succeeded();
                     lease.sender = Some(sender);
@@ -256,39 +316,119 @@ impl Endpoint {
         }
     }
 
-    /// Opens a connection within `connect_timeout` and starts its task.
+    /// HTTP/2 wants the absolute target: `:scheme`, and `:authority` from the client's
+    /// Host (or the endpoint), instead of a Host header.
+    fn to_h2(&self, req: &mut Request<UpstreamBody>) {
+        let authority = req
+            .headers_mut()
+            .remove(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| self.authority.clone());
+        let scheme = if self.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let pq = req.uri().path_and_query().cloned();
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme);
+        parts.authority = Some(authority);
+        parts.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = Version::HTTP_2;
+    }
+
+    /// A new connection; for HTTP/2, one at a time, shared by every request after it.
+    async fn connect_shared(&self, connect_timeout: Duration) -> Result<Sender, BoxError> {
+        if self.protocol == Protocol::Http1 {
+            return self.connect(connect_timeout).await;
+        }
+        let _one = self.pool.connecting.lock().await;
+        if let Some(s) = self.pool.shared() {
+            return Ok(Sender::H2(s));
+        }
+        let sender = self.connect(connect_timeout).await?;
+        if let Sender::H2(s) = &sender {
+            self.pool.shared.store(Some(Arc::new(s.clone())));
+        }
+        Ok(sender)
+    }
+
+    /// Opens a connection (TCP, then TLS for https) within `connect_timeout` and starts its
+    /// task.
     async fn connect(&self, connect_timeout: Duration) -> Result<Sender, BoxError> {
         let open = async {
             let stream = TcpStream::connect(&self.addr).await?;
             stream.set_nodelay(true)?;
             let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
             socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-            Ok::<_, std::io::Error>(stream)
-        };
-        let stream = match tokio::time::timeout(connect_timeout, open).await {
-            Ok(r) => r?,
-            Err(_) => {
+            let Some(tls) = &self.tls else {
+                return Ok::<_, BoxError>(self.handshake(TokioIo::new(stream)).await?);
+            };
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            let stream = connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "TLS handshake with {} (as {:?}) failed: {e}",
+                        self.authority,
+                        tls.server_name.to_str()
+                    )
+                })?;
+            let alpn = stream.get_ref().1.alpn_protocol();
+            if self.protocol == Protocol::H2 && alpn != Some(ALPN_H2) {
                 return Err(format!(
-                    "connect to {} timed out after {connect_timeout:?}",
+                    "{} did not agree to HTTP/2 over TLS (ALPN h2); set `protocol = \"http1\"`",
                     self.authority
                 )
-                .into())
+                .into());
             }
+            Ok(self.handshake(TokioIo::new(stream)).await?)
         };
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        match tokio::time::timeout(connect_timeout, open).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "connect to {} timed out after {connect_timeout:?}",
+                self.authority
+            )
+            .into()),
+        }
+    }
+
+    /// The HTTP handshake on an open stream, its connection task spawned.
+    async fn handshake<I>(&self, io: I) -> Result<Sender, hyper::Error>
+    where
+        I: Read + Write + Unpin + Send + 'static,
+    {
         let (backend, endpoint) = (self.backend.clone(), self.authority.clone());
-        tokio::spawn(async move {
-            if let Err(error) = conn.with_upgrades().await {
-                debug!(%error, %backend, %endpoint, "upstream connection ended with an error");
+        let ended = move |error: hyper::Error| {
+            debug!(%error, %backend, %endpoint, "upstream connection ended with an error");
+        };
+        match self.protocol {
+            Protocol::Http1 => {
+                let (sender, conn) = http1::handshake(io).await?;
+                tokio::spawn(async move { conn.with_upgrades().await.map_err(ended) });
+                Ok(Sender::H1(sender))
             }
-        });
-        Ok(sender)
+            Protocol::H2 => {
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(H2_KEEPALIVE)
+                    .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+                    .handshake(io)
+                    .await?;
+                tokio::spawn(async move { conn.await.map_err(ended) });
+                Ok(Sender::H2(sender))
+            }
+        }
     }
 
     /// One active health probe: `GET path`, healthy on 2xx.
     async fn probe_once(self: &Arc<Self>, path: &str) -> bool {
-        let uri = format!("http://{}{path}", self.authority);
-        let Ok(mut req) = Request::get(uri).body(UpstreamBody::empty()) else {
+        let Ok(mut req) = Request::get(path).body(UpstreamBody::empty()) else {
             return false;
         };
         if let Ok(host) = HeaderValue::from_str(self.authority.as_str()) {
@@ -401,13 +541,17 @@ mod tests {
     use super::*;
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
+        let parsed = crate::routes::parse(
+            "[backends.b]\nurl = \"http://127.0.0.1:1000\"\n[[routes]]\nprefix = \"/\"\nbackend = \"b\"\n",
+        )
+        .unwrap();
+        let backend = parsed.table.backend(0);
         (0..n)
             .map(|i| {
                 Endpoint::new(
                     "b",
                     format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-                    Duration::from_secs(1),
-                    None,
+                    backend,
                 )
             })
             .collect()

@@ -2,6 +2,8 @@
 //! that look at the whole table.
 
 use super::*;
+use crate::routes::Protocol;
+use crate::tls::ServerTls;
 
 /// Defaults of `[server]` (see the README's routes.toml reference).
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -22,7 +24,7 @@ const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_SAFETY_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Ctx {
-    pub(super) fn server(&mut self, f: ServerFile) -> ServerSettings {
+    pub(super) fn server(&mut self, f: ServerFile) -> (ServerSettings, Option<ServerTls>) {
         let listen = self.addr(f.listen.as_ref(), "listen", DEFAULT_LISTEN);
         let admin = self.addr(f.admin.as_ref(), "admin", DEFAULT_ADMIN);
         let admin_token = f.admin_token.as_ref().and_then(|t| self.token(t));
@@ -30,8 +32,14 @@ impl Ctx {
             let span = f.admin.as_ref().map_or(0..0, Spanned::span);
             self.err(span, format!("`admin` = {admin} is not a loopback address: set `admin_token` to expose the admin listener"));
         }
-        if let Some(tls) = &f.tls {
-            self.err(tls.span(), "`tls`: TLS termination is not available in this build yet; terminate TLS in front of strangler".into());
+        let (tls, loaded) = match &f.tls {
+            Some(t) => self.server_tls(t),
+            None => (None, None),
+        };
+        let h2c = f.h2c.unwrap_or(false);
+        if h2c && f.tls.is_some() {
+            let span = f.tls.as_ref().map_or(0..0, Spanned::span);
+            self.err(span, "`h2c` is cleartext HTTP/2 and cannot be combined with `tls`: over TLS, HTTP/2 is negotiated by ALPN".into());
         }
         let max_connections = f
             .max_connections
@@ -55,7 +63,7 @@ impl Ctx {
                 v.get_ref().clone()
             },
         );
-        ServerSettings {
+        let settings = ServerSettings {
             listen,
             admin,
             admin_token,
@@ -84,7 +92,10 @@ impl Ctx {
                 .map_or_else(default_workers, |w| self.count(w, "workers", 1) as usize),
             watch: self.watch(f.watch.as_ref(), f.watch_interval.as_ref()),
             access_log: f.access_log.unwrap_or(true),
-        }
+            tls,
+            h2c,
+        };
+        (settings, loaded)
     }
 
     fn watch(
@@ -209,12 +220,6 @@ impl Ctx {
     }
 
     fn backend(&mut self, name: String, f: BackendFile) -> Option<Backend> {
-        if let Some(tls) = &f.tls {
-            self.err(
-                tls.span(),
-                format!("[backends.{name}] `tls`: upstream TLS is not available in this build yet"),
-            );
-        }
         let connect_timeout = self.duration(
             f.connect_timeout.as_ref(),
             "connect_timeout",
@@ -231,25 +236,29 @@ impl Ctx {
             }
         };
         let problem = match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(a)) if a.as_str().contains('@') => {
+            (Some("http" | "https"), Some(a)) if a.as_str().contains('@') => {
                 Some("must not carry credentials")
             }
-            (Some("http"), Some(a)) if a.host().is_empty() => Some("has no host"),
-            (Some("http"), Some(_)) if uri.query().is_some() => Some("must not have a query"),
-            (Some("http"), Some(_)) => None,
-            (Some("https"), _) => {
-                Some("uses https, but upstream TLS is not available in this build yet")
+            (Some("http" | "https"), Some(a)) if a.host().is_empty() => Some("has no host"),
+            (Some("http" | "https"), Some(_)) if uri.query().is_some() => {
+                Some("must not have a query")
             }
-            _ => Some("must be an absolute http:// URL such as \"http://127.0.0.1:3000\""),
+            (Some("http" | "https"), Some(_)) => None,
+            _ => Some(
+                "must be an absolute http:// or https:// URL such as \"http://127.0.0.1:3000\"",
+            ),
         };
         if let Some(why) = problem {
             self.err(f.url.span(), bad(why));
             return None;
         }
+        let https = uri.scheme_str() == Some("https");
+        let protocol = self.protocol(&name, f.protocol.as_ref(), https);
+        let tls = self.backend_tls(&name, f.tls.as_ref(), &uri, f.url.span(), protocol);
         let authority = uri.authority()?.clone();
         let endpoints = match &f.endpoints {
             None => vec![authority.clone()],
-            Some(list) => self.endpoints(&name, list),
+            Some(list) => self.endpoints(&name, list, https),
         };
         let retries = f.retries.as_ref().map_or(0, |r| {
             let n = *r.get_ref();
@@ -270,7 +279,13 @@ impl Ctx {
             health,
             name,
             url: text.clone(),
-            scheme: http::uri::Scheme::HTTP,
+            scheme: if https {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            protocol,
+            tls,
             authority,
             base_path: uri.path().trim_end_matches('/').to_string(),
             legacy: false,
@@ -424,7 +439,9 @@ impl Ctx {
         &mut self,
         name: &str,
         list: &Spanned<Vec<Spanned<String>>>,
+        https: bool,
     ) -> Vec<http::uri::Authority> {
+        let scheme = if https { "https://" } else { "http://" };
         if list.get_ref().is_empty() {
             self.err(
                 list.span(),
@@ -435,17 +452,17 @@ impl Ctx {
         for e in list.get_ref() {
             let text = e.get_ref();
             let bare = text
-                .strip_prefix("http://")
+                .strip_prefix(scheme)
                 .unwrap_or(text)
                 .trim_end_matches('/');
             match bare.parse::<http::uri::Authority>() {
-                Ok(a) if !a.host().is_empty() && !bare.contains(['/', '?', '@']) && !text.starts_with("https://") => {
+                Ok(a) if !a.host().is_empty() && !bare.contains(['/', '?', '@']) => {
                     if out.contains(&a) {
                         self.err(e.span(), format!("[backends.{name}] endpoint {text:?} is listed twice"));
                     }
                     out.push(a);
                 }
-                _ => self.err(e.span(), format!("[backends.{name}] endpoint {text:?} must be \"host:port\" or \"http://host:port\"")),
+                _ => self.err(e.span(), format!("[backends.{name}] endpoint {text:?} must be \"host:port\" or \"{scheme}host:port\" (the url's scheme)")),
             }
         }
         out
@@ -491,6 +508,8 @@ fn placeholder(name: String) -> Backend {
         endpoints: vec![],
         retries: 0,
         health: None,
+        protocol: Protocol::Http1,
+        tls: None,
     }
 }
 
