@@ -12,6 +12,8 @@ COPY . .
 RUN cargo build --release --locked --workspace --bins
 
 FROM debian:bookworm-slim AS runtime
+# The system trust store, for https:// backends verified without `tls.ca`.
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 # A fixed numeric user, so Kubernetes can check runAsNonRoot without a passwd entry.
 USER 10001:10001
 WORKDIR /

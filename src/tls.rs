@@ -142,7 +142,7 @@ fn server_config(spec: &ServerTlsFiles, files: &mut Files) -> Result<ServerConfi
     }
     let verifier = match &spec.client_ca {
         None => Ok(WebPkiClientVerifier::no_client_auth()),
-        Some(ca) => roots_from(ca, files).and_then(|roots| {
+        Some(ca) => roots_from("client_ca", ca, files).and_then(|roots| {
             let b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
             let b = match spec.client_auth {
                 ClientAuth::Required => b,
@@ -180,7 +180,7 @@ fn certified_key(
     key: &Path,
     files: &mut Files,
 ) -> Result<(CertifiedKey, PrivateKeyDer<'static>), String> {
-    let chain = chain_from(cert, files)?;
+    let chain = chain_from("cert", cert, files)?;
     let key_pem = files.read(key)?;
     let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         format!(
@@ -203,14 +203,19 @@ fn certified_key(
     Ok((ck, der))
 }
 
-fn chain_from(path: &Path, files: &mut Files) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates of a PEM file; `what` names the key in errors.
+fn chain_from(
+    what: &str,
+    path: &Path,
+    files: &mut Files,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = files.read(path)?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cert {}: malformed PEM: {e}", path.display()))?;
+        .map_err(|e| format!("{what} {}: malformed PEM: {e}", path.display()))?;
     if chain.is_empty() {
         return Err(format!(
-            "cert {}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)",
+            "{what} {}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)",
             path.display()
         ));
     }
@@ -219,7 +224,7 @@ fn chain_from(path: &Path, files: &mut Files) -> Result<Vec<CertificateDer<'stat
         .position(|c| webpki::EndEntityCert::try_from(c).is_err())
     {
         return Err(format!(
-            "cert {}: certificate #{} is not a valid X.509 certificate",
+            "{what} {}: certificate #{} is not a valid X.509 certificate",
             path.display(),
             bad + 1
         ));
@@ -227,8 +232,8 @@ fn chain_from(path: &Path, files: &mut Files) -> Result<Vec<CertificateDer<'stat
     Ok(chain)
 }
 
-fn roots_from(path: &Path, files: &mut Files) -> Result<RootCertStore, String> {
-    let certs = chain_from(path, files)?;
+fn roots_from(what: &str, path: &Path, files: &mut Files) -> Result<RootCertStore, String> {
+    let certs = chain_from(what, path, files)?;
     let mut roots = RootCertStore::empty();
     let (added, ignored) = roots.add_parsable_certificates(certs);
     if added == 0 || ignored > 0 {
@@ -302,7 +307,7 @@ pub struct ClientTlsFiles<'a> {
 pub fn load_client(spec: &ClientTlsFiles<'_>, files: &mut Files) -> Result<ClientTls, String> {
     let mut own = Files::default();
     let roots = match spec.ca {
-        Some(ca) => Arc::new(roots_from(ca, &mut own)?),
+        Some(ca) => Arc::new(roots_from("ca", ca, &mut own)?),
         None => system_roots()?,
     };
     let builder = ClientConfig::builder_with_provider(provider())

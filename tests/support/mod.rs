@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+pub mod tls;
+
 /// Stops a server when dropped.
 pub struct Running {
     pub addr: SocketAddr,
@@ -206,7 +208,11 @@ impl Proxy {
     /// Starts a proxy on `routes` (the `[server]` listen/admin addresses are forced to port 0
     /// unless the text sets them).
     pub async fn start(routes: &str) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), routes).await
+    }
+
+    /// Like `start`, in `dir` (which may already hold files routes.toml names).
+    pub async fn start_in(dir: tempfile::TempDir, routes: &str) -> Proxy {
         let path = dir.path().join("routes.toml");
         let text = with_server_defaults(routes);
         std::fs::write(&path, &text).unwrap();

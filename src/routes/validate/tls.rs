@@ -20,6 +20,7 @@ impl Ctx {
     /// Attributes each load error to the key naming the file it mentions.
     fn file_errors(
         &mut self,
+        section: &str,
         errors: Vec<String>,
         keys: &[(Range<usize>, PathBuf)],
         at: Range<usize>,
@@ -29,7 +30,7 @@ impl Ctx {
                 .iter()
                 .find(|(_, p)| e.contains(&p.display().to_string()))
                 .map_or_else(|| at.clone(), |(s, _)| s.clone());
-            self.err(span, format!("`tls`: {e}"));
+            self.err(span, format!("{section}`tls`: {e}"));
         }
     }
 
@@ -124,7 +125,7 @@ impl Ctx {
         match tls::load_server(&spec, &mut self.files) {
             Ok(loaded) => (Some(spec), Some(loaded)),
             Err(errors) => {
-                self.file_errors(errors, &keys, at);
+                self.file_errors("", errors, &keys, at);
                 (Some(spec), None)
             }
         }
@@ -241,7 +242,7 @@ impl Ctx {
         match tls::load_client(&spec, &mut self.files) {
             Ok(c) => Some(c),
             Err(e) => {
-                self.file_errors(vec![format!("[backends.{name}] {e}")], &keys, at);
+                self.file_errors(&format!("[backends.{name}] "), vec![e], &keys, at);
                 None
             }
         }
