@@ -284,6 +284,11 @@ fn backend_json(active: &Active, id: usize) -> Value {
         "url": b.url,
         "legacy": b.legacy,
         "retries": b.retries,
+        "protocol": match b.protocol {
+            crate::routes::Protocol::Http1 => "http1",
+            crate::routes::Protocol::H2 => "h2",
+        },
+        "tls": b.tls.as_ref().map(|t| json!({"server_name": t.server_name.to_str(), "ca": if t.own_ca { "tls.ca" } else { "system" }, "client_certificate": t.client_cert})),
         "health": b.health.as_ref().map(|h| json!({"path": h.path, "interval": humantime::format_duration(h.interval).to_string()})),
         "endpoints": endpoints,
     })

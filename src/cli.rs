@@ -70,6 +70,13 @@ pub fn check_report(loaded: &Loaded) -> String {
         t.routes().len(),
         t.backends().len()
     );
+    let s = &loaded.parsed.server;
+    let listener = match (&s.tls, s.h2c) {
+        (Some(tls), _) => tls.describe(),
+        (None, true) => "cleartext; HTTP/1.1 and HTTP/2 (h2c prior knowledge)".to_string(),
+        (None, false) => "cleartext HTTP/1.1".to_string(),
+    };
+    let _ = writeln!(out, "listener {}: {listener}", s.listen);
     out
 }
 
@@ -126,6 +133,18 @@ pub fn explain(
         b.authority,
         b.base_path,
         uri.path_and_query().map_or("/", |pq| pq.as_str())
+    );
+    let protocol = match b.protocol {
+        crate::routes::Protocol::Http1 => "HTTP/1.1",
+        crate::routes::Protocol::H2 => "HTTP/2",
+    };
+    let _ = writeln!(
+        out,
+        "upstream: {protocol}{}",
+        b.tls.as_ref().map_or_else(
+            || ", cleartext".to_string(),
+            |t| format!(", {}", t.describe())
+        )
     );
     match &r.canary {
         None => out.push_str("canary:   none\n"),

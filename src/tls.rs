@@ -275,6 +275,10 @@ pub struct ClientTls {
     pub config: Arc<ClientConfig>,
     /// Sent as SNI and verified against the certificate.
     pub server_name: ServerName<'static>,
+    /// Whether a client certificate is presented (mTLS).
+    pub client_cert: bool,
+    /// Whether `tls.ca` replaces the system roots.
+    pub own_ca: bool,
     /// Of the files this was built from (empty: system roots, no client certificate).
     fingerprint: String,
 }
@@ -292,6 +296,41 @@ impl PartialEq for ClientTls {
         self.server_name == other.server_name
             && self.fingerprint == other.fingerprint
             && self.config.alpn_protocols == other.config.alpn_protocols
+    }
+}
+
+impl ClientTls {
+    /// One line for operators: how the upstream is verified and who we are to it.
+    pub fn describe(&self) -> String {
+        format!(
+            "TLS, verified as {} against {}{}",
+            self.server_name.to_str(),
+            if self.own_ca {
+                "tls.ca"
+            } else {
+                "the system roots"
+            },
+            if self.client_cert {
+                ", with a client certificate (mTLS)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl ServerTlsFiles {
+    /// One line for operators about the listener.
+    pub fn describe(&self) -> String {
+        let clients = match (&self.client_ca, self.client_auth) {
+            (None, _) => "",
+            (Some(_), ClientAuth::Required) => ", client certificates required",
+            (Some(_), ClientAuth::Optional) => ", client certificates verified when presented",
+        };
+        format!(
+            "TLS with {} certificate(s) chosen by SNI{clients}; HTTP/2 and HTTP/1.1 by ALPN",
+            self.pairs.len()
+        )
     }
 }
 
@@ -328,6 +367,8 @@ pub fn load_client(spec: &ClientTlsFiles<'_>, files: &mut Files) -> Result<Clien
     Ok(ClientTls {
         config: Arc::new(config),
         server_name: spec.server_name.clone(),
+        client_cert: spec.identity.is_some(),
+        own_ca: spec.ca.is_some(),
         fingerprint: own.fingerprint(),
     })
 }

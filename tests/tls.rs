@@ -405,6 +405,19 @@ backend = "wrongname"
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.headers["x-upstream-version"], "HTTP/2.0");
     assert_eq!(r.headers["x-client-cert"], "yes");
+    let routes = get(&proxy.admin_url("/routes")).await.json();
+    let h2 = routes["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "mtls_h2")
+        .unwrap()
+        .clone();
+    assert_eq!(h2["protocol"], "h2");
+    assert_eq!(
+        h2["tls"],
+        serde_json::json!({"server_name": "users.internal", "ca": "tls.ca", "client_certificate": true})
+    );
     for path in ["/nocert", "/wrongca", "/wrongname"] {
         let r = get(&proxy.url(path)).await;
         assert_eq!(r.status, 502, "{path}: {}", r.text());
@@ -636,6 +649,15 @@ async fn bad_certificate_files_are_reported_at_the_key_that_names_them() {
             "{section}: want {want:?} in {lines:#?}"
         );
     }
+    // The good pair loads, and `check` describes the listener.
+    let text = "[server]\ntls = { cert = \"good.pem\", key = \"good.key\", client_ca = \"good.pem\", client_auth = \"optional\" }\n[backends.legacy]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n";
+    std::fs::write(d.join("routes.toml"), text).unwrap();
+    let loaded = strangler::config::load(&d.join("routes.toml")).unwrap();
+    let report = strangler::cli::check_report(&loaded);
+    assert!(
+        report.contains("TLS with 1 certificate(s) chosen by SNI, client certificates verified when presented; HTTP/2 and HTTP/1.1 by ALPN"),
+        "{report}"
+    );
 }
 
 /// h2load over TLS: thousands of requests on multiplexed streams, none failed. Needs h2load
