@@ -693,3 +693,42 @@ async fn h2load_over_tls_completes_every_request() {
     );
     assert!(text.contains("status codes: 5000 2xx"), "{text}");
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_http2_streams_finish() {
+    let pki = Pki::new("drain CA");
+    let echo = start_echo("legacy").await;
+    let routes = format!(
+        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+        legacy_at(echo.addr)
+    );
+    let mut proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
+    let tls = connect(proxy.addr, "localhost", pki.client(&[b"h2"], None))
+        .await
+        .unwrap();
+    let mut h2 = h2_client(tls).await;
+    let url = |p: &str| format!("https://localhost:{}{p}", proxy.addr.port());
+    // Two streams on one connection, both in flight when shutdown starts.
+    let slow = [
+        h2.send_request(Request::get(url("/slow/500")).body(empty()).unwrap()),
+        h2.send_request(Request::get(url("/slow/300")).body(empty()).unwrap()),
+    ];
+    let in_flight = tokio::spawn(async move {
+        let mut statuses = vec![];
+        for s in slow {
+            let resp = s.await.unwrap();
+            let status = resp.status();
+            resp.into_body().collect().await.unwrap();
+            statuses.push(status);
+        }
+        statuses
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let done = proxy.shutdown();
+    assert_eq!(in_flight.await.unwrap(), [StatusCode::OK, StatusCode::OK]);
+    tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

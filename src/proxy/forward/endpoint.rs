@@ -91,9 +91,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn take(&self) -> Option<Sender> {
-        if let Some(s) = self.shared() {
-            return Some(Sender::H2(s));
+    /// A connection to use now: the shared one (HTTP/2) or an idle one (HTTP/1.1).
+    fn take(&self, protocol: Protocol) -> Option<Sender> {
+        if protocol == Protocol::H2 {
+            return self.shared().map(Sender::H2);
         }
         while let Some(i) = self.idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE_TIMEOUT {
@@ -271,7 +272,7 @@ impl Endpoint {
             self.to_h2(&mut req);
         }
         loop {
-            let (mut sender, reused) = match self.pool.take() {
+            let (mut sender, reused) = match self.pool.take(self.protocol) {
                 Some(s) => (s, true),
                 None => match self.connect_shared(connect_timeout).await {
                     Ok(s) => (s, false),
