@@ -3,6 +3,10 @@
 #
 #   bench/run.sh            full run (5 rounds x 10 s per target), writes bench/RESULTS.md
 #   bench/run.sh --smoke    one short round, checks the harness works; writes nothing
+#   BASELINE=/path/to/other/strangler bench/run.sh
+#                           adds that build as a fourth target, interleaved with the others,
+#                           and prints strangler / baseline (a regression check between
+#                           commits on one machine, in one run); writes nothing
 #
 # Installs its own tools (nginx, wrk from Debian's packages). Everything listens on loopback.
 # The backend is nginx answering a 1 KiB JSON body. The proxies get the same worker count
@@ -35,6 +39,8 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND=$(free_port); NGINX_PROXY=$(free_port); STRANGLER=$(free_port); ADMIN=$(free_port)
+BASELINE=${BASELINE:-}; BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
+TARGETS="direct strangler nginx"; [[ -n $BASELINE ]] && TARGETS+=" baseline"
 
 python3 - "$WORK/body.json" <<'PY'
 import json, sys
@@ -91,8 +97,14 @@ CONF
 "$NGINX" -p "$WORK/backend" -c "$WORK/backend/nginx.conf" & PIDS+=($!)
 "$NGINX" -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 RUST_LOG=warn "$BIN" run --config "$WORK/routes.toml" --log-format json 2>"$WORK/strangler.log" & STRANGLER_PID=$!; PIDS+=($STRANGLER_PID)
+PORTS="$BACKEND $NGINX_PROXY $STRANGLER"
+if [[ -n $BASELINE ]]; then
+  sed -e "s/127.0.0.1:$STRANGLER/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$ADMIN/127.0.0.1:$BASE_ADMIN/" "$WORK/routes.toml" > "$WORK/baseline.toml"
+  RUST_LOG=warn "$BASELINE" run --config "$WORK/baseline.toml" --log-format json 2>"$WORK/baseline.log" & BASE_PID=$!; PIDS+=($BASE_PID)
+  PORTS+=" $BASE_PORT"
+fi
 
-for port in $BACKEND $NGINX_PROXY $STRANGLER; do
+for port in $PORTS; do
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/api/users" -o /dev/null && break; sleep 0.1; done
   curl -fs "http://127.0.0.1:$port/api/users" -o /dev/null || { echo "target on port $port did not come up" >&2; cat "$WORK"/*.log "$WORK"/*/error.log >&2 || true; exit 1; }
 done
@@ -126,11 +138,12 @@ print(rps_fmt(rps, ms("50"), ms("99"), reqs))'
 
 declare -A RPS P50 P99 CPU
 for round in $(seq "$ROUNDS"); do
-  for target in direct strangler nginx; do
+  for target in $TARGETS; do
     case $target in
       direct) port=$BACKEND; pid="" ;;
       strangler) port=$STRANGLER; pid=$STRANGLER_PID ;;
       nginx) port=$NGINX_PROXY; pid=$NGINX_PID ;;
+      baseline) port=$BASE_PORT; pid=$BASE_PID ;;
     esac
     before=0; [[ -n $pid ]] && before=$(cpu_ticks "$pid")
     read -r rps p50 p99 reqs < <(measure "$port")
@@ -147,7 +160,7 @@ done
 median() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:] if x != "-"]; print(f"{statistics.median(v):.3f}" if v else "-")' "$@"; }
 TABLE="| target | req/s | p50 ms | p99 ms | proxy CPU s per 10k req |
 |---|---:|---:|---:|---:|"
-for target in direct strangler nginx; do
+for target in $TARGETS; do
   TABLE+=$'\n'"| $target | $(median ${RPS[$target]}) | $(median ${P50[$target]}) | $(median ${P99[$target]}) | $(median ${CPU[$target]}) |"
 done
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
@@ -163,6 +176,14 @@ echo "$TABLE"
 echo
 echo "$RATIOS"
 
+if [[ -n $BASELINE ]]; then
+  B_RPS=$(median ${RPS[baseline]}); B_CPU=$(median ${CPU[baseline]}); B_P99=$(median ${P99[baseline]})
+  echo "- req/s strangler / baseline: $(ratio "$S_RPS" "$B_RPS")"
+  echo "- p99 strangler / baseline: $(ratio "$S_P99" "$B_P99")"
+  echo "- CPU per request strangler / baseline: $(ratio "$S_CPU" "$B_CPU")"
+  echo "baseline run: RESULTS.md untouched"
+  exit 0
+fi
 if (( SMOKE )); then
   echo "smoke run: harness OK (figures from a 2 s round are not results; RESULTS.md untouched)"
   exit 0

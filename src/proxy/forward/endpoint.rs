@@ -274,7 +274,9 @@ impl Endpoint {
         loop {
             let (mut sender, reused) = match self.pool.take(self.protocol) {
                 Some(s) => (s, true),
-                None => match self.connect_shared(connect_timeout).await {
+                // Boxed: the TLS and HTTP/2 handshakes make this future large, and the
+                // request future that holds it is moved on every request; connecting is rare.
+                None => match Box::pin(self.connect_shared(connect_timeout)).await {
                     Ok(s) => (s, false),
                     Err(e) => {
                         self.failed();
