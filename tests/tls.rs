@@ -37,6 +37,14 @@ async fn tls_proxy(
     Proxy::start_in(dir, &text).await
 }
 
+/// A legacy backend at `addr` answering every path.
+fn all_to_legacy(addr: std::net::SocketAddr) -> String {
+    format!(
+        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+        legacy_at(addr)
+    )
+}
+
 async fn curl(args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new("curl")
         .args(args)
@@ -79,10 +87,7 @@ async fn get_tls(
 async fn curl_reaches_the_monolith_over_http1_and_http2_with_the_ca() {
     let pki = Pki::new("strangler test CA");
     let legacy = start_echo("legacy").await;
-    let routes = format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    );
+    let routes = all_to_legacy(legacy.addr);
     let proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
     let port = proxy.addr.port();
     let ca = proxy.dir.path().join("ca.pem");
@@ -133,10 +138,7 @@ async fn sni_selects_the_certificate_and_the_default_covers_the_rest() {
     let pki = Pki::new("sni CA");
     let legacy = start_legacy(Default::default()).await;
     let api = pki.issue(&["api.fittrack.example"], false);
-    let routes = format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    );
+    let routes = all_to_legacy(legacy.addr);
     let proxy = tls_proxy(
         &pki,
         ", sni = [{ cert = \"api.pem\", key = \"api.key\" }]",
@@ -173,10 +175,7 @@ async fn sni_selects_the_certificate_and_the_default_covers_the_rest() {
 async fn changed_certificate_files_are_served_without_a_restart_and_a_bad_one_is_refused() {
     let pki = Pki::new("reload CA");
     let legacy = start_legacy(Default::default()).await;
-    let routes = format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    );
+    let routes = all_to_legacy(legacy.addr);
     let proxy = tls_proxy(&pki, "", "watch_interval = \"200ms\"", &routes, |_| {}).await;
     let client = pki.client(&[b"http/1.1"], None);
     let first = presented(
@@ -271,10 +270,7 @@ async fn client_ca_admits_only_callers_with_a_certificate_it_signed() {
     let callers = Pki::new("callers CA");
     let strangers = Pki::new("strangers CA");
     let legacy = start_legacy(Default::default()).await;
-    let routes = format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    );
+    let routes = all_to_legacy(legacy.addr);
     let callers_pem = callers.ca_pem.clone();
     let required = tls_proxy(&pki, ", client_ca = \"callers.pem\"", "", &routes, |d| {
         std::fs::write(d.join("callers.pem"), &callers_pem).unwrap();
@@ -667,10 +663,7 @@ async fn bad_certificate_files_are_reported_at_the_key_that_names_them() {
 async fn h2load_over_tls_completes_every_request() {
     let pki = Pki::new("h2load CA");
     let legacy = start_legacy(Default::default()).await;
-    let routes = format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    );
+    let routes = all_to_legacy(legacy.addr);
     let proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
     let out = tokio::process::Command::new("h2load")
         .args(["-n", "5000", "-c", "10", "-m", "20"])
@@ -698,10 +691,7 @@ async fn h2load_over_tls_completes_every_request() {
 async fn shutdown_lets_in_flight_http2_streams_finish() {
     let pki = Pki::new("drain CA");
     let echo = start_echo("legacy").await;
-    let routes = format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(echo.addr)
-    );
+    let routes = all_to_legacy(echo.addr);
     let mut proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
     let tls = connect(proxy.addr, "localhost", pki.client(&[b"h2"], None))
         .await

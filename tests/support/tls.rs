@@ -189,45 +189,33 @@ pub async fn start_tls_echo(name: &'static str, cert: &Issued, client_ca: Option
     let mut config = b.with_single_cert(vec![cert.der.clone()], key).unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let (l, addr) = listener().await;
-    let (tx, stop) = stopper();
-    tokio::spawn(async move {
-        tokio::pin!(stop);
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = &mut stop => return,
-                r = l.accept() => r.unwrap(),
+    serving(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
             };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let with_cert = tls.get_ref().1.peer_certificates().is_some();
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    let version = format!("{:?}", req.version());
-                    let mut resp = super::echo(name, req).await;
-                    let h = resp.headers_mut();
-                    h.insert(
-                        "x-client-cert",
-                        HeaderValue::from_static(if with_cert { "yes" } else { "no" }),
-                    );
-                    h.insert(
-                        "x-upstream-version",
-                        HeaderValue::from_str(&version).unwrap(),
-                    );
-                    Ok::<_, Infallible>(resp)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+            let with_cert = tls.get_ref().1.peer_certificates().is_some();
+            let svc = service_fn(move |req: Request<Incoming>| async move {
+                let version = format!("{:?}", req.version());
+                let mut resp = super::echo(name, req).await;
+                let h = resp.headers_mut();
+                h.insert(
+                    "x-client-cert",
+                    HeaderValue::from_static(if with_cert { "yes" } else { "no" }),
+                );
+                h.insert(
+                    "x-upstream-version",
+                    HeaderValue::from_str(&version).unwrap(),
+                );
+                Ok::<_, Infallible>(resp)
             });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         }
-    });
-    Running {
-        addr,
-        stop: Some(tx),
-    }
+    })
+    .await
 }
 
 /// A gRPC-style server over cleartext HTTP/2 (prior knowledge): every request body frame is
@@ -235,49 +223,35 @@ pub async fn start_tls_echo(name: &'static str, cert: &Issued, client_ca: Option
 /// `x-grpc-status`, default 0, or `forced`) and `x-echo-trailers` (how many trailer fields
 /// the request ended with). Answers `content-type: application/grpc`.
 pub async fn start_grpc(forced: Option<&'static str>) -> Running {
-    let (l, addr) = listener().await;
-    let (tx, stop) = stopper();
-    tokio::spawn(async move {
-        tokio::pin!(stop);
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = &mut stop => return,
-                r = l.accept() => r.unwrap(),
+    serving(move |tcp| async move {
+        let svc = service_fn(move |req: Request<Incoming>| async move {
+            let status = match forced {
+                Some(s) => HeaderValue::from_static(s),
+                None => req
+                    .headers()
+                    .get("x-grpc-status")
+                    .cloned()
+                    .unwrap_or(HeaderValue::from_static("0")),
             };
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    let status = match forced {
-                        Some(s) => HeaderValue::from_static(s),
-                        None => req
-                            .headers()
-                            .get("x-grpc-status")
-                            .cloned()
-                            .unwrap_or(HeaderValue::from_static("0")),
-                    };
-                    let te = req.headers().get("te").cloned();
-                    let body = Echo {
-                        inner: req.into_body(),
-                        status: Some(status),
-                        seen_trailers: 0,
-                    };
-                    let mut resp = Response::new(body);
-                    resp.headers_mut()
-                        .insert("content-type", HeaderValue::from_static("application/grpc"));
-                    if let Some(te) = te {
-                        resp.headers_mut().insert("x-seen-te", te);
-                    }
-                    Ok::<_, Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    Running {
-        addr,
-        stop: Some(tx),
-    }
+            let te = req.headers().get("te").cloned();
+            let body = Echo {
+                inner: req.into_body(),
+                status: Some(status),
+                seen_trailers: 0,
+            };
+            let mut resp = Response::new(body);
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            if let Some(te) = te {
+                resp.headers_mut().insert("x-seen-te", te);
+            }
+            Ok::<_, Infallible>(resp)
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), svc)
+            .await;
+    })
+    .await
 }
 
 /// Streams the request body back, then ends with trailers.
@@ -316,6 +290,30 @@ impl Body for Echo {
                 }
             }
         }
+    }
+}
+
+/// Accepts on a new port-0 listener until dropped, serving each connection in its own task.
+async fn serving<F, Fut>(serve: F) -> Running
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = &mut stop => return,
+                r = l.accept() => r.unwrap(),
+            };
+            tokio::spawn(serve(tcp));
+        }
+    });
+    Running {
+        addr,
+        stop: Some(tx),
     }
 }
 
