@@ -722,3 +722,75 @@ async fn shutdown_lets_in_flight_http2_streams_finish() {
         .unwrap()
         .unwrap();
 }
+
+/// An h2c connection to the proxy with the raw h2 client (frames, settings, resets).
+async fn raw_h2(
+    proxy: &Proxy,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+async fn h2c_proxy(routes: &str) -> Proxy {
+    Proxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nh2c = true\n\n{routes}"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn http2_limits_are_advertised_and_a_reset_flood_ends_the_connection_only() {
+    let legacy = start_echo("legacy").await;
+    let proxy = h2c_proxy(&all_to_legacy(legacy.addr)).await;
+    let (send, _conn) = raw_h2(&proxy).await;
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(
+            Request::get("http://localhost/api/users").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    assert_eq!(
+        send.current_max_send_streams(),
+        128,
+        "the server's SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+
+    // Rapid reset: open streams and cancel them at once, far past the pending-reset bound.
+    let (send, conn) = raw_h2(&proxy).await;
+    let mut send = send.ready().await.unwrap();
+    for _ in 0..200 {
+        match send.send_request(
+            Request::get("http://localhost/slow/200").body(()).unwrap(),
+            true,
+        ) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the flooding connection is closed")
+        .unwrap();
+    let error = ended.expect_err("closed with an error, not cleanly");
+    assert_eq!(
+        error.reason(),
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "GOAWAY ENHANCE_YOUR_CALM: {error}"
+    );
+    // Everyone else is served.
+    let (send, _conn) = raw_h2(&proxy).await;
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(
+            Request::get("http://localhost/api/users").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+}
