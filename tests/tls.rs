@@ -370,6 +370,10 @@ tls = {{ ca = "other-ca.pem", server_name = "users.internal" }}
 url = "https://{o}"
 tls = {{ ca = "upstream-ca.pem", server_name = "billing.internal" }}
 
+[backends.sysroots]
+url = "https://{o}"
+tls = {{ server_name = "users.internal" }}
+
 [[routes]]
 prefix = "/mtls"
 backend = "mtls"
@@ -389,6 +393,10 @@ backend = "wrongca"
 [[routes]]
 prefix = "/wrongname"
 backend = "wrongname"
+
+[[routes]]
+prefix = "/sysroots"
+backend = "sysroots"
 "#
     );
     let proxy = Proxy::start_in(dir, &text).await;
@@ -414,7 +422,8 @@ backend = "wrongname"
         h2["tls"],
         serde_json::json!({"server_name": "users.internal", "ca": "tls.ca", "client_certificate": true})
     );
-    for path in ["/nocert", "/wrongca", "/wrongname"] {
+    // Without `tls.ca` the system roots decide, and they do not know the test's CA.
+    for path in ["/nocert", "/wrongca", "/wrongname", "/sysroots"] {
         let r = get(&proxy.url(path)).await;
         assert_eq!(r.status, 502, "{path}: {}", r.text());
         assert_eq!(r.json()["code"], "upstream_unavailable", "{path}");
