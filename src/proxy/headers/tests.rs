@@ -239,3 +239,30 @@ fn traceparent_validation_and_generation() {
     );
     assert_ne!(new_traceparent(), fresh);
 }
+
+#[test]
+fn te_trailers_is_recognized_and_garbage_is_not() {
+    let cases: &[(Pairs, bool)] = &[
+        (&[("te", "trailers")], true),
+        (&[("te", "TRAILERS")], true),
+        (&[("te", "gzip;q=0.5, trailers")], true),
+        (&[("te", "trailers;q=1")], true),
+        (&[("te", "gzip"), ("te", " trailers ")], true),
+        (&[("te", "trailersx")], false),
+        (&[("te", "gzip, deflate")], false),
+        (&[("te", "")], false),
+        (&[("te", ",,;;")], false),
+        (&[("x-te", "trailers")], false),
+        (&[], false),
+    ];
+    for (pairs, want) in cases {
+        assert_eq!(accepts_trailers(&map(pairs)), *want, "{pairs:?}");
+    }
+    // Not text at all: not trailers, and no panic.
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::TE,
+        HeaderValue::from_bytes(b"\xfftrailers").unwrap(),
+    );
+    assert!(!accepts_trailers(&h));
+}
