@@ -34,8 +34,8 @@ impl Ctx {
         }
     }
 
-    /// Keys of `tls` that do not belong on this side.
-    fn foreign(&mut self, t: &TlsFile, keys: &[(&str, bool)], hint: &str) {
+    /// Keys of `tls` that do not belong on this side (`keys` are the ones that do).
+    fn foreign(&mut self, t: &TlsFile, keys: &[&str], hint: &str) {
         let spans = [
             ("cert", t.cert.as_ref().map(Spanned::span)),
             ("key", t.key.as_ref().map(Spanned::span)),
@@ -46,12 +46,10 @@ impl Ctx {
             ("sni", t.sni.as_ref().map(Spanned::span)),
         ];
         for (key, span) in spans {
-            let allowed = keys.iter().any(|(k, _)| *k == key);
-            if let (Some(span), false) = (span, allowed) {
-                let expected: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+            if let (Some(span), false) = (span, keys.contains(&key)) {
                 self.err(
                     span,
-                    format!("`tls.{key}` {hint}; expected {}", expected.join(", ")),
+                    format!("`tls.{key}` {hint}; expected {}", keys.join(", ")),
                 );
             }
         }
@@ -65,13 +63,7 @@ impl Ctx {
         let (at, f) = (t.span(), t.get_ref());
         self.foreign(
             f,
-            &[
-                ("cert", true),
-                ("key", true),
-                ("sni", false),
-                ("client_ca", false),
-                ("client_auth", false),
-            ],
+            &["cert", "key", "sni", "client_ca", "client_auth"],
             "is not a listener setting",
         );
         let (Some(cert), Some(key)) = (&f.cert, &f.key) else {
@@ -188,12 +180,7 @@ impl Ctx {
         let (at, f) = t.map_or((url_span, &empty), |t| (t.span(), t.get_ref()));
         self.foreign(
             f,
-            &[
-                ("ca", true),
-                ("cert", true),
-                ("key", true),
-                ("server_name", true),
-            ],
+            &["ca", "cert", "key", "server_name"],
             &format!("is not a backend setting in [backends.{name}]"),
         );
         let host = uri.host().unwrap_or_default();
