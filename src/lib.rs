@@ -1,7 +1,9 @@
 //! strangler: a strangler-fig migration proxy.
 //!
 //! The life of a request, step by step:
-//! 1. `server` accepts a connection under the connection cap and serves HTTP/1.1 on it.
+//! 1. `server` accepts a connection under the connection cap, terminates TLS when configured
+//!    (`tls`: certificates by SNI, client certificates), and serves HTTP/1.1 or HTTP/2 on it
+//!    (ALPN, or the h2c preface).
 //! 2. `proxy::State::handle` takes a request id and loads the active snapshot once
 //!    (`proxy::Active`: route table, upstream clients, metric handles). A reload swapping in
 //!    a new snapshot does not affect requests that already loaded one.
@@ -14,8 +16,9 @@
 //!    timeout; upgrades become a tunnel task.
 //! 6. Anything that goes wrong is a `error::ProxyError`, answered as JSON in one place.
 //!
-//! Around it: `config` and `routes` (loading and validating routes.toml), `reload`
-//! (load -> validate -> swap, keep last good), `admin` (probes, metrics, `/routes`).
+//! Around it: `config` and `routes` (loading and validating routes.toml and the certificate
+//! files it names), `reload` (load -> validate -> swap, keep last good; certificates too),
+//! `admin` (probes, metrics, `/routes`).
 
 pub mod admin;
 pub mod cli;

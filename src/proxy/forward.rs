@@ -1,5 +1,6 @@
 //! Upstream clients. A backend has one or more endpoints; each endpoint has a pool of idle
-//! HTTP/1.1 keep-alive connections in a lock-free queue, a count of requests in flight, and a
+//! HTTP/1.1 keep-alive connections in a lock-free queue (or, for HTTP/2 backends, one shared
+//! multiplexed connection), optionally over TLS, a count of requests in flight, and a
 //! health state. A request goes to the better of two random healthy endpoints (fewer in
 //! flight), takes a connection (or opens one), and its response body gives the connection
 //! back through its [`Lease`] once complete; an abandoned body drops it. An endpoint that
@@ -7,8 +8,8 @@
 //! health checks do the same from a probe. Idempotent requests whose connection could not be
 //! made are retried on another endpoint, with backoff, inside a retry budget.
 //!
-//! All of this lives outside the route table: a reload that keeps a backend's endpoint and
-//! connect timeout keeps its pool, health and warm connections.
+//! All of this lives outside the route table: a reload that keeps a backend's endpoint,
+//! connect timeout, protocol and TLS settings keeps its pool, health and warm connections.
 
 mod endpoint;
 
