@@ -137,7 +137,19 @@ impl Server {
         let proxy_task = server::serve(
             proxy,
             &state.settings,
-            state.tls.clone(),
+            state.tls.clone().map(|config| {
+                let reason = |r: &'static str| {
+                    state.metrics.counter(
+                        metrics::TLS_HANDSHAKE_ERRORS_TOTAL,
+                        vec![::metrics::Label::new("reason", r)],
+                    )
+                };
+                server::Tls {
+                    config,
+                    failed: reason("failed"),
+                    timed_out: reason("timeout"),
+                }
+            }),
             move |req, peer| proxy_state.clone().handle(req, peer),
             stopped,
             "proxy",

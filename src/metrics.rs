@@ -25,6 +25,8 @@ pub const SHADOW_GATE: &str = "strangler_shadow_gate_max_mismatch_rate";
 pub const FALLBACK_TOTAL: &str = "strangler_fallback_total";
 pub const GUARD_TRIPPED: &str = "strangler_guard_tripped";
 pub const SHADOW_DURATION: &str = "strangler_shadow_duration_seconds";
+/// Client TLS handshakes that did not complete, by `reason` (`failed`, `timeout`).
+pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "strangler_tls_handshake_errors_total";
 
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
@@ -90,6 +92,11 @@ impl Metrics {
             SHADOW_DURATION.into(),
             Some(Unit::Seconds),
             "Time from sending the shadow copy to its response head.".into(),
+        );
+        describe(
+            TLS_HANDSHAKE_ERRORS_TOTAL,
+            Unit::Count,
+            "Client TLS handshakes that did not complete, by reason (failed, timeout).",
         );
         describe(
             CONFIG_RELOADS_TOTAL,

@@ -46,6 +46,13 @@ const H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
 /// The listener's TLS configuration, swapped when its certificate files change.
 pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
 
+/// TLS on a listener: its configuration and the counters of handshakes that did not complete.
+pub struct Tls {
+    pub config: TlsConfig,
+    pub failed: metrics::Counter,
+    pub timed_out: metrics::Counter,
+}
+
 /// Fires once, for every connection, when shutdown starts.
 #[derive(Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
@@ -114,7 +121,7 @@ struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     h2c: Option<auto::Builder<TokioExecutor>>,
-    tls: Option<TlsConfig>,
+    tls: Option<Tls>,
     handshake_timeout: Duration,
 }
 
@@ -122,7 +129,7 @@ struct Protocols {
 pub async fn serve<S, F>(
     listener: TcpListener,
     settings: &ServerSettings,
-    tls: Option<TlsConfig>,
+    tls: Option<Tls>,
     service: S,
     mut shutdown: Shutdown,
     name: &'static str,
@@ -206,15 +213,21 @@ where
             }
         };
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
     let accepted = tokio::select! {
         _ = shutdown.started() => return,
         r = tokio::time::timeout(p.handshake_timeout, acceptor.accept(stream)) => r,
     };
     let stream = match accepted {
         Ok(Ok(s)) => s,
-        Ok(Err(error)) => return debug!(%error, "TLS handshake failed"),
-        Err(_) => return debug!("TLS handshake timed out"),
+        Ok(Err(error)) => {
+            tls.failed.increment(1);
+            return debug!(%error, "TLS handshake failed");
+        }
+        Err(_) => {
+            tls.timed_out.increment(1);
+            return debug!("TLS handshake timed out");
+        }
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
     let io = TokioIo::new(stream);

@@ -296,6 +296,16 @@ async fn client_ca_admits_only_callers_with_a_certificate_it_signed() {
         let r = get_tls(&required, "localhost", client, "/api/users/1").await;
         assert!(r.is_err(), "{who} got in: {:?}", r.map(|r| r.0));
     }
+    let m = get(&required.admin_url("/metrics")).await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_tls_handshake_errors_total",
+            &[("reason", "failed")]
+        ),
+        Some(2.0),
+        "both refused handshakes are counted"
+    );
 
     let callers_pem = callers.ca_pem.clone();
     let optional = tls_proxy(
@@ -802,4 +812,37 @@ async fn http2_limits_are_advertised_and_a_reset_flood_ends_the_connection_only(
         )
         .unwrap();
     assert_eq!(resp.await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_comes_is_cut_at_header_read_timeout_and_counted() {
+    let pki = Pki::new("slow CA");
+    let legacy = start_legacy(Default::default()).await;
+    let proxy = tls_proxy(
+        &pki,
+        "",
+        "header_read_timeout = \"300ms\"",
+        &all_to_legacy(legacy.addr),
+        |_| {},
+    )
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("the proxy closes a connection that never says hello")
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    let m = get(&proxy.admin_url("/metrics")).await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_tls_handshake_errors_total",
+            &[("reason", "timeout")]
+        ),
+        Some(1.0)
+    );
 }
