@@ -642,7 +642,7 @@ async fn bad_certificate_files_are_reported_at_the_key_that_names_them() {
     let cases: &[(&str, &str)] = &[
         ("[server]\ntls = { cert = \"garbage.pem\", key = \"good.key\" }\n", "routes.toml:2:16: `tls`: cert "),
         ("[server]\ntls = { cert = \"good.pem\", key = \"empty.key\" }\n", "no PEM private key"),
-        ("[server]\ntls = { cert = \"good.pem\", key = \"other.key\" }\n", "does not belong to certificate"),
+        ("[server]\ntls = { cert = \"good.pem\", key = \"other.key\" }\n", "routes.toml:2:34: `tls`: key "),
         ("[server]\ntls = { cert = \"broken.pem\", key = \"good.key\" }\n", "not a valid X.509 certificate"),
         ("[server]\ntls = { cert = \"good.pem\", key = \"good.key\", client_ca = \"garbage.pem\" }\n", "routes.toml:2:58: `tls`: client_ca ... garbage.pem"),
         ("[server]\ntls = { cert = \"good.pem\", key = \"good.key\", sni = [{ cert = \"good.pem\", key = \"other.key\" }] }\n", "does not belong"),

@@ -26,10 +26,13 @@ impl Ctx {
         at: Range<usize>,
     ) {
         for e in errors {
+            // The file the message names first is the one at fault ("key K does not belong
+            // to certificate C" is about K).
             let span = keys
                 .iter()
-                .find(|(_, p)| e.contains(&p.display().to_string()))
-                .map_or_else(|| at.clone(), |(s, _)| s.clone());
+                .filter_map(|(s, p)| e.find(&p.display().to_string()).map(|i| (i, s)))
+                .min_by_key(|(i, _)| *i)
+                .map_or_else(|| at.clone(), |(_, s)| s.clone());
             self.err(span, format!("{section}`tls`: {e}"));
         }
     }
