@@ -754,6 +754,17 @@ async fn raw_h2(
     (send, tokio::spawn(conn))
 }
 
+/// GET `path` on a new raw h2 connection; the status, and the connection's handle.
+async fn raw_get(proxy: &Proxy, path: &str) -> (StatusCode, h2::client::SendRequest<Bytes>) {
+    let (send, _conn) = raw_h2(proxy).await;
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get(format!("http://localhost{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    (resp.await.unwrap().status(), send)
+}
+
 async fn h2c_proxy(routes: &str) -> Proxy {
     Proxy::start(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nh2c = true\n\n{routes}"
@@ -765,15 +776,8 @@ async fn h2c_proxy(routes: &str) -> Proxy {
 async fn http2_limits_are_advertised_and_a_reset_flood_ends_the_connection_only() {
     let legacy = start_echo("legacy").await;
     let proxy = h2c_proxy(&all_to_legacy(legacy.addr)).await;
-    let (send, _conn) = raw_h2(&proxy).await;
-    let mut send = send.ready().await.unwrap();
-    let (resp, _) = send
-        .send_request(
-            Request::get("http://localhost/api/users").body(()).unwrap(),
-            true,
-        )
-        .unwrap();
-    assert_eq!(resp.await.unwrap().status(), 200);
+    let (status, send) = raw_get(&proxy, "/api/users").await;
+    assert_eq!(status, 200);
     assert_eq!(
         send.current_max_send_streams(),
         128,
@@ -803,15 +807,7 @@ async fn http2_limits_are_advertised_and_a_reset_flood_ends_the_connection_only(
         "GOAWAY ENHANCE_YOUR_CALM: {error}"
     );
     // Everyone else is served.
-    let (send, _conn) = raw_h2(&proxy).await;
-    let mut send = send.ready().await.unwrap();
-    let (resp, _) = send
-        .send_request(
-            Request::get("http://localhost/api/users").body(()).unwrap(),
-            true,
-        )
-        .unwrap();
-    assert_eq!(resp.await.unwrap().status(), 200);
+    assert_eq!(raw_get(&proxy, "/api/users").await.0, 200);
 }
 
 #[tokio::test]
