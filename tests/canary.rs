@@ -62,12 +62,7 @@ async fn sticky_header_canary_splits_accurately_and_sticks() {
         assert_eq!(who(&proxy, "/x", None).await, "legacy");
     }
     // Raise to 50%: users only move from legacy to users, never back.
-    std::fs::write(proxy.path(), cfg(50)).unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.state.clone())
-            .await
-            .changed
-    );
+    reload_with(&proxy, &cfg(50)).await;
     let mut at50 = 0;
     for k in 0..keys {
         let now = who(&proxy, "/x", Some(("x-user-id", &k.to_string()))).await;
@@ -245,6 +240,16 @@ async fn a_timeout_falls_back_for_idempotent_methods_only() {
     assert_eq!(fallbacks(&proxy).await, 1.0);
 }
 
+/// Writes `text` as the proxy's routes.toml and reloads; the reload must change the table.
+async fn reload_with(proxy: &Proxy, text: &str) {
+    std::fs::write(proxy.path(), text).unwrap();
+    assert!(
+        strangler::reload::reload_async(proxy.state.clone())
+            .await
+            .changed
+    );
+}
+
 async fn route_json(proxy: &Proxy, prefix: &str) -> Value {
     get(&proxy.admin_url("/routes")).await.json()["routes"]
         .as_array()
@@ -359,31 +364,21 @@ async fn a_tripped_guard_holds_across_reloads_of_other_routes_and_clears_when_it
         route_json(&proxy, "/api/users").await["guard_tripped"],
         true
     );
-    std::fs::write(
-        proxy.path(),
-        cfg("0.5", "[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),
+    reload_with(
+        &proxy,
+        &cfg("0.5", "[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),
     )
-    .unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.state.clone())
-            .await
-            .changed
-    );
+    .await;
     assert_eq!(
         route_json(&proxy, "/api/users").await["guard_tripped"],
         true,
         "another route's change keeps the trip"
     );
-    std::fs::write(
-        proxy.path(),
-        cfg("0.6", "[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),
+    reload_with(
+        &proxy,
+        &cfg("0.6", "[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),
     )
-    .unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.state.clone())
-            .await
-            .changed
-    );
+    .await;
     assert_eq!(
         route_json(&proxy, "/api/users").await["guard_tripped"],
         false,
