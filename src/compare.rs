@@ -269,12 +269,26 @@ fn body_differences(a: &Bytes, b: &Bytes, rules: &Rules, diffs: &mut Vec<Differe
                 }
             }
         }
-        _ => diffs.push(changed(
-            "body".into(),
-            Value::from(format!("{} bytes", a.len())),
-            Value::from(format!("{} bytes", b.len())),
-        )),
+        _ => {
+            let at = first_difference(a, b);
+            let side = |body: &Bytes| {
+                Value::from(match body.get(at) {
+                    Some(byte) => format!("{} bytes, 0x{byte:02x} at byte {at}", body.len()),
+                    None => format!("{} bytes, ends before byte {at}", body.len()),
+                })
+            };
+            diffs.push(changed(format!("body:byte {at}"), side(a), side(b)));
+        }
     }
+}
+
+/// The offset of the first byte where `a` and `b` differ (the shorter length when one is a
+/// prefix of the other).
+fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
 }
 
 /// Shortens long text for reports.

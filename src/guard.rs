@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::metrics::{Metrics, GUARD_TRIPPED};
-use crate::routes::{BackendId, Guard, RouteTable};
+use crate::routes::{BackendId, EntryKey, Guard, RouteTable};
 
 /// Buckets per window: the window slides in steps of a tenth.
 const BUCKETS: usize = 10;
@@ -136,7 +136,7 @@ impl GuardState {
 /// Guards of the process, kept across reloads for route entries that did not change.
 pub struct Guards {
     base: Instant,
-    by_entry: Mutex<HashMap<String, Arc<GuardState>>>,
+    by_entry: Mutex<HashMap<EntryKey, Arc<GuardState>>>,
 }
 
 impl Default for Guards {
@@ -156,13 +156,12 @@ impl Guards {
         let slots = table
             .routes()
             .iter()
-            .map(|route| {
+            .enumerate()
+            .map(|(id, route)| {
                 let g = route.guard.as_ref()?;
-                // The entry as written, minus its position in the file, with backend names.
-                let mut entry = route.clone();
-                entry.line = 0;
-                let names: Vec<&str> = table.backends().iter().map(|b| b.name.as_str()).collect();
-                let key = format!("{entry:?} {names:?}");
+                // Other entries and backends may come and go: only this entry's own edit (or
+                // POST /guard/reset) clears its guard.
+                let key = table.entry_key(id);
                 let state = map.get(&key).cloned().unwrap_or_else(|| {
                     Arc::new(GuardState::new(
                         &route.prefix,

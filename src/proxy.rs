@@ -309,7 +309,16 @@ impl State {
         if declared.is_some_and(|n| n > limit) {
             return Err(ProxyError::PayloadTooLarge { limit });
         }
-        let upgrade = is_upgrade(req.headers());
+        // An upgrade the route does not tunnel (h2c, or one it did not opt in to) is dropped
+        // with the other hop-by-hop headers: the request goes on as plain HTTP/1.1, as from
+        // a server that ignores `Upgrade` (RFC 9110 §7.8).
+        let upgrade = is_upgrade(req.headers())
+            && route.allows_upgrade(
+                req.headers()
+                    .get_all(header::UPGRADE)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            );
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         // Decided before the headers are cleaned: a request marked as a shadow copy is never
         // shadowed again, whether or not the marker is trusted onward.
@@ -407,14 +416,9 @@ impl State {
         request_id: &HeaderValue,
         upgrade: bool,
     ) {
-        // HTTP/2 carries the host as `:authority`; HTTP/1.1 backends need it as Host.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-        }
+        // HTTP/2 carries the host as `:authority`, an absolute-form target as its authority;
+        // either was what routed the request, so the backend's Host says the same.
+        set_host_from_target(&mut parts.headers, &parts.uri);
         let host = parts.headers.get(header::HOST).cloned();
         let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers, upgrade);

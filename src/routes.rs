@@ -131,6 +131,8 @@ pub struct Route {
     pub fallback: Option<BackendId>,
     pub compare: Compare,
     pub guard: Option<Guard>,
+    /// Upgrade protocols besides WebSocket (lower case) this route tunnels; never `h2c`.
+    pub upgrades: Vec<String>,
     /// Line of the entry in the file, for messages.
     pub line: usize,
 }
@@ -139,6 +141,27 @@ impl Route {
     /// Number of filters: routes with more are tried first among equal prefixes.
     fn specificity(&self) -> u8 {
         u8::from(self.methods.is_some()) + u8::from(self.host.is_some())
+    }
+
+    /// Whether this route tunnels an upgrade to `protocols` (the `Upgrade` header's values):
+    /// WebSocket always, others only when listed in `upgrades`, `h2c` never (an h2c upgrade
+    /// would carry everything after it past routing, limits and logs). Every protocol offered
+    /// must be allowed.
+    pub fn allows_upgrade<'a>(&self, mut protocols: impl Iterator<Item = &'a [u8]>) -> bool {
+        protocols.all(|value| {
+            value
+                .split(|&b| b == b',')
+                .map(|p| p.trim_ascii())
+                .filter(|p| !p.is_empty())
+                .all(|p| {
+                    let name = p.split(|&b| b == b'/').next().unwrap_or_default();
+                    name.eq_ignore_ascii_case(b"websocket")
+                        || self
+                            .upgrades
+                            .iter()
+                            .any(|u| name.eq_ignore_ascii_case(u.as_bytes()))
+                })
+        })
     }
 
     /// Whether the method and host filters let this request in.
@@ -179,6 +202,30 @@ impl Route {
             id.push_str(&format!(" host={h}"));
         }
         id
+    }
+}
+
+/// A route entry as written, apart from where it stands in the file and from every other
+/// entry: its backends by name, not by index. State that belongs to one entry and must
+/// outlive reloads that leave it alone (a guard's trip) is keyed by this; adding, removing or
+/// reordering other routes or backends does not change it, editing the entry itself does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntryKey {
+    /// The entry with its line and backend indices blanked.
+    route: Route,
+    /// Names of the backend, shadow, canary, fallback and guard target, in that order.
+    names: [Option<String>; 5],
+}
+
+// Validation rejects NaN in every float of a route, so equality is an equivalence.
+impl Eq for EntryKey {}
+
+impl std::hash::Hash for EntryKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // A subset of what `eq` compares: equal keys hash alike.
+        self.route.key.hash(state);
+        self.route.host.hash(state);
+        self.names.hash(state);
     }
 }
 
@@ -271,6 +318,32 @@ impl RouteTable {
 
     pub fn backend_id(&self, name: &str) -> Option<BackendId> {
         self.backends.iter().position(|b| b.name == name)
+    }
+
+    /// The identity of route `id`'s entry across reloads (see [`EntryKey`]).
+    pub fn entry_key(&self, id: RouteId) -> EntryKey {
+        let mut route = self.routes[id].clone();
+        let name = |b: BackendId| Some(self.backends[b].name.clone());
+        let names = [
+            name(route.backend),
+            route.shadow.as_ref().and_then(|s| name(s.backend)),
+            route.canary.as_ref().and_then(|c| name(c.backend)),
+            route.fallback.and_then(name),
+            route.guard.as_ref().and_then(|g| name(g.to)),
+        ];
+        route.line = 0;
+        route.backend = 0;
+        route.fallback = route.fallback.map(|_| 0);
+        if let Some(s) = route.shadow.as_mut() {
+            s.backend = 0;
+        }
+        if let Some(c) = route.canary.as_mut() {
+            c.backend = 0;
+        }
+        if let Some(g) = route.guard.as_mut() {
+            g.to = 0;
+        }
+        EntryKey { route, names }
     }
 
     /// The route that answers `method host path`, if any. `host` is the request's host

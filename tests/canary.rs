@@ -374,6 +374,30 @@ async fn a_tripped_guard_holds_across_reloads_of_other_routes_and_clears_when_it
         true,
         "another route's change keeps the trip"
     );
+    // The routine next step of a migration: a new backend (sorted before `users`, so every
+    // backend index after it moves) and its route.
+    let orders = start_echo("orders").await;
+    let next = format!(
+        "[backends.orders]\nurl = \"http://{}\"\n[[routes]]\nprefix = \"/api/orders\"\nbackend = \"orders\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+        orders.addr
+    );
+    reload_with(&proxy, &cfg("0.5", &next)).await;
+    assert_eq!(
+        route_json(&proxy, "/api/users").await["guard_tripped"],
+        true,
+        "a new backend and route keep the trip"
+    );
+    assert_eq!(
+        get(&proxy.url("/api/orders/1")).await.json()["backend"],
+        "orders"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            get(&proxy.url("/api/users/1")).await.status,
+            200,
+            "still answered by legacy, not the failing service"
+        );
+    }
     reload_with(
         &proxy,
         &cfg("0.6", "[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),

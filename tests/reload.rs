@@ -378,72 +378,112 @@ async fn websockets_stay_open_across_reloads() {
     }
 }
 
+/// Eight keep-alive clients sending `/whoami` until told to stop, counting who answered.
+struct Load {
+    /// Answers by legacy and by users.
+    served: Arc<[AtomicUsize; 2]>,
+    failures: Arc<AtomicUsize>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<usize>>,
+}
+
+impl Load {
+    /// Starts the clients; each sends at least `min` requests.
+    fn start(proxy: &Proxy, min: usize) -> Load {
+        let url = proxy.url("/whoami");
+        let served = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let failures = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..8)
+            .map(|_| {
+                let (url, served, failures, done) =
+                    (url.clone(), served.clone(), failures.clone(), done.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut sent = 0;
+                    while sent < min || !done.load(Ordering::Acquire) {
+                        sent += 1;
+                        let req = http::Request::get(&url)
+                            .body(http_body_util::Full::default())
+                            .unwrap();
+                        match client.request(req).await {
+                            Ok(resp) if resp.status() == 200 => {
+                                let body = http_body_util::BodyExt::collect(resp.into_body())
+                                    .await
+                                    .unwrap()
+                                    .to_bytes();
+                                let who: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                                served[usize::from(who["backend"] == "users")]
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        Load {
+            served,
+            failures,
+            done,
+            clients,
+        }
+    }
+
+    /// `(legacy, users)` answers so far.
+    fn served(&self) -> (usize, usize) {
+        (
+            self.served[0].load(Ordering::Relaxed),
+            self.served[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops the clients; returns `(sent, legacy, users, failed)`.
+    async fn finish(mut self) -> (usize, usize, usize, usize) {
+        self.done.store(true, Ordering::Release);
+        let mut sent = 0;
+        for c in std::mem::take(&mut self.clients) {
+            sent += c.await.unwrap();
+        }
+        let (legacy, users) = self.served();
+        (sent, legacy, users, self.failures.load(Ordering::Relaxed))
+    }
+}
+
+/// Writes `text` over routes.toml: renamed over it from a temp file, or in place.
+fn write_routes(proxy: &Proxy, text: &str, rename: bool) {
+    if rename {
+        let tmp = proxy.dir.path().join("routes.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, proxy.path()).unwrap();
+    } else {
+        std::fs::write(proxy.path(), text).unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_storm_under_load_fails_no_request() {
     let (proxy, a, b) = start_pair("").await;
-    let url = proxy.url("/whoami");
-    let served = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
-    let failures = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let (url, served, failures, done) =
-                (url.clone(), served.clone(), failures.clone(), done.clone());
-            tokio::spawn(async move {
-                let client = client();
-                let mut sent = 0;
-                // Until every flip is done, and at least 500 requests per client.
-                while sent < 500 || !done.load(Ordering::Acquire) {
-                    sent += 1;
-                    let req = http::Request::get(&url)
-                        .body(http_body_util::Full::default())
-                        .unwrap();
-                    match client.request(req).await {
-                        Ok(resp) if resp.status() == 200 => {
-                            let body = http_body_util::BodyExt::collect(resp.into_body())
-                                .await
-                                .unwrap()
-                                .to_bytes();
-                            let who: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                            served[usize::from(who["backend"] == "users")]
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                sent
-            })
-        })
-        .collect();
+    let load = Load::start(&proxy, 500);
     // 60 flips while the clients run: written in place or renamed over the file (the watcher
     // sees them) and reloaded at once (as SIGHUP or POST /reload would).
     for i in 0..60 {
         let to = if i % 2 == 0 { "users" } else { "legacy" };
-        let text = table(&format!("# flip {i}"), a.addr, b.addr, to);
-        if i % 2 == 0 {
-            let tmp = proxy.dir.path().join("routes.toml.tmp");
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, proxy.path()).unwrap();
-        } else {
-            std::fs::write(proxy.path(), text).unwrap();
-        }
+        write_routes(
+            &proxy,
+            &table(&format!("# flip {i}"), a.addr, b.addr, to),
+            i % 2 == 0,
+        );
         let outcome = strangler::reload::reload_async(proxy.state.clone()).await;
         assert!(outcome.ok, "{:?}", outcome.errors);
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
-    done.store(true, Ordering::Release);
-    let mut sent = 0;
-    for c in clients {
-        sent += c.await.unwrap();
-    }
-    let (to_legacy, to_users) = (
-        served[0].load(Ordering::Relaxed),
-        served[1].load(Ordering::Relaxed),
-    );
-    eprintln!("reload storm: 60 flips, {sent} requests, {to_legacy} answered by legacy, {to_users} by users, {} failed", failures.load(Ordering::Relaxed));
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed requests");
+    let (sent, to_legacy, to_users, failed) = load.finish().await;
+    eprintln!("reload storm: 60 flips, {sent} requests, {to_legacy} answered by legacy, {to_users} by users, {failed} failed");
+    assert_eq!(failed, 0, "failed requests");
     assert_eq!(to_legacy + to_users, sent);
     assert!(sent >= 4000, "{sent}");
     assert!(
@@ -461,6 +501,50 @@ async fn reload_storm_under_load_fails_no_request() {
         ),
         None,
         "{m}"
+    );
+}
+
+/// The way it once failed: a writer that never pauses for the debounce's quiet time (a flip
+/// every 100-200 ms for 10 s, renamed and in place by turns) under load. Only the watcher
+/// reloads here; every change must apply while the writes go on, not after they stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_writes_never_starve_the_watcher() {
+    let (proxy, a, b) = start_pair("").await;
+    let load = Load::start(&proxy, 100);
+    let begin = std::time::Instant::now();
+    let mut flips = 0;
+    let mut generations = vec![];
+    while begin.elapsed() < Duration::from_secs(10) {
+        let to = if flips % 2 == 0 { "users" } else { "legacy" };
+        write_routes(
+            &proxy,
+            &table(&format!("# flip {flips}"), a.addr, b.addr, to),
+            flips % 2 == 0,
+        );
+        flips += 1;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(100..=200))).await;
+        if flips % 10 == 0 {
+            generations.push(routes(&proxy).await["generation"].as_u64().unwrap());
+        }
+    }
+    // Counted before the writes stop: the watcher must not wait for them to.
+    let (legacy_during, users_during) = load.served();
+    let generation = routes(&proxy).await["generation"].as_u64().unwrap();
+    let (sent, _, _, failed) = load.finish().await;
+    eprintln!("steady writes: {flips} flips in 10 s, generations {generations:?} -> {generation}, {sent} requests, {legacy_during} legacy / {users_during} users during the writes, {failed} failed");
+    assert_eq!(failed, 0, "failed requests");
+    assert!(
+        legacy_during > 0 && users_during > 0,
+        "both backends answered while the writes went on: {legacy_during} / {users_during}"
+    );
+    // A reload at least every second of writing, and the generation grew all along.
+    assert!(
+        generation >= 10,
+        "generation {generation} after {flips} flips"
+    );
+    assert!(
+        generations.windows(2).all(|w| w[1] > w[0]),
+        "the generation grew throughout: {generations:?}"
     );
 }
 

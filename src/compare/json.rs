@@ -73,12 +73,27 @@ fn ignored(path: &str, rules: &Rules) -> bool {
     rules.ignore.iter().any(|p| p.matches(path))
 }
 
-fn numbers_equal(a: &serde_json::Number, b: &serde_json::Number, tolerance: f64) -> bool {
-    if a == b {
+/// Integers (no fraction, no exponent) compare exactly, whatever their size: a 64-bit id that
+/// is off by one is a real difference, even where doubles cannot tell. Numbers are kept as
+/// their JSON text (serde_json's `arbitrary_precision`), so this is a comparison of digits.
+/// `tolerance` applies only when a side has a fraction or an exponent, so `128` equals `128.0`.
+pub(crate) fn numbers_equal(
+    a: &serde_json::Number,
+    b: &serde_json::Number,
+    tolerance: f64,
+) -> bool {
+    let (ta, tb) = (a.as_str(), b.as_str());
+    if ta == tb {
         return true;
     }
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y || (x - y).abs() <= tolerance * x.abs().max(y.abs()),
+    let integer = |t: &str| !t.contains(['.', 'e', 'E']);
+    if integer(ta) && integer(tb) {
+        // JSON integers have no leading zeros or plus sign; only `-0` has two spellings.
+        let zero = |t: &str| t.trim_start_matches('-') == "0";
+        return zero(ta) && zero(tb);
+    }
+    match (ta.parse::<f64>(), tb.parse::<f64>()) {
+        (Ok(x), Ok(y)) => x == y || (x - y).abs() <= tolerance * x.abs().max(y.abs()),
         _ => false,
     }
 }

@@ -108,6 +108,49 @@ fn json_is_compared_structurally() {
         (r#"{"a":1}"#, r#"{"a":1,"b":2}"#, &[], 0.0, &["/b"]),
         (r#"{"a":[1,2,3]}"#, r#"{"a":[1,2]}"#, &[], 0.0, &["/a/2"]),
         (r#"{"n":1}"#, r#"{"n":1.0}"#, &[], 0.0, &[]),
+        (r#"{"n":128}"#, r#"{"n":128.0}"#, &[], 0.0, &[]),
+        // Integers compare exactly: doubles cannot tell these apart.
+        (
+            r#"{"external_id":1790412345678901234}"#,
+            r#"{"external_id":1790412345678901235}"#,
+            &[],
+            0.0,
+            &["/external_id"],
+        ),
+        (
+            r#"{"n":9007199254740993}"#,
+            r#"{"n":9007199254740992}"#,
+            &[],
+            0.0,
+            &["/n"],
+        ),
+        (
+            r#"{"n":-9007199254740993}"#,
+            r#"{"n":-9007199254740992}"#,
+            &[],
+            0.0,
+            &["/n"],
+        ),
+        // Past u64 and i64: compared as digits.
+        (
+            r#"{"n":123456789012345678901234567890}"#,
+            r#"{"n":123456789012345678901234567891}"#,
+            &[],
+            0.0,
+            &["/n"],
+        ),
+        (
+            r#"{"n":-123456789012345678901234567890}"#,
+            r#"{"n":-123456789012345678901234567890}"#,
+            &[],
+            0.0,
+            &[],
+        ),
+        (r#"{"n":0}"#, r#"{"n":-0}"#, &[], 0.0, &[]),
+        // Tolerance is for numbers with a fraction or an exponent, not for integers.
+        (r#"{"n":100}"#, r#"{"n":101}"#, &[], 0.05, &["/n"]),
+        (r#"{"n":100}"#, r#"{"n":101.0}"#, &[], 0.05, &[]),
+        (r#"{"n":1e2}"#, r#"{"n":100}"#, &[], 0.0, &[]),
         (r#"{"n":100.0}"#, r#"{"n":100.05}"#, &[], 0.001, &[]),
         (r#"{"n":100.0}"#, r#"{"n":100.5}"#, &[], 0.001, &["/n"]),
         (r#"{"n":1}"#, r#"{"n":"1"}"#, &[], 0.0, &["/n"]),
@@ -210,13 +253,29 @@ fn text_shows_the_first_differing_line_and_binary_the_sizes() {
         body: Bytes::from_static(b),
         trailers: None,
     };
+    // Same size, different bytes: the offset of the first difference, both bytes.
     assert_eq!(
-        paths(&compare(
-            &bin(b"\xff\x00\x01"),
-            &bin(b"\xff\x00\x02"),
+        compare(
+            &bin(b"\xff\x00\x01\x07"),
+            &bin(b"\xff\x00\x02\x07"),
             &rules(&[], 0.0)
-        )),
-        ["body"]
+        ),
+        Verdict::Mismatch(vec![Difference {
+            path: "body:byte 2".into(),
+            kind: Kind::Changed,
+            primary: json!("4 bytes, 0x01 at byte 2"),
+            shadow: json!("4 bytes, 0x02 at byte 2"),
+        }])
+    );
+    // One a prefix of the other: where the shorter ends.
+    assert_eq!(
+        compare(&bin(b"\xff\x00"), &bin(b"\xff\x00\x09"), &rules(&[], 0.0)),
+        Verdict::Mismatch(vec![Difference {
+            path: "body:byte 2".into(),
+            kind: Kind::Changed,
+            primary: json!("2 bytes, ends before byte 2"),
+            shadow: json!("3 bytes, 0x09 at byte 2"),
+        }])
     );
     assert_eq!(
         compare(&bin(b"\xff"), &bin(b"\xff"), &rules(&[], 0.0)),

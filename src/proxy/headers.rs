@@ -13,9 +13,11 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub const X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The settings of an h2c upgrade (RFC 7540 §3.2.1): connection-specific, never forwarded.
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1 plus the obsolete ones still seen in the wild.
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -25,6 +27,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HTTP2_SETTINGS,
 ];
 
 /// Headers a client must not be able to strip by naming them in `Connection`: the proxy
@@ -238,30 +241,51 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The request's host without port, lower-cased by the caller's comparison: from `Host`, or
-/// from the authority of an absolute-form target. `Err` when there are two `Host` headers or
-/// one that is not a valid authority.
+/// The request's host without port, lower-cased by the caller's comparison. The authority of
+/// an absolute-form target (or HTTP/2's `:authority`) wins over `Host` (RFC 9112 §3.2.2), so
+/// the proxy routes by what a front proxy routing by the target would; the request then goes
+/// on with `Host` rewritten to match ([`set_host_from_target`]). `Err` when there are two
+/// `Host` headers, one that is not a valid authority, or user info in either.
 pub fn request_host<'a>(
     headers: &'a HeaderMap,
     uri: &'a http::Uri,
 ) -> Result<Option<&'a str>, &'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
-    let Some(value) = hosts.next() else {
-        return Ok(uri.host());
-    };
+    let host = hosts.next();
     if hosts.next().is_some() {
         return Err("more than one Host header");
     }
-    let text = value.to_str().map_err(|_| "Host header is not ASCII")?;
-    let authority: http::uri::Authority = text
-        .parse()
-        .map_err(|_| "Host header is not a valid host[:port]")?;
-    if authority.as_str().contains('@') {
-        return Err("Host header must not carry user info");
+    let from_header = match host {
+        Some(value) => {
+            let text = value.to_str().map_err(|_| "Host header is not ASCII")?;
+            let authority: http::uri::Authority = text
+                .parse()
+                .map_err(|_| "Host header is not a valid host[:port]")?;
+            if authority.as_str().contains('@') {
+                return Err("Host header must not carry user info");
+            }
+            // `authority.host()` borrows the parsed value; return the same span of the text.
+            let host_len = authority.host().len();
+            Some(&text[..host_len])
+        }
+        None => None,
+    };
+    match uri.authority() {
+        Some(a) if a.as_str().contains('@') => Err("the request target must not carry user info"),
+        Some(_) => Ok(uri.host()),
+        None => Ok(from_header),
     }
-    // `authority.host()` borrows the parsed value; return the same span of the header text.
-    let host_len = authority.host().len();
-    Ok(Some(&text[..host_len]))
+}
+
+/// Makes `Host` name the target's authority when the request carried one (absolute-form, or
+/// HTTP/2's `:authority`): a proxy that forwards such a request must not pass on a `Host`
+/// that disagrees with where it routed (RFC 9112 §3.2.2).
+pub fn set_host_from_target(headers: &mut HeaderMap, uri: &http::Uri) {
+    if let Some(a) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            headers.insert(header::HOST, v);
+        }
+    }
 }
 
 /// Whether a path contains `.` or `..` segments, literally or percent-encoded: the proxy

@@ -2,7 +2,8 @@
 //! the file is watched, not the file: editors replace files by renaming a temp file over them,
 //! `sed -i` and `rm` + re-create swap inodes, and Kubernetes ConfigMap volumes swap a `..data`
 //! symlink without any event naming routes.toml. Any event in the directory starts a debounce;
-//! when it settles, the file is read until two reads agree (a write seen half done), and only
+//! when it settles (or at the latest [`DEBOUNCE_MAX`] after the first event, so a steady
+//! stream of writes cannot postpone a reload forever), the file is read until two reads agree (a write seen half done), and only
 //! content whose hash was not seen before is validated and swapped in. A periodic content
 //! check backs the events up (and is all there is with `watch = "poll"`), and re-arms a watch
 //! that broke. Nothing here touches the request path.
@@ -24,6 +25,10 @@ use crate::server::Shutdown;
 /// Quiet time after the last event before the file is read: editors and kubelet write in
 /// bursts of several events within a few milliseconds.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// The longest a debounce waits after its first event, however the events keep coming: a
+/// deploy tool, a sync loop or two operators writing every 100 ms must not starve reloads.
+/// With the settle reads and validation, a change applies well within 1 s of its first event.
+pub(crate) const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 /// Pause between the two reads that must agree.
 const SETTLE: Duration = Duration::from_millis(50);
 /// Reads before giving up on a file that keeps changing (checked again on the next event).
@@ -133,12 +138,17 @@ fn arm(
     }
 }
 
-/// Waits until no event has arrived for [`DEBOUNCE`].
+/// Waits until no event has arrived for [`DEBOUNCE`], or [`DEBOUNCE_MAX`] has passed since
+/// the first one, whichever comes first.
 async fn debounce(events: &Notify) {
-    while tokio::time::timeout(DEBOUNCE, events.notified())
-        .await
-        .is_ok()
-    {}
+    let give_up = tokio::time::Instant::now() + DEBOUNCE_MAX;
+    loop {
+        let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(give_up);
+        match tokio::time::timeout_at(quiet, events.notified()).await {
+            Ok(()) if tokio::time::Instant::now() < give_up => continue,
+            _ => return,
+        }
+    }
 }
 
 /// Reloads when the file's settled content, or a certificate file it names, is new; a

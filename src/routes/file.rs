@@ -87,6 +87,7 @@ pub struct RouteFile {
     pub fallback: Option<Spanned<String>>,
     pub compare: Option<Spanned<CompareFile>>,
     pub guard: Option<Spanned<GuardFile>>,
+    pub upgrades: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `canary = { backend, percent, sticky }`.

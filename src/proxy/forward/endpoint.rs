@@ -74,6 +74,20 @@ impl Sender {
     }
 }
 
+/// RFC 9112 §6.3: an HTTP/1.1 answer with both `Transfer-Encoding` and `Content-Length` is
+/// framed by `Transfer-Encoding` (which hyper decodes); the `Content-Length` must go, or the
+/// client would be told a length the body does not have, and the connection must not be used
+/// again. Returns whether the answer was such a one.
+fn reframed(resp: &mut Response<Incoming>) -> bool {
+    let both = resp.version() <= Version::HTTP_11
+        && resp.headers().contains_key(header::TRANSFER_ENCODING)
+        && resp.headers().contains_key(header::CONTENT_LENGTH);
+    if both {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    both
+}
+
 /// A failed exchange: kind, cause, and the request if it was never written.
 pub type ExchangeError = (UpstreamErrorKind, BoxError, Option<Request<UpstreamBody>>);
 
@@ -271,6 +285,7 @@ impl Endpoint {
         if self.protocol == Protocol::H2 {
             self.to_h2(&mut req);
         }
+        let asked_upgrade = req.headers().contains_key(header::UPGRADE);
         loop {
             let (mut sender, reused) = match self.pool.take(self.protocol) {
                 Some(s) => (s, true),
@@ -292,9 +307,25 @@ impl Endpoint {
                 return Err((UpstreamErrorKind::Connect, Box::new(e), Some(req)));
             }
             match sender.send(req).await {
-                Ok(resp) => {
+                Ok(resp)
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade =>
+                {
+                    // A tunnel nobody asked for: the connection is the upstream's now, and
+                    // nothing it sends may reach the client unrouted.
+                    self.failed();
+                    return Err((
+                        UpstreamErrorKind::Protocol,
+                        "the upstream switched protocols without being asked to".into(),
+                        None,
+                    ));
+                }
+                Ok(mut resp) => {
                     self.succeeded();
-                    lease.sender = Some(sender);
+                    if reframed(&mut resp) {
+                        debug!(backend = %self.backend, endpoint = %self.authority, "answer with both Content-Length and Transfer-Encoding: relayed by Transfer-Encoding, connection not reused");
+                    } else {
+                        lease.sender = Some(sender);
+                    }
                     return Ok((resp, lease));
                 }
                 Err(mut e) => match e.take_message() {

@@ -188,6 +188,11 @@ fn hosts() {
         (&[("host", "a"), ("host", "b")], &uri, Err(())),
         (&[("host", "a b")], &uri, Err(())),
         (&[("host", "user@evil")], &uri, Err(())),
+        // The target's authority wins over Host (RFC 9112 §3.2.2).
+        (&[("host", "good.example")], &abs, Ok(Some("abs.example"))),
+        (&[("host", "a"), ("host", "b")], &abs, Err(())),
+        (&[("host", "a b")], &abs, Err(())),
+        (&[], &"http://user@evil.example/x".parse().unwrap(), Err(())),
     ];
     for (h, u, want) in cases {
         assert_eq!(request_host(&map(h), u).map_err(|_| ()), *want, "{h:?}");

@@ -373,6 +373,10 @@ impl Ctx {
         }
         let compare = self.compare(f.compare.as_ref().map(Spanned::get_ref));
         let guard = f.guard.as_ref().and_then(|g| self.guard(g, names, legacy));
+        let upgrades = f
+            .upgrades
+            .as_ref()
+            .map_or_else(Vec::new, |u| self.upgrades(u));
         Some(Route {
             prefix: f.prefix.get_ref().clone(),
             key: key?,
@@ -384,8 +388,35 @@ impl Ctx {
             fallback,
             compare,
             guard,
+            upgrades,
             line,
         })
+    }
+
+    /// `upgrades = ["name", ...]`: protocol names (RFC 9110 tokens), never `h2c`.
+    fn upgrades(&mut self, list: &Spanned<Vec<Spanned<String>>>) -> Vec<String> {
+        let mut out = Vec::new();
+        for u in list.get_ref() {
+            let name = u.get_ref();
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                self.err(
+                    u.span(),
+                    format!("`upgrades`: {name:?} is not a protocol name (letters, digits and !#$%&'*+-.^_`|~)"),
+                );
+            } else if name.eq_ignore_ascii_case("h2c") {
+                self.err(
+                    u.span(),
+                    "`upgrades`: h2c is never tunnelled: everything after the switch would bypass routing, limits and logs (serve HTTP/2 with `[server] h2c = true` instead)".into(),
+                );
+            } else {
+                out.push(name.to_ascii_lowercase());
+            }
+        }
+        out
     }
 
     fn prefix(&mut self, p: &Spanned<String>) -> Option<String> {
