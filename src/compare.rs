@@ -315,6 +315,8 @@ pub fn bounded(v: &Value) -> Value {
                 Value::from(shorten(&text))
             }
         }
+        // Numbers keep their text, which may be any length.
+        Value::Number(n) if n.as_str().len() > MAX_VALUE_CHARS => Value::from(shorten(n.as_str())),
         other => other.clone(),
     }
 }
