@@ -26,14 +26,14 @@ use strangler::proxy::headers;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1, the obsolete ones, and h2c's settings): written out
 /// here again, from the RFC, not imported, so the check does not share the code's mistakes.
-const HOP_BY_HOP: [&str; 10] = [
+/// (`Trailer` is end-to-end, RFC 9110 §6.6.2.)
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "http2-settings",

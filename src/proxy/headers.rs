@@ -17,14 +17,15 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1 plus the obsolete ones still seen in the wild.
-const HOP_BY_HOP: [HeaderName; 10] = [
+/// `Trailer` is not one of them (it is end-to-end, RFC 9110 §6.6.2): it declares the trailer
+/// fields that follow, and hyper's HTTP/1.1 encoder writes only the fields it declares.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HTTP2_SETTINGS,

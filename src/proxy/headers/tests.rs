@@ -48,9 +48,11 @@ fn hop_by_hop_and_connection_named_headers_are_removed() {
                 ("trailer", "x"),
                 ("proxy-authorization", "Basic x"),
                 ("proxy-connection", "k"),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
             ],
             false,
-            &[],
+            // `Trailer` is end-to-end: it declares the trailer fields that follow.
+            &["trailer"],
         ),
         // A client cannot make the proxy drop the headers it sets for the backend.
         (
