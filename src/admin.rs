@@ -124,6 +124,12 @@ fn readyz(state: &State) -> Response<ResponseBody> {
 }
 
 fn metrics(state: &State) -> Response<ResponseBody> {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        state
+            .metrics
+            .gauge(crate::metrics::RUNTIME_ALIVE_TASKS, vec![])
+            .set(rt.metrics().num_alive_tasks() as f64);
+    }
     let mut resp = Response::new(ResponseBody::full(Bytes::from(state.metrics.render())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -27,6 +27,9 @@ pub const GUARD_TRIPPED: &str = "strangler_guard_tripped";
 pub const SHADOW_DURATION: &str = "strangler_shadow_duration_seconds";
 /// Client TLS handshakes that did not complete, by `reason` (`failed`, `timeout`).
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "strangler_tls_handshake_errors_total";
+/// Tasks alive in the runtime (connections, shadow legs, tunnels, watchers), read at scrape
+/// time: a count that keeps growing under steady load is a leak.
+pub const RUNTIME_ALIVE_TASKS: &str = "strangler_runtime_alive_tasks";
 
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";

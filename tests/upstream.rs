@@ -264,3 +264,86 @@ async fn a_malformed_chunked_body_is_400_and_the_pool_stays_healthy() {
         assert_eq!(get(&proxy.url("/after")).await.status, 200);
     }
 }
+
+/// Under steady keep-alive load every upstream connection goes back to the pool: the backend
+/// accepts no more connections than there were exchanges at once, whatever the framing of its
+/// answers (sized, chunked, empty, HEAD). (A backend that closes after N requests, as nginx
+/// does after its default `keepalive_requests 1000`, renews connections by its own choice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_keep_alive_load_opens_no_new_upstream_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (listener, addr) = listener().await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let n: usize = req
+                            .uri()
+                            .path()
+                            .trim_start_matches('/')
+                            .parse()
+                            .unwrap_or(0);
+                        let body = match n % 3 {
+                            0 => http_body_util::Either::Left(Full::new(Bytes::from(vec![
+                                b'x';
+                                1024
+                            ]))),
+                            // No length: hyper sends it chunked.
+                            1 => http_body_util::Either::Right(StreamBody::new(
+                                futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                                    hyper::body::Frame::data(Bytes::from_static(b"chunk")),
+                                )]),
+                            )),
+                            _ => http_body_util::Either::Left(Full::new(Bytes::new())),
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let proxy = proxy_to(addr, "", "").await;
+    let clients = 8;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let base = proxy.url("");
+            tokio::spawn(async move {
+                let client = client();
+                for i in 0..300 {
+                    let method = if i % 7 == 0 {
+                        Method::HEAD
+                    } else {
+                        Method::GET
+                    };
+                    let req = request(method, &format!("{base}/{}", c * 1000 + i))
+                        .body(Full::default())
+                        .unwrap();
+                    let resp = client.request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let opened = accepted.load(Ordering::Relaxed);
+    eprintln!(
+        "{} requests over {clients} client connections: {opened} upstream connections",
+        clients * 300
+    );
+    assert!(
+        opened <= clients,
+        "{opened} upstream connections for {clients} concurrent clients"
+    );
+}
