@@ -16,7 +16,7 @@
 # $WORK/users-fail exists (that is how the guard is tripped); `workouts`, the shadow.
 # Routes: /api/users -> users with a guard and a fallback to legacy (clients never see the
 # trip: a 5xx of an idempotent request is answered by legacy); /api/workouts -> legacy, shadowed
-# to workouts; /api/feed -> legacy with a canary to users whose percent each reload flips.
+# to workouts; /api/feed -> legacy with a canary to workouts whose percent each reload flips.
 # Installs nginx and h2load from Debian's packages when missing. Samples go to $WORK/samples.csv
 # (kept with KEEP=1).
 set -euo pipefail
@@ -38,6 +38,7 @@ cargo build --release -q --bin strangler
 BIN=target/release/strangler
 
 WORK=$(mktemp -d)
+chmod 755 "$WORK"   # nginx workers (www-data) stat the flag file in it
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -102,8 +103,7 @@ shadow = "workouts"
 [[routes]]
 prefix = "/api/feed"
 backend = "legacy"
-canary = { backend = "users", percent = $1, sticky = "header:x-user-id" }
-fallback = "legacy"
+canary = { backend = "workouts", percent = $1, sticky = "header:x-user-id" }
 
 [[routes]]
 prefix = "/"
