@@ -343,6 +343,9 @@ fn route_json(active: &Active, id: usize) -> Value {
         "line": r.line,
         "traffic": active.traffic[id].to_json(),
     });
+    if !r.upgrades.is_empty() {
+        v["upgrades"] = json!(r.upgrades);
+    }
     if let Some(s) = &r.shadow {
         v["shadow_percent"] = json!(format_percent(s.percent)
             .parse::<f64>()

@@ -1256,6 +1256,20 @@ async fn other_upgrades_pass_only_where_the_route_opts_in_and_websockets_always(
     ))
     .await;
 
+    // /routes says which route tunnels what.
+    let routes = get(&proxy.admin_url("/routes")).await.json();
+    let by_prefix = |p: &str| {
+        routes["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["prefix"] == p)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_prefix("/foo")["upgrades"], serde_json::json!(["foo"]));
+    assert!(by_prefix("/").get("upgrades").is_none());
+
     // Not opted in (and h2c never, even where foo is): stripped, served as plain HTTP.
     for (path, offer) in [
         ("/plain", "foo/1"),

@@ -301,6 +301,13 @@ fn garbage_in_each_key_is_an_error() {
         ("[[routes]]\nprefix = \"/a\"\nbackend = \"users\"\n[routes.guard]\nmax_error_rate = 0.1\nwindow = \"forever\"\n", "invalid duration"),
         ("[[routes]]\nprefix = \"/a\"\nbackend = \"users\"\n[routes.guard]\nmax_error_rate = 0.1\nmin_requests = 0\n", "at least 1"),
         ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\n[[routes]]\nprefix = \"/a/\"\nbackend = \"users\"\n", "duplicate route"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [\"h2c\"]\n", "h2c is never tunnelled"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [\"H2C\"]\n", "h2c is never tunnelled"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [\"\"]\n", "is not a protocol name"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [\"foo bar\"]\n", "is not a protocol name"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [\"foo/1\"]\n", "is not a protocol name"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = \"foo\"\n", "invalid type"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [1]\n", "invalid type"),
         ("version = 2\n", "unsupported `version`"),
         ("colour = \"blue\"\n", "unknown key `colour`"),
     ];
@@ -404,4 +411,30 @@ fn diff_speaks_in_stages() {
         ]
     );
     assert!(diff::diff(&new, &new).is_empty());
+}
+
+#[test]
+fn upgrades_a_route_tunnels() {
+    let t = table(
+        "[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nupgrades = [\"Foo\", \"irc\"]\n[[routes]]\nprefix = \"/b\"\nbackend = \"legacy\"\n",
+    );
+    let (opted, plain) = (&t.routes()[0], &t.routes()[1]);
+    let allows = |r: &Route, values: &[&str]| r.allows_upgrade(values.iter().map(|v| v.as_bytes()));
+    for r in [opted, plain] {
+        assert!(allows(r, &["websocket"]));
+        assert!(allows(r, &["WebSocket"]));
+        assert!(!allows(r, &["h2c"]), "h2c never");
+        assert!(
+            !allows(r, &["websocket, h2c"]),
+            "every offered protocol must be allowed"
+        );
+        assert!(!allows(r, &["websocket", "h2c"]));
+    }
+    assert!(
+        allows(opted, &["foo/1"]),
+        "versions are ignored, names case-insensitive"
+    );
+    assert!(allows(opted, &["irc, websocket"]));
+    assert!(!allows(plain, &["foo"]));
+    assert!(!allows(opted, &["foobar"]));
 }
