@@ -23,7 +23,7 @@ fn table(n: usize) -> strangler::routes::RouteTable {
         ));
     }
     src.push_str("[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n");
-    match strangler::routes::parse(&src) {
+    match strangler::config::parse(&src) {
         Ok(p) => p.table,
         Err(e) => panic!("{e:?}"),
     }

@@ -11,10 +11,10 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::error::json_response;
-use crate::proxy::body::ResponseBody;
 use crate::proxy::{Active, State};
+use crate::respond::json_response;
 use crate::routes::{format_percent, Sticky};
+use crate::upstream::body::ResponseBody;
 
 /// Answers one admin request.
 pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseBody> {

@@ -103,7 +103,7 @@ pub fn explain(
         .parse()
         .map_err(|e| format!("{target:?} is not a request path: {e}"))?;
     let path = uri.path();
-    let host = crate::proxy::headers::request_host(headers, &uri)?;
+    let host = crate::headers::request_host(headers, &uri)?;
     let t: &RouteTable = &loaded.parsed.table;
     let mut out = format!(
         "request:  {method} {target}{}\n",

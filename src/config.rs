@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::routes::{self, Diagnostic, Parsed};
+pub mod file;
+pub mod validate;
+
+pub use validate::{parse, parse_at, Diagnostic, Parsed};
 
 /// The validated `[server]` section.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +117,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, LoadError> {
         }],
     })?;
     let dir = path.parent().unwrap_or(Path::new(""));
-    let parsed = routes::parse_at(text, dir).map_err(|errors| LoadError::Invalid {
+    let parsed = parse_at(text, dir).map_err(|errors| LoadError::Invalid {
         path: shown,
         errors,
     })?;

@@ -1,12 +1,10 @@
-//! Errors the proxy makes itself, and the one place they become responses. Who is at fault
-//! decides the status: the client (400, 413, 508), the routes (404), an upstream (502, 504).
+//! Errors the proxy makes itself. Who is at fault decides the status: the client (400, 413,
+//! 508), the routes (404), an upstream (502, 504). A leaf: `respond` turns them into the
+//! contract's JSON responses.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-
-use crate::proxy::body::ResponseBody;
+use http::StatusCode;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -80,28 +78,4 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
-
-    /// The contract's JSON: `{"error", "code", "request_id"}`. The message names no internal
-    /// address and no OS error: those go to the log.
-    pub fn to_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
-        let body = serde_json::json!({
-            "error": self.to_string(),
-            "code": self.code(),
-            "request_id": request_id.to_str().unwrap_or_default(),
-        });
-        json_response(self.status(), &body)
-    }
-}
-
-/// A JSON response with `content-type: application/json`.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
-    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
-    bytes.push(b'\n');
-    let mut resp = Response::new(ResponseBody::full(Bytes::from(bytes)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
 }

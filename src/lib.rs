@@ -20,6 +20,7 @@
 //! files it names), `reload` (load -> validate -> swap, keep last good; certificates too),
 //! `admin` (probes, metrics, `/routes`).
 
+pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod compare;
@@ -27,15 +28,18 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod guard;
+pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
+pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod shadow;
 pub mod tls;
 pub mod traffic;
 pub mod units;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,13 +1,7 @@
 //! The request service. For each request: one load of the active snapshot (route table,
 //! upstream clients, metric handles); validate; route; pick the answering backend; forward
 //! with clean headers; stream the response back. Errors become responses in one place,
-//! `ProxyError::to_response`. Nothing here blocks, locks, or buffers a body.
-
-pub mod access;
-pub mod body;
-pub mod forward;
-pub mod headers;
-pub mod tee;
+//! `respond::error_response`. Nothing here blocks, locks, or buffers a body.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,18 +17,18 @@ use tracing::{debug, warn, Instrument};
 
 use tokio::sync::oneshot;
 
-use self::access::AccessLog;
-use self::body::{ResponseBody, UpstreamBody};
-use self::forward::Upstream;
-use self::forward::{Failed, Lease};
-use self::headers::*;
-use self::tee::{Budget, Captured, Held, Tee};
+use crate::access::AccessLog;
 use crate::config::{Loaded, ServerSettings};
 use crate::error::ProxyError;
 use crate::guard::{GuardState, Guards};
+use crate::headers::*;
 use crate::metrics::{Metrics, Responses, RouteMetrics, FALLBACK_TOTAL, NO_ROUTE};
 use crate::routes::{canary_bucket, in_canary, BackendId, Route, RouteId, RouteTable, Sticky};
 use crate::shadow::{self, Shadows};
+use crate::upstream::body::{ResponseBody, UpstreamBody};
+pub use crate::upstream::idempotent;
+use crate::upstream::tee::{Budget, Captured, Held, Tee};
+use crate::upstream::{Failed, Lease, Upstream};
 use metrics::Label;
 
 /// Everything a request needs from one generation of routes.toml, swapped as one.
@@ -234,7 +228,7 @@ impl State {
                     }
                     _ => debug!(%error, ?route, id = ?request_id, "request refused"),
                 }
-                error.to_response(&request_id)
+                crate::respond::error_response(&error, &request_id)
             }
         };
         self.record(&active, &trace, resp.status(), start);
@@ -697,14 +691,6 @@ impl ShadowFeed {
         self.head_tx?.send(head).ok()?;
         self.response_tee
     }
-}
-
-/// Methods that may be sent twice (RFC 9110 §9.2.2): fallbacks and retries only repeat these.
-pub fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// Whether the request certainly has no body (so the upstream request can say so).

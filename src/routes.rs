@@ -9,8 +9,6 @@
 //! next candidate, then to shorter prefixes.
 
 pub mod diff;
-pub mod file;
-pub mod validate;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,8 +17,6 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::uri::{Authority, Scheme};
 use http::Method;
-
-pub use validate::{parse, parse_at, Diagnostic, Parsed};
 
 /// Index of a backend in [`RouteTable::backends`].
 pub type BackendId = usize;

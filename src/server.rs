@@ -22,7 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ServerSettings;
-use crate::proxy::body::ResponseBody;
+use crate::upstream::body::ResponseBody;
 
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

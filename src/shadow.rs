@@ -1,7 +1,7 @@
 //! Shadow traffic: the decision to mirror a request, and the shadow leg that sends the copy,
 //! waits for both answers and compares them. The leg runs in its own task, under a cap on
 //! concurrent legs and its own deadline; its inputs are bounded copies handed over by tees
-//! (`proxy::tee`). Nothing here can delay, change or fail the client's response: the request
+//! (`upstream::tee`). Nothing here can delay, change or fail the client's response: the request
 //! path only does a non-blocking permit grab and a spawn.
 
 mod leg;
@@ -20,8 +20,8 @@ pub use report::{DiffEntry, Diffs};
 
 use crate::compare::{Pattern, Rules};
 use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_GATE, SHADOW_TOTAL};
-use crate::proxy::tee::Budget;
 use crate::routes::{BackendId, Route, RouteTable};
+use crate::upstream::tee::Budget;
 
 /// Shadow legs in flight at once; past it new copies are dropped (counted), never queued.
 pub const MAX_SHADOW_TASKS: usize = 256;
@@ -241,7 +241,7 @@ impl Shadows {
         let eligible = slot.backend != answering
             && !upgrade
             && slot.methods.contains(method)
-            && !headers.contains_key(crate::proxy::headers::X_STRANGLER_SHADOW)
+            && !headers.contains_key(crate::headers::X_STRANGLER_SHADOW)
             && (slot.percent >= 100.0 || fastrand::f64() * 100.0 < slot.percent);
         if !eligible {
             return None;

@@ -208,7 +208,7 @@ async fn users_service_does_not_keep_shadow_writes() {
 async fn the_demo_route_table_is_valid_and_flows_through_the_proxy() {
     let demo =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/routes.toml")).unwrap();
-    let parsed = strangler::routes::parse(&demo).unwrap();
+    let parsed = strangler::config::parse(&demo).unwrap();
     let t = &parsed.table;
     let stage_of = |p: &str| {
         t.routes()

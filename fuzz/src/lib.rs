@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use strangler::compare::{Answer, Rules, Verdict, MAX_DIFFERENCES};
-use strangler::proxy::headers;
+use strangler::headers;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1, the obsolete ones, and h2c's settings): written out
 /// here again, from the RFC, not imported, so the check does not share the code's mistakes.

@@ -1,6 +1,7 @@
 //! Table-driven tests of routing, stages, config errors and diffs.
 
 use super::*;
+use crate::config::parse;
 use http::Method;
 
 const BACKENDS: &str = r#"

@@ -13,10 +13,10 @@ use tracing::{debug, info};
 use super::report::{DiffEntry, Side};
 use super::{Outcome, Plan, Shadows};
 use crate::compare::{compare, learn_noise, Answer, Verdict};
-use crate::proxy::body::UpstreamBody;
-use crate::proxy::forward::Upstream;
-use crate::proxy::headers::X_STRANGLER_SHADOW;
-use crate::proxy::tee::{Budget, Captured, Held, Tee};
+use crate::headers::X_STRANGLER_SHADOW;
+use crate::upstream::body::UpstreamBody;
+use crate::upstream::tee::{Budget, Captured, Held, Tee};
+use crate::upstream::Upstream;
 
 /// How long the leg waits for the primary's body after the primary's own deadline.
 const PRIMARY_GRACE: Duration = Duration::from_secs(1);

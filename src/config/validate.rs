@@ -17,8 +17,10 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::file::{BackendFile, CanaryFile, CompareFile, GuardFile, RouteFile, ServerFile};
-use super::{Backend, BackendId, Canary, Compare, Guard, Route, RouteTable, Shadow, Sticky};
 use crate::config::{ServerSettings, Watch};
+use crate::routes::{
+    Backend, BackendId, Canary, Compare, Guard, Route, RouteTable, Shadow, Sticky,
+};
 use crate::units::{parse_duration, parse_size};
 
 /// One error or warning, located in the file.

@@ -14,9 +14,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::access::AccessLog;
-use super::forward::Lease;
 use super::tee::Tee;
+use super::Lease;
+use crate::access::AccessLog;
 use crate::error::BoxError;
 
 /// The request body was larger than `max_request_body`.

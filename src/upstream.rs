@@ -11,7 +11,9 @@
 //! All of this lives outside the route table: a reload that keeps a backend's endpoint,
 //! connect timeout, protocol and TLS settings keeps its pool, health and warm connections.
 
+pub mod body;
 mod endpoint;
+pub mod tee;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +27,10 @@ use tokio::time::Instant;
 use endpoint::RetryBudget;
 pub use endpoint::{Endpoint, Lease, Pool};
 
-use super::body::{TooLarge, UpstreamBody};
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::metrics::Metrics;
 use crate::routes::Backend;
+use body::{TooLarge, UpstreamBody};
 
 /// First retry waits about this long; each further one doubles it (with jitter).
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
@@ -119,7 +121,7 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         self.budget.deposit();
-        let idempotent = super::idempotent(req.method());
+        let idempotent = idempotent(req.method());
         let mut req = req;
         let mut tried: Option<usize> = None;
         for attempt in 0..=self.retries {
@@ -230,4 +232,13 @@ pub fn find_source<'a, T: std::error::Error + 'static>(
         cur = err.source();
     }
     None
+}
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2): fallbacks and retries only repeat these.
+pub fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }

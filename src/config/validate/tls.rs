@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use rustls_pki_types::ServerName;
 
 use super::*;
-use crate::routes::file::TlsFile;
+use crate::config::file::TlsFile;
 use crate::routes::Protocol;
 use crate::tls::{self, ClientAuth, ClientTls, ServerTls, ServerTlsFiles};
 

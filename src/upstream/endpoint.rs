@@ -17,8 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::body::{TooLarge, UpstreamBody};
 use crate::error::{BoxError, UpstreamErrorKind};
-use crate::proxy::body::{TooLarge, UpstreamBody};
 use crate::routes::{Backend, HealthCheck, Protocol};
 use crate::tls::{ClientTls, ALPN_H2};
 
@@ -333,8 +333,8 @@ impl Endpoint {
                     Some(r) if reused => req = r,
                     unsent => {
                         let error = e.into_error();
-                        let client_fault = error.is_user()
-                            || crate::proxy::forward::find_source::<TooLarge>(&error).is_some();
+                        let client_fault =
+                            error.is_user() || super::find_source::<TooLarge>(&error).is_some();
                         let kind = if error.is_parse() || error.is_parse_status() {
                             UpstreamErrorKind::Protocol
                         } else {
@@ -575,7 +575,7 @@ mod tests {
     use super::*;
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
-        let parsed = crate::routes::parse(
+        let parsed = crate::config::parse(
             "[backends.b]\nurl = \"http://127.0.0.1:1000\"\n[[routes]]\nprefix = \"/\"\nbackend = \"b\"\n",
         )
         .unwrap();
