@@ -3,7 +3,7 @@
 //! (`/healthz`, `/readyz`) needs `Authorization: Bearer <token>`, compared in constant time.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -11,16 +11,18 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::proxy::{Active, State};
+use crate::reload::Reloader;
 use crate::respond::json_response;
-use crate::routes::{format_percent, Sticky};
+use crate::routes::format_percent;
+use crate::state::{Active, State};
 use crate::upstream::body::ResponseBody;
 
 /// Answers one admin request.
-pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseBody> {
+pub async fn handle<B>(reloader: Arc<Reloader>, req: Request<B>) -> Response<ResponseBody> {
+    let state = &reloader.state;
     let path = req.uri().path();
     let probe = matches!(path, "/healthz" | "/readyz");
-    if !probe && !authorized(&state, req.headers()) {
+    if !probe && !authorized(state, req.headers()) {
         let mut resp = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -35,13 +37,15 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Response<ResponseB
         (&Method::GET | &Method::HEAD, "/healthz") => {
             json_response(StatusCode::OK, &json!({"status": "ok"}))
         }
-        (&Method::GET | &Method::HEAD, "/readyz") => readyz(&state),
-        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state),
-        (&Method::GET | &Method::HEAD, "/routes") => json_response(StatusCode::OK, &routes(&state)),
-        (&Method::GET | &Method::HEAD, "/diffs") => diffs(&state, req.uri().query()),
-        (&Method::POST, "/guard/reset") => guard_reset(&state, req.uri().query()),
+        (&Method::GET | &Method::HEAD, "/readyz") => readyz(state),
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(state),
+        (&Method::GET | &Method::HEAD, "/routes") => {
+            json_response(StatusCode::OK, &routes(&reloader))
+        }
+        (&Method::GET | &Method::HEAD, "/diffs") => diffs(state, req.uri().query()),
+        (&Method::POST, "/guard/reset") => guard_reset(state, req.uri().query()),
         (&Method::POST, "/reload") => {
-            let outcome = crate::reload::reload_async(state.clone()).await;
+            let outcome = crate::reload::reload_async(reloader.clone()).await;
             let status = if outcome.ok {
                 StatusCode::OK
             } else {
@@ -126,11 +130,11 @@ fn readyz(state: &State) -> Response<ResponseBody> {
 fn metrics(state: &State) -> Response<ResponseBody> {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         state
-            .metrics
+            .metrics()
             .gauge(crate::metrics::RUNTIME_ALIVE_TASKS, vec![])
             .set(rt.metrics().num_alive_tasks() as f64);
     }
-    let mut resp = Response::new(ResponseBody::full(Bytes::from(state.metrics.render())));
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(state.metrics().render())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -159,9 +163,9 @@ fn guard_reset(state: &State, query: Option<&str>) -> Response<ResponseBody> {
     };
     let active = state.active();
     let guards: Vec<_> = active
-        .guard_slots
+        .routes
         .iter()
-        .flatten()
+        .filter_map(|r| r.guard.as_ref())
         .filter(|g| g.prefix == route)
         .collect();
     if guards.is_empty() {
@@ -219,7 +223,7 @@ fn diffs(state: &State, query: Option<&str>) -> Response<ResponseBody> {
             }
         }
     }
-    let entries = state.shadows.diffs.recent(route.as_deref(), limit);
+    let entries = state.shadows().diffs.recent(route.as_deref(), limit);
     json_response(
         StatusCode::OK,
         &Value::Array(entries.iter().map(|e| e.to_json()).collect()),
@@ -252,13 +256,10 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 /// `GET /routes`.
-pub fn routes(state: &State) -> Value {
+pub fn routes(reloader: &Reloader) -> Value {
+    let state = &reloader.state;
     let active = state.active();
-    let last = state
-        .last_reload
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let last = reloader.last();
     let (answered, by_new) = state.coverage();
     json!({
         "generation": active.generation,
@@ -290,10 +291,7 @@ fn backend_json(active: &Active, id: usize) -> Value {
         "url": b.url,
         "legacy": b.legacy,
         "retries": b.retries,
-        "protocol": match b.protocol {
-            crate::routes::Protocol::Http1 => "http1",
-            crate::routes::Protocol::H2 => "h2",
-        },
+        "protocol": b.protocol.to_string(),
         "tls": b.tls.as_ref().map(|t| json!({"server_name": t.server_name.to_str(), "ca": if t.own_ca { "tls.ca" } else { "system" }, "client_certificate": t.client_cert})),
         "health": b.health.as_ref().map(|h| json!({"path": h.path, "interval": humantime::format_duration(h.interval).to_string()})),
         "endpoints": endpoints,
@@ -302,14 +300,15 @@ fn backend_json(active: &Active, id: usize) -> Value {
 
 /// The route's stage, or `rolled back by guard` while its guard is tripped.
 pub fn stage(active: &Active, id: usize) -> String {
-    match &active.guard_slots[id] {
+    match &active.routes[id].guard {
         Some(g) if g.is_tripped() => "rolled back by guard".to_string(),
         _ => active.table.stage(id).to_string(),
     }
 }
 
 fn route_json(active: &Active, id: usize) -> Value {
-    let tripped = active.guard_slots[id]
+    let tripped = active.routes[id]
+        .guard
         .as_ref()
         .is_some_and(|g| g.is_tripped());
     let t = &active.table;
@@ -324,12 +323,7 @@ fn route_json(active: &Active, id: usize) -> Value {
         "canary": r.canary.as_ref().map(|c| json!({
             "backend": name(c.backend),
             "percent": c.percent,
-            "sticky": match &c.sticky {
-                Sticky::Random => "random".to_string(),
-                Sticky::Ip => "ip".to_string(),
-                Sticky::Header(h) => format!("header:{h}"),
-                Sticky::Cookie(c) => format!("cookie:{c}"),
-            },
+            "sticky": c.sticky.to_string(),
         })),
         "fallback": r.fallback.map(name),
         "stage": stage(active, id),
@@ -341,7 +335,7 @@ fn route_json(active: &Active, id: usize) -> Value {
             "to": name(g.to),
         })),
         "line": r.line,
-        "traffic": active.traffic[id].to_json(),
+        "traffic": active.routes[id].traffic.to_json(),
     });
     if !r.upgrades.is_empty() {
         v["upgrades"] = json!(r.upgrades);
@@ -351,7 +345,7 @@ fn route_json(active: &Active, id: usize) -> Value {
             .parse::<f64>()
             .unwrap_or(s.percent));
         v["shadow_methods"] = json!(s.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>());
-        if let Some(slot) = &active.shadow_slots[id] {
+        if let Some(slot) = &active.routes[id].shadow {
             let stats = &slot.stats;
             let compared = stats.compared.load(std::sync::atomic::Ordering::Relaxed);
             let rate = stats.mismatch_rate();

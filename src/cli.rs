@@ -2,12 +2,11 @@
 //! so tests assert on the exact text operators read.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use http::{HeaderMap, Method};
 
 use crate::config::Loaded;
-use crate::proxy::{cookie, pick_backend};
 use crate::routes::diff::{diff, label};
 use crate::routes::{canary_bucket, format_percent, in_canary, RouteTable, Sticky};
 
@@ -123,7 +122,7 @@ pub fn explain(
         r.line
     );
     let _ = writeln!(out, "stage:    {}", t.stage(id));
-    let answering = pick_backend(r, headers, SocketAddr::new(client, 0));
+    let answering = r.pick_backend(headers, client);
     let b = t.backend(answering);
     let _ = writeln!(
         out,
@@ -134,10 +133,7 @@ pub fn explain(
         b.base_path,
         uri.path_and_query().map_or("/", |pq| pq.as_str())
     );
-    let protocol = match b.protocol {
-        crate::routes::Protocol::Http1 => "HTTP/1.1",
-        crate::routes::Protocol::H2 => "HTTP/2",
-    };
+    let protocol = b.protocol.version_text();
     let _ = writeln!(
         out,
         "upstream: {protocol}{}",
@@ -149,19 +145,13 @@ pub fn explain(
     match &r.canary {
         None => out.push_str("canary:   none\n"),
         Some(c) => {
-            let key: Option<(String, Vec<u8>)> = match &c.sticky {
-                Sticky::Random => None,
-                Sticky::Header(h) => headers
-                    .get(h)
-                    .map(|v| (format!("header {h}"), v.as_bytes().to_vec())),
-                Sticky::Cookie(n) => {
-                    cookie(headers, n).map(|v| (format!("cookie {n}"), v.as_bytes().to_vec()))
-                }
-                Sticky::Ip => Some((
-                    format!("client ip {client}"),
-                    client.to_string().into_bytes(),
-                )),
+            let what = match &c.sticky {
+                Sticky::Header(h) => format!("header {h}"),
+                Sticky::Cookie(n) => format!("cookie {n}"),
+                Sticky::Ip => format!("client ip {client}"),
+                Sticky::Random => String::new(),
             };
+            let key = c.sticky_key(headers, client).map(|k| (what, k));
             let pct = format_percent(c.percent);
             let detail = match (&c.sticky, key) {
                 (Sticky::Random, _) => "random per request".to_string(),

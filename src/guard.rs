@@ -6,17 +6,17 @@
 //! is logged with the figures. It stays tripped until the route's entry in routes.toml changes
 //! (a new entry gets a new guard) or `POST /guard/reset?route=PREFIX`. It never writes the file.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Gauge, Label};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::carry::CarryOver;
 use crate::metrics::{Metrics, GUARD_TRIPPED};
-use crate::routes::{BackendId, EntryKey, Guard, RouteTable};
+use crate::routes::{EntryKey, Guard, RouteTable};
 
 /// Buckets per window: the window slides in steps of a tenth.
 const BUCKETS: usize = 10;
@@ -32,6 +32,8 @@ struct Bucket {
 /// The guard of one route entry.
 pub struct GuardState {
     pub prefix: String,
+    /// The thresholds. Where a trip sends traffic is read from the current table's route
+    /// (`route.guard.to`): backend indices change when other backends come and go.
     pub config: Guard,
     to_name: String,
     step_ms: u64,
@@ -60,11 +62,6 @@ impl GuardState {
 
     pub fn is_tripped(&self) -> bool {
         self.tripped.load(Ordering::Acquire)
-    }
-
-    /// Where traffic goes while tripped.
-    pub fn to(&self) -> BackendId {
-        self.config.to
     }
 
     /// Counts one answer of the watched backend; trips when the window says so.
@@ -136,53 +133,38 @@ impl GuardState {
 /// Guards of the process, kept across reloads for route entries that did not change.
 pub struct Guards {
     base: Instant,
-    by_entry: Mutex<HashMap<EntryKey, Arc<GuardState>>>,
+    by_entry: CarryOver<EntryKey, GuardState>,
 }
 
 impl Default for Guards {
     fn default() -> Self {
         Guards {
             base: Instant::now(),
-            by_entry: Mutex::default(),
+            by_entry: CarryOver::default(),
         }
     }
 }
 
 impl Guards {
-    /// Guard slots for a new table, parallel to its routes.
+    /// Guard slots for a new table, parallel to its routes. Other entries and backends may
+    /// come and go: only an edit of a route's own entry (or `POST /guard/reset`) clears its
+    /// guard.
     pub fn slots(&self, table: &RouteTable, metrics: &Metrics) -> Vec<Option<Arc<GuardState>>> {
-        let mut map = self.by_entry.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut kept = HashMap::new();
-        let slots = table
-            .routes()
-            .iter()
-            .enumerate()
-            .map(|(id, route)| {
-                let g = route.guard.as_ref()?;
-                // Other entries and backends may come and go: only this entry's own edit (or
-                // POST /guard/reset) clears its guard.
-                let key = table.entry_key(id);
-                let state = map.get(&key).cloned().unwrap_or_else(|| {
-                    Arc::new(GuardState::new(
-                        &route.prefix,
-                        g.clone(),
-                        table.backend(g.to).name.clone(),
-                        self.base,
-                        metrics,
-                    ))
-                });
-                kept.insert(key, state.clone());
-                Some(state)
-            })
-            .collect();
-        // Guards of entries that changed or went away stop reporting as tripped.
-        for (key, old) in map.iter() {
-            if !kept.contains_key(key) {
-                old.gauge.set(0.0);
-            }
-        }
-        *map = kept;
-        slots
+        let routes = table.routes();
+        let keys =
+            (0..routes.len()).map(|id| routes[id].guard.is_some().then(|| table.entry_key(id)));
+        self.by_entry.renew(
+            keys,
+            |key| {
+                // Keys are made for guarded routes only.
+                let route = key.route();
+                let g = route.guard.clone().unwrap_or_default();
+                let to = key.guard_to().unwrap_or_default().to_string();
+                GuardState::new(&route.prefix, g, to, self.base, metrics)
+            },
+            // Guards of entries that changed or went away stop reporting as tripped.
+            |old| old.gauge.set(0.0),
+        )
     }
 }
 

@@ -1,27 +1,26 @@
 //! strangler: a strangler-fig migration proxy.
 //!
-//! The life of a request, step by step:
+//! The life of a request, step by step (the README's map of the code lists every module):
 //! 1. `server` accepts a connection under the connection cap, terminates TLS when configured
 //!    (`tls`: certificates by SNI, client certificates), and serves HTTP/1.1 or HTTP/2 on it
 //!    (ALPN, or the h2c preface).
-//! 2. `proxy::State::handle` takes a request id and loads the active snapshot once
-//!    (`proxy::Active`: route table, upstream clients, metric handles). A reload swapping in
-//!    a new snapshot does not affect requests that already loaded one.
-//! 3. `routes::RouteTable::lookup` picks the route by segment-aware longest prefix, method
-//!    and host; `proxy::pick_backend` applies the canary.
-//! 4. `proxy::headers` cleans the request (hop-by-hop, `x-forwarded-*`, `via`,
-//!    `x-request-id`) and `proxy::forward::Upstream` sends it on the backend's pooled client,
-//!    streaming the body with `max_request_body` enforced as it flows.
-//! 5. The response streams back (`proxy::body::ResponseBody`), bounded by the backend's
-//!    timeout; upgrades become a tunnel task.
-//! 6. Anything that goes wrong is a `error::ProxyError`, answered as JSON in one place.
+//! 2. `proxy::handle` takes a request id and loads the active snapshot once
+//!    (`state::Active`: route table, upstream clients, each route's runtime). A reload
+//!    swapping in a new snapshot does not affect requests that already loaded one.
+//! 3. Its phases: route (`routes::RouteTable::lookup`), choose the backend (guard, canary),
+//!    admit, prepare (`headers`), start the shadow (`shadow::start`), send (`upstream`, with
+//!    retry and fallback in `proxy::fallback`), respond: the body streams back
+//!    (`upstream::body::ResponseBody`), bounded by the backend's timeout; upgrades become a
+//!    tunnel task.
+//! 4. Anything that goes wrong is an `error::ProxyError`, answered as JSON by `respond`.
 //!
-//! Around it: `config` and `routes` (loading and validating routes.toml and the certificate
-//! files it names), `reload` (load -> validate -> swap, keep last good; certificates too),
-//! `admin` (probes, metrics, `/routes`).
+//! Around it: `config` (loading and validating routes.toml and the certificate files it
+//! names), `reload` (load -> validate -> swap, keep last good; certificates too), `carry`
+//! (per-route state across reloads), `admin` (probes, metrics, `/routes`).
 
 pub mod access;
 pub mod admin;
+pub mod carry;
 pub mod cli;
 pub mod compare;
 pub mod config;
@@ -36,6 +35,7 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod shadow;
+pub mod state;
 pub mod tls;
 pub mod traffic;
 pub mod units;
@@ -52,8 +52,9 @@ use tracing::info;
 
 use crate::config::Loaded;
 use crate::metrics::Metrics;
-use crate::proxy::State;
-use crate::server::Shutdown;
+use crate::reload::Reloader;
+use crate::server::{ListenerLimits, Shutdown};
+use crate::state::State;
 
 /// How often histogram samples are folded into their buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
@@ -72,6 +73,7 @@ pub enum RunError {
 /// A proxy whose listeners are bound but not yet serving.
 pub struct Server {
     state: Arc<State>,
+    reloader: Arc<Reloader>,
     proxy: TcpListener,
     admin: TcpListener,
 }
@@ -88,9 +90,10 @@ impl Server {
         let proxy = bind(s.listen).await?;
         let admin = bind(s.admin).await?;
         let state = State::new(&loaded, Metrics::new());
-        reload::record_initial(&state);
+        let reloader = Reloader::new(state.clone());
         Ok(Server {
             state,
+            reloader,
             proxy,
             admin,
         })
@@ -110,40 +113,47 @@ impl Server {
         self.state.clone()
     }
 
+    /// Reloads of this proxy (what SIGHUP, `POST /reload` and the watcher call).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
         let (proxy_addr, admin_addr) = (self.proxy_addr(), self.admin_addr());
         let Server {
             state,
+            reloader,
             proxy,
             admin,
         } = self;
         let (stop, stopped) = Shutdown::new();
         let (admin_stop, admin_stopped) = Shutdown::new();
-        let admin_state = state.clone();
+        let admin_reloader = reloader.clone();
         let admin_task = tokio::spawn(server::serve(
             admin,
-            &ADMIN_SETTINGS,
+            &ListenerLimits::ADMIN,
             None,
-            move |req, _peer| admin::handle(admin_state.clone(), req),
+            move |req, _peer| admin::handle(admin_reloader.clone(), req),
             admin_stopped,
             "admin",
         ));
         // The SIGHUP handler is in place before the proxy says it serves: a SIGHUP that came
         // earlier would otherwise take the default action and end the process.
-        let background = tokio::spawn(background(state.clone(), stopped.clone(), sighup()));
+        let background = tokio::spawn(background(reloader.clone(), stopped.clone(), sighup()));
         let watcher = tokio::spawn(reload::watch::run(
-            state.clone(),
+            reloader,
             state.settings.watch,
             stopped.clone(),
         ));
         let proxy_state = state.clone();
+        let limits = ListenerLimits::from(&state.settings);
         let proxy_task = server::serve(
             proxy,
-            &state.settings,
+            &limits,
             state.tls.clone().map(|config| {
                 let reason = |r: &'static str| {
-                    state.metrics.counter(
+                    state.metrics().counter(
                         metrics::TLS_HANDSHAKE_ERRORS_TOTAL,
                         vec![::metrics::Label::new("reason", r)],
                     )
@@ -154,7 +164,7 @@ impl Server {
                     timed_out: reason("timeout"),
                 }
             }),
-            move |req, peer| proxy_state.clone().handle(req, peer),
+            move |req, peer| proxy::handle(proxy_state.clone(), req, peer),
             stopped,
             "proxy",
         );
@@ -176,26 +186,6 @@ impl Server {
     }
 }
 
-/// The admin listener's own limits: a handful of operators and scrapers.
-static ADMIN_SETTINGS: std::sync::LazyLock<config::ServerSettings> =
-    std::sync::LazyLock::new(|| config::ServerSettings {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_token: None,
-        drain_timeout: Duration::from_secs(1),
-        max_request_body: 1 << 20,
-        header_read_timeout: Duration::from_secs(10),
-        max_header_size: 16 << 10,
-        max_connections: 64,
-        trust_shadow_header: false,
-        via: "strangler".into(),
-        workers: 1,
-        watch: config::Watch::Off,
-        access_log: false,
-        tls: None,
-        h2c: false,
-    });
-
 /// Periodic and signal-driven work: metrics upkeep and SIGHUP reloads.
 #[cfg(unix)]
 type Hangup = Option<tokio::signal::unix::Signal>;
@@ -213,7 +203,7 @@ fn sighup() -> Hangup {
     }
 }
 
-async fn background(state: Arc<State>, mut shutdown: Shutdown, hangup: Hangup) {
+async fn background(reloader: Arc<Reloader>, mut shutdown: Shutdown, hangup: Hangup) {
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP);
     #[cfg(unix)]
     let mut hup = hangup;
@@ -231,9 +221,9 @@ async fn background(state: Arc<State>, mut shutdown: Shutdown, hangup: Hangup) {
         let sighup = std::future::pending::<Option<()>>();
         tokio::select! {
             _ = shutdown.started() => return,
-            _ = upkeep.tick() => state.metrics.upkeep(),
+            _ = upkeep.tick() => reloader.state.metrics().upkeep(),
             Some(()) = sighup => {
-                let outcome = reload::reload_async(state.clone()).await;
+                let outcome = reload::reload_async(reloader.clone()).await;
                 info!(ok = outcome.ok, generation = outcome.generation, "SIGHUP reload");
             }
         }

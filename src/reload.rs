@@ -5,7 +5,7 @@
 
 pub mod watch;
 
-use std::sync::PoisonError;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use metrics::Label;
@@ -14,8 +14,8 @@ use tracing::{info, warn};
 
 use crate::config;
 use crate::metrics::{CONFIG_GENERATION, CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS_TOTAL};
-use crate::proxy::{Active, ReloadStatus, State};
 use crate::routes::diff::diff;
+use crate::state::{Active, State};
 
 /// What a reload did, as `POST /reload` answers it.
 #[derive(Debug, Clone, Serialize)]
@@ -30,21 +30,87 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
-/// Reloads the file now. Blocking (reads the file): call from a blocking context.
-pub fn reload(state: &State) -> Outcome {
-    apply(state, config::load(&state.path))
+/// The outcome of the last reload attempt, for `/routes`.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub at: SystemTime,
 }
 
-/// Reloads from content already read (the watcher reads until two reads agree).
-pub fn reload_bytes(state: &State, bytes: &[u8]) -> Outcome {
-    apply(state, config::load_bytes(&state.path, bytes))
+/// The reloads of one proxy: serialized (the watcher, SIGHUP and `POST /reload` may race),
+/// with the last attempt's outcome.
+pub struct Reloader {
+    pub state: Arc<State>,
+    lock: Mutex<()>,
+    last: Mutex<Status>,
 }
 
+impl Reloader {
+    /// Sets the config gauges for the table loaded at start.
+    pub fn new(state: Arc<State>) -> Arc<Self> {
+        let metrics = state.metrics();
+        metrics
+            .gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, vec![])
+            .set(1.0);
+        metrics
+            .gauge(CONFIG_GENERATION, vec![])
+            .set(state.active().generation as f64);
+        Arc::new(Reloader {
+            state,
+            lock: Mutex::new(()),
+            last: Mutex::new(Status {
+                ok: true,
+                error: None,
+                at: SystemTime::now(),
+            }),
+        })
+    }
+
+    /// The last reload attempt (the start, before any).
+    pub fn last(&self) -> Status {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reloads the file now. Blocking (reads the file): call from a blocking context.
+    pub fn reload(&self) -> Outcome {
+        self.apply(config::load(&self.state.path))
+    }
+
+    /// Reloads from content already read (the watcher reads until two reads agree).
+    pub fn reload_bytes(&self, bytes: &[u8]) -> Outcome {
+        self.apply(config::load_bytes(&self.state.path, bytes))
+    }
+
+    fn apply(&self, loaded: Result<config::Loaded, config::LoadError>) -> Outcome {
+        let _serial = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let outcome = apply(&self.state, loaded);
+        self.record(&outcome);
+        outcome
+    }
+
+    fn record(&self, outcome: &Outcome) {
+        let m = self.state.metrics();
+        let label = if outcome.ok { "success" } else { "failure" };
+        m.counter(CONFIG_RELOADS_TOTAL, vec![Label::new("outcome", label)])
+            .increment(1);
+        m.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, vec![])
+            .set(if outcome.ok { 1.0 } else { 0.0 });
+        m.gauge(CONFIG_GENERATION, vec![])
+            .set(outcome.generation as f64);
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Status {
+            ok: outcome.ok,
+            error: (!outcome.ok).then(|| outcome.errors.join("\n")),
+            at: SystemTime::now(),
+        };
+    }
+}
+
+/// Validates and swaps in; the caller holds the reload lock.
 fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Outcome {
-    let _serial = state
-        .reload_lock
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
     let current = state.active();
     let outcome = match loaded {
         Err(e) => {
@@ -82,15 +148,7 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
             }
             let generation = current.generation + 1;
             swap_listener_tls(state, &current, &loaded);
-            state.swap(Active::build(
-                &loaded,
-                generation,
-                Some(&current),
-                &state.metrics,
-                &state.shadows,
-                &state.guards,
-                &state.traffic,
-            ));
+            state.swap(state.build(&loaded, generation, &current));
             for change in &changes {
                 info!(generation, change = %change, "route table changed");
             }
@@ -104,7 +162,6 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
             }
         }
     };
-    record(state, &outcome);
     outcome
 }
 
@@ -120,42 +177,10 @@ fn swap_listener_tls(state: &State, current: &Active, loaded: &config::Loaded) {
     }
 }
 
-fn record(state: &State, outcome: &Outcome) {
-    let m = &state.metrics;
-    let label = if outcome.ok { "success" } else { "failure" };
-    m.counter(CONFIG_RELOADS_TOTAL, vec![Label::new("outcome", label)])
-        .increment(1);
-    m.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, vec![])
-        .set(if outcome.ok { 1.0 } else { 0.0 });
-    m.gauge(CONFIG_GENERATION, vec![])
-        .set(outcome.generation as f64);
-    let status = ReloadStatus {
-        ok: outcome.ok,
-        error: (!outcome.ok).then(|| outcome.errors.join("\n")),
-        at: SystemTime::now(),
-    };
-    *state
-        .last_reload
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = status;
-}
-
-/// Sets the config gauges for the table loaded at start.
-pub fn record_initial(state: &State) {
-    state
-        .metrics
-        .gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, vec![])
-        .set(1.0);
-    state
-        .metrics
-        .gauge(CONFIG_GENERATION, vec![])
-        .set(state.active().generation as f64);
-}
-
 /// Reloads on a blocking thread.
-pub async fn reload_async(state: std::sync::Arc<State>) -> Outcome {
-    let fallback = state.clone();
-    tokio::task::spawn_blocking(move || reload(&state))
+pub async fn reload_async(reloader: Arc<Reloader>) -> Outcome {
+    let fallback = reloader.state.clone();
+    tokio::task::spawn_blocking(move || reloader.reload())
         .await
         .unwrap_or_else(|e| Outcome {
             ok: false,

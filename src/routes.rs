@@ -10,13 +10,17 @@
 
 pub mod diff;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use http::header::HeaderName;
+use http::header::{HeaderMap, HeaderName};
 use http::uri::{Authority, Scheme};
 use http::Method;
+
+use crate::headers::cookie;
 
 /// Index of a backend in [`RouteTable::backends`].
 pub type BackendId = usize;
@@ -56,6 +60,26 @@ pub enum Protocol {
     H2,
 }
 
+impl Protocol {
+    /// As the HTTP version is usually written: `HTTP/1.1`, `HTTP/2`.
+    pub fn version_text(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "HTTP/1.1",
+            Protocol::H2 => "HTTP/2",
+        }
+    }
+}
+
+/// As in routes.toml's `protocol`: `http1`, `h2`.
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+        })
+    }
+}
+
 /// Active health checks of a backend's endpoints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheck {
@@ -82,12 +106,37 @@ pub enum Sticky {
     Ip,
 }
 
+/// As in routes.toml's `sticky`: `random`, `ip`, `header:NAME`, `cookie:NAME`.
+impl fmt::Display for Sticky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sticky::Random => f.write_str("random"),
+            Sticky::Ip => f.write_str("ip"),
+            Sticky::Header(h) => write!(f, "header:{h}"),
+            Sticky::Cookie(c) => write!(f, "cookie:{c}"),
+        }
+    }
+}
+
 /// A sticky slice of traffic answered by another backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Canary {
     pub backend: BackendId,
     pub percent: f64,
     pub sticky: Sticky,
+}
+
+impl Canary {
+    /// The request's sticky key, `None` when it lacks one (it then stays on the route's
+    /// backend, so users without the key never flap between the two) or the canary is random.
+    pub fn sticky_key<'a>(&self, headers: &'a HeaderMap, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+        match &self.sticky {
+            Sticky::Random => None,
+            Sticky::Header(name) => headers.get(name).map(|v| Cow::Borrowed(v.as_bytes())),
+            Sticky::Cookie(name) => cookie(headers, name).map(|v| Cow::Borrowed(v.as_bytes())),
+            Sticky::Ip => Some(Cow::Owned(client.to_string().into_bytes())),
+        }
+    }
 }
 
 /// `[routes.compare]`, with defaults filled in.
@@ -103,7 +152,7 @@ pub struct Compare {
 }
 
 /// `[routes.guard]`, with defaults filled in.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Guard {
     pub max_error_rate: f64,
     pub window: Duration,
@@ -137,6 +186,24 @@ impl Route {
     /// Number of filters: routes with more are tried first among equal prefixes.
     fn specificity(&self) -> u8 {
         u8::from(self.methods.is_some()) + u8::from(self.host.is_some())
+    }
+
+    /// The backend that answers: the canary's when the request's bucket is in the canary,
+    /// otherwise the route's.
+    pub fn pick_backend(&self, headers: &HeaderMap, client: IpAddr) -> BackendId {
+        let Some(canary) = &self.canary else {
+            return self.backend;
+        };
+        let bucket = match canary.sticky {
+            Sticky::Random => Some(fastrand::u32(..10_000)),
+            _ => canary
+                .sticky_key(headers, client)
+                .map(|key| canary_bucket(&key)),
+        };
+        match bucket {
+            Some(b) if in_canary(b, canary.percent) => canary.backend,
+            _ => self.backend,
+        }
     }
 
     /// Whether this route tunnels an upgrade to `protocols` (the `Upgrade` header's values):
@@ -186,18 +253,46 @@ impl Route {
         methods && host
     }
 
-    /// Identity of a route for duplicate detection and diffs: prefix plus filters.
-    pub fn identity(&self) -> String {
-        let mut id = self.key.clone();
-        if let Some(m) = &self.methods {
-            let mut names: Vec<&str> = m.iter().map(Method::as_str).collect();
+    /// What the route matches: its normalized prefix and filters.
+    pub fn route_key(&self) -> RouteKey {
+        let methods = self.methods.as_ref().map(|m| {
+            let mut names: Vec<String> = m.iter().map(|m| m.as_str().to_string()).collect();
             names.sort_unstable();
-            id.push_str(&format!(" methods={}", names.join(",")));
+            names
+        });
+        RouteKey {
+            prefix: self.key.clone(),
+            methods,
+            host: self.host.clone(),
+        }
+    }
+
+    /// [`RouteKey`] as text, for duplicate messages and diffs.
+    pub fn identity(&self) -> String {
+        self.route_key().to_string()
+    }
+}
+
+/// What a route matches: normalized prefix plus filters (methods sorted). Two entries with the
+/// same key are duplicates; traffic counters follow a route by it across reloads, whatever
+/// else of its entry changes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteKey {
+    prefix: String,
+    methods: Option<Vec<String>>,
+    host: Option<String>,
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.prefix)?;
+        if let Some(m) = &self.methods {
+            write!(f, " methods={}", m.join(","))?;
         }
         if let Some(h) = &self.host {
-            id.push_str(&format!(" host={h}"));
+            write!(f, " host={h}")?;
         }
-        id
+        Ok(())
     }
 }
 
@@ -211,6 +306,18 @@ pub struct EntryKey {
     route: Route,
     /// Names of the backend, shadow, canary, fallback and guard target, in that order.
     names: [Option<String>; 5],
+}
+
+impl EntryKey {
+    /// The entry, with its line and backend indices blanked.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The name of the backend a guard sends traffic to.
+    pub fn guard_to(&self) -> Option<&str> {
+        self.names[4].as_deref()
+    }
 }
 
 // Validation rejects NaN in every float of a route, so equality is an equivalence.

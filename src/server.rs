@@ -70,24 +70,62 @@ impl Shutdown {
     }
 }
 
+/// What a listener enforces on its client connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerLimits {
+    /// Open client connections at most; past it new ones wait to be accepted.
+    pub max_connections: usize,
+    /// For a request head (and a TLS handshake) to arrive.
+    pub header_read_timeout: Duration,
+    /// Request head (HTTP/1.1) or header list (HTTP/2) size.
+    pub max_header_size: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// Cleartext HTTP/2 by prior knowledge next to HTTP/1.1 (without TLS).
+    pub h2c: bool,
+}
+
+impl ListenerLimits {
+    /// The admin listener's own: a handful of operators and scrapers.
+    pub const ADMIN: ListenerLimits = ListenerLimits {
+        max_connections: 64,
+        header_read_timeout: Duration::from_secs(10),
+        max_header_size: 16 << 10,
+        drain_timeout: Duration::from_secs(1),
+        h2c: false,
+    };
+}
+
+impl From<&ServerSettings> for ListenerLimits {
+    fn from(s: &ServerSettings) -> Self {
+        ListenerLimits {
+            max_connections: s.max_connections,
+            header_read_timeout: s.header_read_timeout,
+            max_header_size: s.max_header_size,
+            drain_timeout: s.drain_timeout,
+            h2c: s.h2c,
+        }
+    }
+}
+
 /// The HTTP/1.1 server settings shared by every client connection.
-pub fn http1_builder(settings: &ServerSettings) -> http1::Builder {
+pub fn http1_builder(limits: &ListenerLimits) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         // Covers slowloris and idle keep-alive alike: hyper arms it whenever the connection
         // waits for a request head.
-        .header_read_timeout(settings.header_read_timeout)
-        .max_header_size(settings.max_header_size)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_size)
         .keep_alive(true);
     b
 }
 
 /// Applies the HTTP/2 limits to hyper's builder or hyper-util's (same methods, two types).
 macro_rules! h2_limits {
-    ($b:expr, $settings:expr) => {
+    ($b:expr, $limits:expr) => {
         $b.timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size($settings.max_header_size.min(u32::MAX as usize) as u32)
+            .max_header_list_size($limits.max_header_size.min(u32::MAX as usize) as u32)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .keep_alive_interval(H2_KEEPALIVE)
@@ -98,21 +136,21 @@ macro_rules! h2_limits {
 }
 
 /// The HTTP/2 server settings shared by every client connection.
-pub fn http2_builder(settings: &ServerSettings) -> http2::Builder<TokioExecutor> {
+pub fn http2_builder(limits: &ListenerLimits) -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
-    h2_limits!(b, settings);
+    h2_limits!(b, limits);
     b
 }
 
 /// HTTP/1.1 or cleartext HTTP/2 by prior knowledge, told apart by the connection preface.
-fn h2c_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
+fn h2c_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_size.max(8192))
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_size.max(8192))
         .keep_alive(true);
-    h2_limits!(b.http2(), settings);
+    h2_limits!(b.http2(), limits);
     b
 }
 
@@ -128,7 +166,7 @@ struct Protocols {
 /// Accepts connections until shutdown, then drains them for at most `drain_timeout`.
 pub async fn serve<S, F>(
     listener: TcpListener,
-    settings: &ServerSettings,
+    limits: &ListenerLimits,
     tls: Option<Tls>,
     service: S,
     mut shutdown: Shutdown,
@@ -137,17 +175,17 @@ pub async fn serve<S, F>(
     S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let max = settings
+    let max = limits
         .max_connections
         .min(Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize);
     let permits = Arc::new(Semaphore::new(max));
     let protocols = Arc::new(Protocols {
-        http1: http1_builder(settings),
-        http2: http2_builder(settings),
-        h2c: (settings.h2c && tls.is_none()).then(|| h2c_builder(settings)),
+        http1: http1_builder(limits),
+        http2: http2_builder(limits),
+        h2c: (limits.h2c && tls.is_none()).then(|| h2c_builder(limits)),
         tls,
-        handshake_timeout: settings.header_read_timeout,
+        handshake_timeout: limits.header_read_timeout,
     });
     loop {
         let permit = tokio::select! {
@@ -185,7 +223,7 @@ pub async fn serve<S, F>(
         );
     }
     drop(listener);
-    drain(&permits, max, settings.drain_timeout, name).await;
+    drain(&permits, max, limits.drain_timeout, name).await;
 }
 
 /// Serves one client connection: TLS first if configured, then the protocol ALPN chose (or

@@ -7,21 +7,24 @@
 mod leg;
 pub mod report;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use http::{HeaderMap, Method};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method};
 use metrics::{Counter, Histogram, Label};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
-pub use leg::{Head, Leg, RequestCopy};
+use leg::{Head, Leg, RequestCopy};
 pub use report::{DiffEntry, Diffs};
 
+use crate::carry::CarryOver;
 use crate::compare::{Pattern, Rules};
 use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_GATE, SHADOW_TOTAL};
-use crate::routes::{BackendId, Route, RouteTable};
-use crate::upstream::tee::Budget;
+use crate::routes::{BackendId, Route, RouteKey, RouteTable};
+use crate::upstream::tee::{Budget, Held, Tee};
+use crate::upstream::Upstream;
 
 /// Shadow legs in flight at once; past it new copies are dropped (counted), never queued.
 pub const MAX_SHADOW_TASKS: usize = 256;
@@ -172,7 +175,9 @@ pub struct Slot {
 pub struct Shadows {
     tasks: Arc<Semaphore>,
     pub budget: Arc<Budget>,
-    stats: Mutex<HashMap<String, Arc<RouteShadow>>>,
+    /// By route, answering backend and shadow backend: a comparison's history means nothing
+    /// once either side changes.
+    stats: CarryOver<(RouteKey, String, String), RouteShadow>,
     pub diffs: Diffs,
 }
 
@@ -181,7 +186,7 @@ impl Default for Shadows {
         Shadows {
             tasks: Arc::new(Semaphore::new(MAX_SHADOW_TASKS)),
             budget: Budget::new(MAX_BUFFERED_BYTES),
-            stats: Mutex::default(),
+            stats: CarryOver::default(),
             diffs: Diffs::default(),
         }
     }
@@ -191,31 +196,32 @@ impl Shadows {
     /// Shadow slots for a new table, parallel to its routes; stats carry over for routes whose
     /// (prefix, filters, backend, shadow) did not change, others start fresh.
     pub fn slots(&self, table: &RouteTable, metrics: &Metrics) -> Vec<Option<Slot>> {
-        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut kept = HashMap::new();
-        let slots = table
+        let name = |b: BackendId| table.backend(b).name.clone();
+        let key = |route: &Route| {
+            let s = route.shadow.as_ref()?;
+            Some((route.route_key(), name(route.backend), name(s.backend)))
+        };
+        let stats = self.stats.renew(
+            table.routes().iter().map(key),
+            |k| {
+                // The route the new key was made from: its prefix as written labels the metrics.
+                let prefix = table.routes().iter().find(|r| key(r).as_ref() == Some(k));
+                RouteShadow::new(metrics, prefix.map_or("", |r| r.prefix.as_str()), &k.2)
+            },
+            |_| {},
+        );
+        table
             .routes()
             .iter()
-            .map(|route| {
-                let s = route.shadow.as_ref()?;
-                let shadow = &table.backend(s.backend).name;
-                let key = format!(
-                    "{} {} -> {}",
-                    route.identity(),
-                    table.backend(route.backend).name,
-                    shadow
-                );
-                let entry = stats
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(RouteShadow::new(metrics, &route.prefix, shadow)));
+            .zip(stats)
+            .map(|(route, stats)| {
+                let (s, stats) = (route.shadow.as_ref()?, stats?);
                 // The readiness gate, exported so alerts can compare each route with its own.
                 metrics
                     .gauge(SHADOW_GATE, vec![Label::new("route", route.prefix.clone())])
                     .set(route.compare.max_mismatch_rate);
-                kept.insert(key, entry.clone());
                 Some(Slot {
-                    stats: entry,
+                    stats,
                     rules: rules(route),
                     backend: s.backend,
                     percent: s.percent,
@@ -223,9 +229,7 @@ impl Shadows {
                     noise: route.compare.noise,
                 })
             })
-            .collect();
-        *stats = kept;
-        slots
+            .collect()
     }
 
     /// Whether to mirror this request; `None` when not. Never waits: a full cap drops the
@@ -267,6 +271,85 @@ impl Shadows {
     /// Shadow legs in flight.
     pub fn in_flight(&self) -> usize {
         MAX_SHADOW_TASKS - self.tasks.available_permits()
+    }
+}
+
+/// The primary request a shadow copy is made from, as the proxy is about to send it.
+pub struct Primary<'a> {
+    /// The cleaned request head (method and headers are copied).
+    pub parts: &'a http::request::Parts,
+    /// The client's path and query, joined to the shadow backend's base path.
+    pub pq: Option<PathAndQuery>,
+    pub request_id: &'a HeaderValue,
+    /// The backend that answers the client, and when its answer must be complete.
+    pub upstream: Arc<Upstream>,
+    pub deadline: Instant,
+    /// Whether the request certainly has no body.
+    pub empty: bool,
+}
+
+/// Where the primary exchange hands its copies to a shadow leg.
+pub struct Feed {
+    /// Fed by the client's request body as it streams to the primary.
+    pub request_tee: Option<Tee>,
+    head_tx: Option<oneshot::Sender<Head>>,
+    response_tee: Option<Tee>,
+}
+
+impl Feed {
+    /// Hands the primary's response head over; returns the tee for its body.
+    pub fn primary_answered(
+        self,
+        parts: &http::response::Parts,
+        latency: std::time::Duration,
+    ) -> Option<Tee> {
+        let head = Head {
+            status: parts.status.as_u16(),
+            headers: parts.headers.clone(),
+            latency,
+        };
+        self.head_tx?.send(head).ok()?;
+        self.response_tee
+    }
+}
+
+/// Spawns the shadow leg of a request chosen for mirroring (`plan`) to `shadow`; returns the
+/// hand-over points the primary exchange feeds: request body tee, response head, response
+/// body tee. The leg waits on them in its own task, under the plan's permit.
+pub fn start(
+    shadows: &Arc<Shadows>,
+    plan: Plan,
+    shadow: Arc<Upstream>,
+    primary: Primary<'_>,
+) -> Feed {
+    let budget = &shadows.budget;
+    let (request_tee, request_body) = if primary.empty {
+        (None, RequestCopy::Ready(Held::empty(budget)))
+    } else {
+        let (tee, rx) = Tee::new(plan.max_body, budget);
+        (Some(tee), RequestCopy::Pending(rx))
+    };
+    let (head_tx, primary_head) = oneshot::channel();
+    let (response_tee, primary_body) = Tee::new(plan.max_body, budget);
+    let leg = Leg {
+        shadows: shadows.clone(),
+        method: primary.parts.method.clone(),
+        pq: primary.pq,
+        headers: primary.parts.headers.clone(),
+        request_id: primary.request_id.to_str().unwrap_or_default().to_string(),
+        primary: primary.upstream,
+        shadow,
+        request_body,
+        primary_head,
+        primary_body,
+        primary_deadline: primary.deadline,
+        plan,
+    };
+    tokio::spawn(leg.run());
+    Feed {
+        request_tee,
+        head_tx: Some(head_tx),
+        response_tee: Some(response_tee),
     }
 }
 

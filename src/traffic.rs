@@ -2,14 +2,14 @@
 //! a non-legacy backend, and a latency histogram. Plain atomics, kept across reloads by route
 //! identity; the board turns deltas between two polls into rates and a recent p99.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::routes::RouteTable;
+use crate::carry::CarryOver;
+use crate::routes::{RouteKey, RouteTable};
 
 /// Upper bounds (milliseconds) of the latency buckets; one more bucket holds the rest.
 pub const LATENCY_BOUNDS_MS: [f64; 14] = [
@@ -52,28 +52,24 @@ impl RouteTraffic {
     }
 }
 
-/// Counters of the process, by route identity.
+/// Counters of the process, by what each route matches: they survive every edit of a route
+/// that keeps its prefix and filters.
 #[derive(Default)]
 pub struct Traffic {
-    by_route: Mutex<HashMap<String, Arc<RouteTraffic>>>,
+    by_route: CarryOver<RouteKey, RouteTraffic>,
 }
 
 impl Traffic {
     /// Counters for a new table, parallel to its routes.
     pub fn slots(&self, table: &RouteTable) -> Vec<Arc<RouteTraffic>> {
-        let mut map = self.by_route.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut kept = HashMap::new();
-        let slots = table
-            .routes()
-            .iter()
-            .map(|r| {
-                let key = r.identity();
-                let t = map.get(&key).cloned().unwrap_or_default();
-                kept.insert(key, t.clone());
-                t
-            })
-            .collect();
-        *map = kept;
-        slots
+        self.by_route
+            .renew(
+                table.routes().iter().map(|r| Some(r.route_key())),
+                |_| RouteTraffic::default(),
+                |_| {},
+            )
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }

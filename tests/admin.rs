@@ -67,7 +67,7 @@ async fn probes_and_metrics() {
         metric(&text, "strangler_config_last_reload_successful", &[]),
         Some(1.0)
     );
-    proxy.state.metrics.upkeep();
+    proxy.state.metrics().upkeep();
     let text = get(&proxy.admin_url("/metrics")).await.text();
     assert_eq!(
         metric(

@@ -244,7 +244,7 @@ async fn a_timeout_falls_back_for_idempotent_methods_only() {
 async fn reload_with(proxy: &Proxy, text: &str) {
     std::fs::write(proxy.path(), text).unwrap();
     assert!(
-        strangler::reload::reload_async(proxy.state.clone())
+        strangler::reload::reload_async(proxy.reloader.clone())
             .await
             .changed
     );
@@ -374,14 +374,19 @@ async fn a_tripped_guard_holds_across_reloads_of_other_routes_and_clears_when_it
         true,
         "another route's change keeps the trip"
     );
-    // The routine next step of a migration: a new backend (sorted before `users`, so every
-    // backend index after it moves) and its route.
+    // The routine next step of a migration: a new backend, declared first in the file (so the
+    // index of every other backend moves), and its route.
     let orders = start_echo("orders").await;
-    let next = format!(
-        "[backends.orders]\nurl = \"http://{}\"\n[[routes]]\nprefix = \"/api/orders\"\nbackend = \"orders\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        orders.addr
+    let next = cfg(
+        "0.5",
+        "[[routes]]\nprefix = \"/api/orders\"\nbackend = \"orders\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+    )
+    .replacen(
+        SERVER,
+        &format!("{SERVER}[backends.orders]\nurl = \"http://{}\"\n", orders.addr),
+        1,
     );
-    reload_with(&proxy, &cfg("0.5", &next)).await;
+    reload_with(&proxy, &next).await;
     assert_eq!(
         route_json(&proxy, "/api/users").await["guard_tripped"],
         true,
@@ -392,10 +397,15 @@ async fn a_tripped_guard_holds_across_reloads_of_other_routes_and_clears_when_it
         "orders"
     );
     for _ in 0..5 {
+        let r = get(&proxy.url("/api/users/1")).await;
         assert_eq!(
-            get(&proxy.url("/api/users/1")).await.status,
-            200,
+            r.status, 200,
             "still answered by legacy, not the failing service"
+        );
+        assert_ne!(
+            r.json()["backend"],
+            "orders",
+            "the trip's target follows its name"
         );
     }
     reload_with(

@@ -54,9 +54,9 @@ async fn dashboards_and_alerts_use_only_exported_metrics() {
     .await;
     get(&proxy.url("/api/users/1")).await;
     get(&proxy.url("/api/workouts/1")).await;
-    strangler::reload::reload_async(proxy.state.clone()).await;
+    strangler::reload::reload_async(proxy.reloader.clone()).await;
     let exported = eventually(std::time::Duration::from_secs(5), || async {
-        proxy.state.metrics.upkeep();
+        proxy.state.metrics().upkeep();
         let text = get(&proxy.admin_url("/metrics")).await.text();
         text.contains("strangler_shadow_duration_seconds_bucket")
             .then_some(text)

@@ -253,7 +253,7 @@ async fn in_flight_requests_finish_on_the_table_they_started_with() {
         table("watch = \"off\"", a.addr, b.addr, "users"),
     )
     .unwrap();
-    let outcome = strangler::reload::reload_async(proxy.state.clone()).await;
+    let outcome = strangler::reload::reload_async(proxy.reloader.clone()).await;
     assert!(outcome.changed);
     assert_eq!(
         answered_by(&proxy).await,
@@ -317,7 +317,7 @@ async fn warm_pools_survive_reloads_and_removed_backends_close_theirs() {
     )
     .unwrap();
     assert!(
-        strangler::reload::reload_async(proxy.state.clone())
+        strangler::reload::reload_async(proxy.reloader.clone())
             .await
             .changed
     );
@@ -333,7 +333,7 @@ async fn warm_pools_survive_reloads_and_removed_backends_close_theirs() {
     let without = format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n[backends.users]\nurl = \"http://{}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"users\"\n", other.addr);
     std::fs::write(proxy.path(), without).unwrap();
     assert!(
-        strangler::reload::reload_async(proxy.state.clone())
+        strangler::reload::reload_async(proxy.reloader.clone())
             .await
             .changed
     );
@@ -358,7 +358,7 @@ async fn websockets_stay_open_across_reloads() {
         )
         .unwrap();
         assert!(
-            strangler::reload::reload_async(proxy.state.clone())
+            strangler::reload::reload_async(proxy.reloader.clone())
                 .await
                 .changed
         );
@@ -477,7 +477,7 @@ async fn reload_storm_under_load_fails_no_request() {
             &table(&format!("# flip {i}"), a.addr, b.addr, to),
             i % 2 == 0,
         );
-        let outcome = strangler::reload::reload_async(proxy.state.clone()).await;
+        let outcome = strangler::reload::reload_async(proxy.reloader.clone()).await;
         assert!(outcome.ok, "{:?}", outcome.errors);
         tokio::time::sleep(Duration::from_millis(15)).await;
     }

@@ -344,7 +344,7 @@ async fn a_slow_down_or_garbage_shadow_never_touches_the_client() {
         );
         if name == "slow" {
             assert!(
-                proxy.state.shadows.in_flight() > 0,
+                proxy.state.shadows().in_flight() > 0,
                 "every client was answered while the shadow legs still hang"
             );
         }
@@ -367,7 +367,7 @@ async fn legs_over_the_cap_are_dropped_not_queued() {
     let m = metrics(&proxy).await;
     assert_eq!(shadow_count(&m, "dropped"), 40.0, "{m}");
     assert_eq!(
-        proxy.state.shadows.in_flight(),
+        proxy.state.shadows().in_flight(),
         strangler::shadow::MAX_SHADOW_TASKS
     );
 }
@@ -527,7 +527,7 @@ async fn stats_survive_reloads_that_keep_the_pairing_and_reset_when_it_changes()
     )
     .unwrap();
     assert!(
-        strangler::reload::reload_async(proxy.state.clone())
+        strangler::reload::reload_async(proxy.reloader.clone())
             .await
             .changed
     );
@@ -541,7 +541,7 @@ async fn stats_survive_reloads_that_keep_the_pairing_and_reset_when_it_changes()
     )
     .unwrap();
     assert!(
-        strangler::reload::reload_async(proxy.state.clone())
+        strangler::reload::reload_async(proxy.reloader.clone())
             .await
             .changed
     );

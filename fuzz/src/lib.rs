@@ -227,7 +227,7 @@ pub fn headers(data: &[u8]) {
 /// proxy's own HTTP/1.1 settings and request handler; only the backends are on sockets.
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    state: Arc<strangler::proxy::State>,
+    state: Arc<strangler::state::State>,
 }
 
 fn harness() -> &'static Harness {
@@ -284,7 +284,7 @@ async fn backend(name: &'static str) -> SocketAddr {
 }
 
 /// Starts the proxy: a legacy backend, a shadowed route, a canary, a fallback, a guard.
-async fn start() -> Arc<strangler::proxy::State> {
+async fn start() -> Arc<strangler::state::State> {
     let (legacy, users, feed) = (
         backend("legacy").await,
         backend("users").await,
@@ -353,16 +353,19 @@ backend = "legacy"
 /// Sends `bytes` on a new connection, closes the writing side, and reads what comes back
 /// until the proxy closes (bounded in time: a proxy that hangs is a finding). The connection
 /// supports half-closure, so every complete request sent is answered before it closes.
-async fn exchange(state: &Arc<strangler::proxy::State>, bytes: &[u8]) -> Vec<u8> {
+async fn exchange(state: &Arc<strangler::state::State>, bytes: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client, server) = tokio::io::duplex(1 << 16);
     let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
     let state = state.clone();
     let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(state.handle(req, peer).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(strangler::proxy::handle(state, req, peer).await)
+        }
     });
-    let mut builder = strangler::server::http1_builder(&harness_settings());
+    let limits = strangler::server::ListenerLimits::from(&harness().state.settings);
+    let mut builder = strangler::server::http1_builder(&limits);
     builder.half_close(true);
     let conn = tokio::spawn(async move {
         let _ = builder
@@ -391,10 +394,6 @@ async fn exchange(state: &Arc<strangler::proxy::State>, bytes: &[u8]) -> Vec<u8>
         String::from_utf8_lossy(&out[..out.len().min(512)])
     );
     out
-}
-
-fn harness_settings() -> strangler::config::ServerSettings {
-    harness().state.settings.clone()
 }
 
 /// Raw client bytes through the whole proxy.

@@ -18,9 +18,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use super::Reloader;
 use crate::config::Watch;
-use crate::proxy::State;
 use crate::server::Shutdown;
+use crate::state::State;
 
 /// Quiet time after the last event before the file is read: editors and kubelet write in
 /// bursts of several events within a few milliseconds.
@@ -34,8 +35,9 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// Reads before giving up on a file that keeps changing (checked again on the next event).
 const MAX_READS: usize = 40;
 
-/// Watches `state.path` until shutdown.
-pub async fn run(state: Arc<State>, mode: Watch, mut shutdown: Shutdown) {
+/// Watches the routes.toml of `reloader`'s proxy until shutdown.
+pub async fn run(reloader: Arc<Reloader>, mode: Watch, mut shutdown: Shutdown) {
+    let state = reloader.state.clone();
     let interval = match mode {
         Watch::Off => return,
         Watch::Notify { interval } | Watch::Poll { interval } => interval,
@@ -56,13 +58,13 @@ pub async fn run(state: Arc<State>, mode: Watch, mut shutdown: Shutdown) {
             _ = shutdown.started() => return,
             _ = events.notified() => {
                 debounce(&events).await;
-                check(&state, &mut seen).await;
+                check(&reloader, &mut seen).await;
             }
             _ = tick.tick() => {
                 if matches!(mode, Watch::Notify { .. }) && (watcher.is_none() || broken.swap(false, Ordering::AcqRel)) {
                     watcher = arm(&dirs, &events, &broken);
                 }
-                check(&state, &mut seen).await;
+                check(&reloader, &mut seen).await;
             }
         }
         // A reload may name certificate files in other directories.
@@ -153,7 +155,8 @@ async fn debounce(events: &Notify) {
 
 /// Reloads when the file's settled content, or a certificate file it names, is new; a
 /// missing routes.toml keeps the current table.
-async fn check(state: &Arc<State>, seen: &mut String) {
+async fn check(reloader: &Arc<Reloader>, seen: &mut String) {
+    let state = &reloader.state;
     let path = state.path.clone();
     let active = state.active();
     let read = tokio::task::spawn_blocking(move || {
@@ -193,8 +196,8 @@ async fn check(state: &Arc<State>, seen: &mut String) {
         return;
     }
     *seen = key;
-    let state = state.clone();
-    let outcome = tokio::task::spawn_blocking(move || super::reload_bytes(&state, &bytes)).await;
+    let reloader = reloader.clone();
+    let outcome = tokio::task::spawn_blocking(move || reloader.reload_bytes(&bytes)).await;
     if let Ok(o) = outcome {
         info!(
             ok = o.ok,

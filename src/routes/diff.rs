@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{format_percent, Route, RouteTable, Sticky};
+use super::{format_percent, Route, RouteTable};
 
 /// A route's name in a diff: its prefix as written, plus its filters when it has any.
 pub fn label(route: &Route) -> String {
@@ -118,12 +118,10 @@ fn field_changes(ot: &RouteTable, o: &Route, nt: &RouteTable, n: &Route) -> Vec<
         name(ot, o.canary.as_ref().map(|c| c.backend)),
         name(nt, n.canary.as_ref().map(|c| c.backend)),
     );
-    let sticky = |r: &Route| match r.canary.as_ref().map(|c| &c.sticky) {
-        None => "none".to_string(),
-        Some(Sticky::Random) => "random".into(),
-        Some(Sticky::Ip) => "ip".into(),
-        Some(Sticky::Header(h)) => format!("header:{h}"),
-        Some(Sticky::Cookie(c)) => format!("cookie:{c}"),
+    let sticky = |r: &Route| {
+        r.canary
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |c| c.sticky.to_string())
     };
     field("canary sticky", sticky(o), sticky(n));
     field("fallback", name(ot, o.fallback), name(nt, n.fallback));

@@ -22,33 +22,33 @@ use crate::upstream::Upstream;
 const PRIMARY_GRACE: Duration = Duration::from_secs(1);
 
 /// The primary's response head, handed over when it arrives.
-pub struct Head {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub latency: Duration,
+pub(super) struct Head {
+    pub(super) status: u16,
+    pub(super) headers: HeaderMap,
+    pub(super) latency: Duration,
 }
 
 /// The request body copy: already known (no body) or still streaming to the primary.
-pub enum RequestCopy {
+pub(super) enum RequestCopy {
     Ready(Held),
     Pending(oneshot::Receiver<Captured>),
 }
 
 /// Everything a leg needs, moved into its task.
-pub struct Leg {
-    pub plan: Plan,
-    pub shadows: Arc<Shadows>,
-    pub method: Method,
-    pub pq: Option<PathAndQuery>,
+pub(super) struct Leg {
+    pub(super) plan: Plan,
+    pub(super) shadows: Arc<Shadows>,
+    pub(super) method: Method,
+    pub(super) pq: Option<PathAndQuery>,
     /// The forwarded request's headers (already cleaned by the proxy).
-    pub headers: HeaderMap,
-    pub request_id: String,
-    pub primary: Arc<Upstream>,
-    pub shadow: Arc<Upstream>,
-    pub request_body: RequestCopy,
-    pub primary_head: oneshot::Receiver<Head>,
-    pub primary_body: oneshot::Receiver<Captured>,
-    pub primary_deadline: Instant,
+    pub(super) headers: HeaderMap,
+    pub(super) request_id: String,
+    pub(super) primary: Arc<Upstream>,
+    pub(super) shadow: Arc<Upstream>,
+    pub(super) request_body: RequestCopy,
+    pub(super) primary_head: oneshot::Receiver<Head>,
+    pub(super) primary_body: oneshot::Receiver<Captured>,
+    pub(super) primary_deadline: Instant,
 }
 
 /// Why a side has no answer to compare.
@@ -59,7 +59,7 @@ enum Missing {
 
 impl Leg {
     /// Runs the leg to its end and records the outcome. Consumes the permit when done.
-    pub async fn run(self) {
+    pub(super) async fn run(self) {
         let stats = self.plan.stats.clone();
         let shadows = self.shadows.clone();
         let route = stats.prefix.clone();

@@ -198,7 +198,8 @@ pub async fn closed_port() -> SocketAddr {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub state: Arc<strangler::proxy::State>,
+    pub state: Arc<strangler::state::State>,
+    pub reloader: Arc<strangler::reload::Reloader>,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<Result<(), strangler::RunError>>>,
@@ -222,12 +223,14 @@ impl Proxy {
         };
         let server = strangler::Server::bind(loaded).await.unwrap();
         let (addr, admin, state) = (server.proxy_addr(), server.admin_addr(), server.state());
+        let reloader = server.reloader();
         let (tx, stop) = stopper();
         let task = tokio::spawn(server.run(stop));
         Proxy {
             addr,
             admin,
             state,
+            reloader,
             dir,
             stop: Some(tx),
             task: Some(task),

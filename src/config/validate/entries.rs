@@ -322,7 +322,7 @@ impl Ctx {
             .map(|(i, b)| (b.name.clone(), i))
             .collect();
         let mut routes: Vec<Route> = Vec::new();
-        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut seen: HashMap<crate::routes::RouteKey, usize> = HashMap::new();
         for entry in entries {
             let Some(f) = self.de::<RouteFile>(entry, "[[routes]]") else {
                 continue;
@@ -331,7 +331,7 @@ impl Ctx {
             let Some(route) = self.route(f, &names, legacy) else {
                 continue;
             };
-            if let Some(line) = seen.insert(route.identity(), route.line) {
+            if let Some(line) = seen.insert(route.route_key(), route.line) {
                 self.err(
                     prefix_span,
                     format!("duplicate route: same prefix and filters as the route on line {line}"),

@@ -1,0 +1,258 @@
+//! Phase 6, sending: to the chosen backend, and again to the route's `fallback` when the first
+//! attempt failed in a way that is safe to repeat: for any method when the request never left
+//! (no connection could be made), for idempotent methods on a timeout or a 5xx head (nothing
+//! has reached the client yet). Otherwise the first attempt's outcome stands. The route's
+//! guard counts the first attempt.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use metrics::Label;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{idempotent, Context, Outbound, Routed};
+use crate::error::ProxyError;
+use crate::metrics::FALLBACK_TOTAL;
+use crate::routes::BackendId;
+use crate::shadow;
+use crate::upstream::body::UpstreamBody;
+use crate::upstream::tee::{Budget, Captured, Tee};
+use crate::upstream::{Failed, Lease, Upstream};
+
+/// An answer head, with the connection it came on and the backend that gave it.
+pub(super) struct Answered {
+    pub resp: Response<Incoming>,
+    pub lease: Lease,
+    /// When the rest of the answer is due.
+    pub deadline: Instant,
+    pub backend: BackendId,
+}
+
+/// No answer: why, and the backend tried last.
+pub(super) struct Unanswered {
+    pub error: ProxyError,
+    pub backend: BackendId,
+}
+
+/// Sends `out` to the chosen backend (its body teed to the shadow leg through `feed`), then
+/// to the fallback where that is safe.
+pub(super) async fn send(
+    cx: &Context<'_>,
+    routed: &Routed<'_>,
+    out: Outbound,
+    feed: Option<&mut shadow::Feed>,
+) -> Result<Answered, Unanswered> {
+    let from = routed.backend;
+    let fallback = routed.route.fallback.filter(|&f| f != from && !out.upgrade);
+    let (retry, replay_tee) = match fallback {
+        Some(_) => Retry::prepare(&out, &cx.state.shadows().budget),
+        None => (None, None),
+    };
+    let body = if out.empty {
+        UpstreamBody::empty()
+    } else {
+        let shadow_tee = feed.and_then(|f| f.request_tee.take());
+        let limit = cx.state.settings.max_request_body;
+        UpstreamBody::limited(out.body, limit, shadow_tee, replay_tee)
+    };
+    let req = Request::from_parts(out.parts, body);
+    let first = cx.active.upstreams[from].send(req, out.deadline).await;
+    guard_watch(cx, routed, &first);
+    match (fallback, retry) {
+        (Some(to), Some(retry)) => to_fallback(cx, routed, to, first, retry, out.deadline).await,
+        _ => match first {
+            Ok((resp, lease)) => Ok(Answered {
+                resp,
+                lease,
+                deadline: out.deadline,
+                backend: from,
+            }),
+            Err(failed) => Err(Unanswered {
+                error: failed.error,
+                backend: from,
+            }),
+        },
+    }
+}
+
+/// The fallback's turn, when the first attempt's outcome allows it.
+async fn to_fallback(
+    cx: &Context<'_>,
+    routed: &Routed<'_>,
+    to: BackendId,
+    first: Result<(Response<Incoming>, Lease), Failed>,
+    retry: Retry,
+    deadline: Instant,
+) -> Result<Answered, Unanswered> {
+    let from = routed.backend;
+    let target = &cx.active.upstreams[to];
+    let stands = |resp, lease| {
+        Ok(Answered {
+            resp,
+            lease,
+            deadline,
+            backend: from,
+        })
+    };
+    let fails = |error| {
+        Err(Unanswered {
+            error,
+            backend: from,
+        })
+    };
+    let req = match first {
+        Ok((resp, lease)) if resp.status().is_server_error() && retry.idempotent => {
+            match retry.rebuild(target) {
+                Some(req) => req,
+                None => return stands(resp, lease),
+            }
+        }
+        Ok((resp, lease)) => return stands(resp, lease),
+        Err(Failed {
+            unsent: Some(req), ..
+        }) => {
+            let mut req = *req;
+            match target.uri(retry.pq.as_ref()) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => {
+                    return fails(ProxyError::BadRequest {
+                        reason: "the request target cannot be forwarded",
+                    })
+                }
+            }
+            req
+        }
+        Err(Failed {
+            error: error @ ProxyError::UpstreamTimeout { .. },
+            ..
+        }) => match retry.idempotent.then(|| retry.rebuild(target)).flatten() {
+            Some(req) => req,
+            None => return fails(error),
+        },
+        Err(failed) => return fails(failed.error),
+    };
+    count(cx, routed, to);
+    let deadline = Instant::now() + target.timeout;
+    match target.send(req, deadline).await {
+        Ok((resp, lease)) => Ok(Answered {
+            resp,
+            lease,
+            deadline,
+            backend: to,
+        }),
+        Err(failed) => Err(Unanswered {
+            error: failed.error,
+            backend: to,
+        }),
+    }
+}
+
+/// `strangler_fallback_total{route, from, to}`, and a debug line.
+fn count(cx: &Context<'_>, routed: &Routed<'_>, to: BackendId) {
+    let table = &cx.active.table;
+    let route = &routed.route.prefix;
+    let (from, to) = (&table.backend(routed.backend).name, &table.backend(to).name);
+    cx.state
+        .metrics()
+        .counter(
+            FALLBACK_TOTAL,
+            vec![
+                Label::new("route", route.clone()),
+                Label::new("from", from.clone()),
+                Label::new("to", to.clone()),
+            ],
+        )
+        .increment(1);
+    debug!(route = %route, from = %from, to = %to, "answered by the fallback");
+}
+
+/// Feeds the route's guard with the first attempt's outcome when the attempted backend is the
+/// one it watches (not the legacy one, not where it rolls back to). Client faults are not
+/// the backend's errors.
+fn guard_watch(
+    cx: &Context<'_>,
+    routed: &Routed<'_>,
+    first: &Result<(Response<Incoming>, Lease), Failed>,
+) {
+    let (Some(guard), Some(config)) = (&routed.runtime.guard, &routed.route.guard) else {
+        return;
+    };
+    let backend = routed.backend;
+    if Some(backend) == cx.active.table.legacy() || backend == config.to {
+        return;
+    }
+    let error = match first {
+        Ok((resp, _)) => resp.status().is_server_error(),
+        Err(f) => matches!(
+            f.error,
+            ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamTimeout { .. }
+        ),
+    };
+    guard.record(cx.start, error);
+}
+
+/// Request bodies up to this size are kept so an idempotent request can be sent again to a
+/// fallback after a timeout or a 5xx; a larger body is not replayed (the first answer stands).
+const FALLBACK_MAX_BODY: usize = 1 << 20;
+
+/// What it takes to send a request again to a fallback backend.
+struct Retry {
+    method: Method,
+    headers: http::HeaderMap,
+    pq: Option<http::uri::PathAndQuery>,
+    /// GET, HEAD, OPTIONS, PUT, DELETE (and TRACE): safe to send twice.
+    idempotent: bool,
+    body: Option<Replay>,
+}
+
+enum Replay {
+    Empty,
+    Captured(oneshot::Receiver<Captured>),
+}
+
+impl Retry {
+    /// Keeps the request head, and a tee for the body of an idempotent request.
+    fn prepare(out: &Outbound, budget: &Arc<Budget>) -> (Option<Retry>, Option<Tee>) {
+        let parts = &out.parts;
+        let idempotent = idempotent(&parts.method);
+        let (body, tee) = match (idempotent, out.empty) {
+            (false, _) => (None, None),
+            (true, true) => (Some(Replay::Empty), None),
+            (true, false) => {
+                let (tee, rx) = Tee::new(FALLBACK_MAX_BODY, budget);
+                (Some(Replay::Captured(rx)), Some(tee))
+            }
+        };
+        (
+            Some(Retry {
+                method: parts.method.clone(),
+                headers: parts.headers.clone(),
+                pq: out.pq.clone(),
+                idempotent,
+                body,
+            }),
+            tee,
+        )
+    }
+
+    /// The request again, for `to`; `None` when its body was not kept whole.
+    fn rebuild(self, to: &Upstream) -> Option<Request<UpstreamBody>> {
+        let bytes = match self.body? {
+            Replay::Empty => bytes::Bytes::new(),
+            Replay::Captured(mut rx) => match rx.try_recv().ok()? {
+                Captured::Body(held) => held.bytes.clone(),
+                Captured::TooLarge => return None,
+            },
+        };
+        let mut req = Request::builder()
+            .method(self.method)
+            .uri(to.uri(self.pq.as_ref()).ok()?)
+            .body(UpstreamBody::full(bytes))
+            .ok()?;
+        *req.headers_mut() = self.headers;
+        Some(req)
+    }
+}
