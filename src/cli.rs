@@ -8,7 +8,7 @@ use http::{HeaderMap, Method};
 
 use crate::config::Loaded;
 use crate::routes::diff::{diff, label};
-use crate::routes::{canary_bucket, format_percent, in_canary, RouteTable, Sticky};
+use crate::routes::{canary_bucket, format_percent, in_canary, Route, RouteTable, Sticky};
 
 /// Renders rows as left-aligned columns.
 fn columns(rows: &[Vec<String>]) -> String {
@@ -142,36 +142,7 @@ pub fn explain(
             |t| format!(", {}", t.describe())
         )
     );
-    match &r.canary {
-        None => out.push_str("canary:   none\n"),
-        Some(c) => {
-            let what = match &c.sticky {
-                Sticky::Header(h) => format!("header {h}"),
-                Sticky::Cookie(n) => format!("cookie {n}"),
-                Sticky::Ip => format!("client ip {client}"),
-                Sticky::Random => String::new(),
-            };
-            let key = c.sticky_key(headers, client).map(|k| (what, k));
-            let pct = format_percent(c.percent);
-            let detail = match (&c.sticky, key) {
-                (Sticky::Random, _) => "random per request".to_string(),
-                (_, None) => format!("the sticky key is absent: {} answers", name(r.backend)),
-                (_, Some((what, bytes))) => {
-                    let bucket = canary_bucket(&bytes);
-                    let side = if in_canary(bucket, c.percent) {
-                        "in the canary"
-                    } else {
-                        "not in the canary"
-                    };
-                    format!(
-                        "{what}: bucket {bucket} of 10000 (canary is buckets below {}) -> {side}",
-                        (c.percent * 100.0) as u32
-                    )
-                }
-            };
-            let _ = writeln!(out, "canary:   {} {pct}%; {detail}", name(c.backend));
-        }
-    }
+    canary_line(&mut out, t, r, headers, client);
     match &r.shadow {
         None => out.push_str("shadow:   none\n"),
         Some(s) => {
@@ -206,6 +177,41 @@ pub fn explain(
         }
     }
     Ok(out)
+}
+
+/// The `canary:` line of `explain`: the sticky key, its bucket and which side it falls on.
+fn canary_line(out: &mut String, t: &RouteTable, r: &Route, headers: &HeaderMap, client: IpAddr) {
+    let name = |b: usize| t.backend(b).name.clone();
+    match &r.canary {
+        None => out.push_str("canary:   none\n"),
+        Some(c) => {
+            let what = match &c.sticky {
+                Sticky::Header(h) => format!("header {h}"),
+                Sticky::Cookie(n) => format!("cookie {n}"),
+                Sticky::Ip => format!("client ip {client}"),
+                Sticky::Random => String::new(),
+            };
+            let key = c.sticky_key(headers, client).map(|k| (what, k));
+            let pct = format_percent(c.percent);
+            let detail = match (&c.sticky, key) {
+                (Sticky::Random, _) => "random per request".to_string(),
+                (_, None) => format!("the sticky key is absent: {} answers", name(r.backend)),
+                (_, Some((what, bytes))) => {
+                    let bucket = canary_bucket(&bytes);
+                    let side = if in_canary(bucket, c.percent) {
+                        "in the canary"
+                    } else {
+                        "not in the canary"
+                    };
+                    format!(
+                        "{what}: bucket {bucket} of 10000 (canary is buckets below {}) -> {side}",
+                        (c.percent * 100.0) as u32
+                    )
+                }
+            };
+            let _ = writeln!(out, "canary:   {} {pct}%; {detail}", name(c.backend));
+        }
+    }
 }
 
 /// `strangler diff OLD NEW`.

@@ -142,7 +142,8 @@ impl Canary {
 /// `[routes.compare]`, with defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Compare {
-    pub ignore: Vec<String>,
+    /// Compiled at load: the request path never parses a pattern.
+    pub ignore: Vec<crate::compare::Pattern>,
     pub headers: Vec<HeaderName>,
     pub noise: bool,
     pub max_body: u64,

@@ -147,6 +147,8 @@ impl RouteShadow {
             || fastrand::f64() < NOISE_SAMPLE
     }
 
+    /// The route's rules plus what this route learned is noise. Called by the leg, off the
+    /// client's path.
     fn rules(&self, base: &Rules) -> Rules {
         let mut rules = base.clone();
         rules.ignore.extend(
@@ -163,7 +165,7 @@ impl RouteShadow {
 /// The shadow state of one generation's route: stats and comparison rules.
 pub struct Slot {
     pub stats: Arc<RouteShadow>,
-    pub rules: Rules,
+    pub rules: Arc<Rules>,
     pub backend: BackendId,
     pub percent: f64,
     pub methods: Vec<Method>,
@@ -222,7 +224,7 @@ impl Shadows {
                     .set(route.compare.max_mismatch_rate);
                 Some(Slot {
                     stats,
-                    rules: rules(route),
+                    rules: Arc::new(rules(route)),
                     backend: s.backend,
                     percent: s.percent,
                     methods: s.methods.clone(),
@@ -255,7 +257,7 @@ impl Shadows {
                 _permit: permit,
                 shadow: slot.backend,
                 stats: slot.stats.clone(),
-                rules: slot.stats.rules(&slot.rules),
+                rules: slot.rules.clone(),
                 max_body: slot.rules.max_body,
                 noise: slot.noise
                     && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
@@ -332,18 +334,22 @@ pub fn start(
     let (head_tx, primary_head) = oneshot::channel();
     let (response_tee, primary_body) = Tee::new(plan.max_body, budget);
     let leg = Leg {
-        shadows: shadows.clone(),
-        method: primary.parts.method.clone(),
-        pq: primary.pq,
-        headers: primary.parts.headers.clone(),
-        request_id: primary.request_id.to_str().unwrap_or_default().to_string(),
-        primary: primary.upstream,
-        shadow,
-        request_body,
-        primary_head,
-        primary_body,
-        primary_deadline: primary.deadline,
-        plan,
+        copy: leg::Copy {
+            shadows: shadows.clone(),
+            method: primary.parts.method.clone(),
+            pq: primary.pq,
+            headers: primary.parts.headers.clone(),
+            request_id: primary.request_id.to_str().unwrap_or_default().to_string(),
+            primary: primary.upstream,
+            shadow,
+            plan,
+        },
+        inputs: leg::Inputs {
+            request_body,
+            primary_head,
+            primary_body,
+            primary_deadline: primary.deadline,
+        },
     };
     tokio::spawn(leg.run());
     Feed {
@@ -360,7 +366,8 @@ pub struct Plan {
     /// The backend that gets the copy.
     pub shadow: BackendId,
     pub stats: Arc<RouteShadow>,
-    pub rules: Rules,
+    /// The route's own rules; the leg adds learned noise.
+    pub rules: Arc<Rules>,
     pub max_body: usize,
     pub noise: bool,
 }
@@ -369,7 +376,7 @@ fn rules(route: &Route) -> Rules {
     let c = &route.compare;
     Rules {
         headers: c.headers.clone(),
-        ignore: c.ignore.iter().map(|p| Pattern::parse(p)).collect(),
+        ignore: c.ignore.clone(),
         tolerance: c.tolerance,
         max_body: usize::try_from(c.max_body).unwrap_or(usize::MAX),
     }

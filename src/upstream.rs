@@ -114,7 +114,27 @@ impl Upstream {
         Ok(Uri::from(pq))
     }
 
-    /// Sends the request and waits for the response head until `deadline`.
+    /// A request for this backend made from parts the proxy kept (a fallback's replay, a
+    /// shadow copy); `None` when the target cannot be joined to the base path.
+    pub fn request(
+        &self,
+        method: http::Method,
+        pq: Option<&PathAndQuery>,
+        headers: http::HeaderMap,
+        body: bytes::Bytes,
+    ) -> Option<Request<UpstreamBody>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(self.uri(pq).ok()?)
+            .body(UpstreamBody::full(body))
+            .ok()?;
+        *req.headers_mut() = headers;
+        Some(req)
+    }
+
+    /// Sends the request and waits for the response head until `deadline`. An idempotent
+    /// request that never left (no connection could be made) is tried again on another
+    /// endpoint, with backoff, while the retry budget allows and the deadline is not near.
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
@@ -131,66 +151,67 @@ impl Upstream {
                 tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout)).await;
             let failed = match outcome {
                 Ok(Ok(done)) => return Ok(done),
-                Ok(Err((kind, source, unsent))) => {
-                    let error = match find_source::<TooLarge>(source.as_ref()) {
-                        Some(t) => ProxyError::PayloadTooLarge { limit: t.limit },
-                        None if kind_is_client(&*source) => ProxyError::BadRequest {
-                            reason: "the request body could not be read",
-                        },
-                        None => {
-                            self.count(kind);
-                            ProxyError::UpstreamUnavailable {
-                                backend: self.name.clone(),
-                                kind,
-                                source,
-                            }
-                        }
-                    };
-                    Failed {
-                        error,
-                        unsent: unsent.map(Box::new),
-                    }
-                }
+                Ok(Err((kind, source, unsent))) => self.failed(kind, source, unsent),
                 Err(_) => {
                     ep.failed();
                     self.count(UpstreamErrorKind::Timeout);
-                    return Err(ProxyError::UpstreamTimeout {
-                        backend: self.name.clone(),
-                        after: self.timeout,
-                    }
-                    .into());
+                    return Err(self.timeout().into());
                 }
             };
-            let retry = idempotent
-                && attempt < self.retries
-                && failed.unsent.is_some()
-                && self.budget.withdraw();
-            match (retry, failed) {
-                (
-                    true,
-                    Failed {
-                        unsent: Some(r), ..
-                    },
-                ) => {
-                    req = *r;
-                    tried = Some(i);
-                    let wait = RETRY_BACKOFF * 2u32.pow(attempt)
-                        + Duration::from_millis(fastrand::u64(..10));
-                    if Instant::now() + wait >= deadline {
-                        return Err(Failed {
-                            error: ProxyError::UpstreamTimeout {
-                                backend: self.name.clone(),
-                                after: self.timeout,
-                            },
-                            unsent: Some(Box::new(req)),
-                        });
-                    }
-                    tokio::time::sleep(wait).await;
-                }
-                (_, failed) => return Err(failed),
+            let again = idempotent && attempt < self.retries && self.budget.withdraw();
+            req = match failed {
+                Failed {
+                    unsent: Some(r), ..
+                } if again => *r,
+                failed => return Err(failed),
+            };
+            tried = Some(i);
+            let wait =
+                RETRY_BACKOFF * 2u32.pow(attempt) + Duration::from_millis(fastrand::u64(..10));
+            if Instant::now() + wait >= deadline {
+                return Err(Failed {
+                    error: self.timeout(),
+                    unsent: Some(Box::new(req)),
+                });
             }
+            tokio::time::sleep(wait).await;
         }
         unreachable_failed(&self.name)
+    }
+
+    /// A failed exchange as the proxy answers it: the client's fault (its body), or the
+    /// upstream's (counted).
+    fn failed(
+        &self,
+        kind: UpstreamErrorKind,
+        source: crate::error::BoxError,
+        unsent: Option<Request<UpstreamBody>>,
+    ) -> Failed {
+        let error = match find_source::<TooLarge>(source.as_ref()) {
+            Some(t) => ProxyError::PayloadTooLarge { limit: t.limit },
+            None if kind_is_client(&*source) => ProxyError::BadRequest {
+                reason: "the request body could not be read",
+            },
+            None => {
+                self.count(kind);
+                ProxyError::UpstreamUnavailable {
+                    backend: self.name.clone(),
+                    kind,
+                    source,
+                }
+            }
+        };
+        Failed {
+            error,
+            unsent: unsent.map(Box::new),
+        }
+    }
+
+    fn timeout(&self) -> ProxyError {
+        ProxyError::UpstreamTimeout {
+            backend: self.name.clone(),
+            after: self.timeout,
+        }
     }
 
     pub fn count(&self, kind: UpstreamErrorKind) {

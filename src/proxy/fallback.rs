@@ -89,50 +89,22 @@ async fn to_fallback(
 ) -> Result<Answered, Unanswered> {
     let from = routed.backend;
     let target = &cx.active.upstreams[to];
-    let stands = |resp, lease| {
-        Ok(Answered {
-            resp,
-            lease,
-            deadline,
-            backend: from,
-        })
-    };
-    let fails = |error| {
-        Err(Unanswered {
-            error,
-            backend: from,
-        })
-    };
-    let req = match first {
-        Ok((resp, lease)) if resp.status().is_server_error() && retry.idempotent => {
-            match retry.rebuild(target) {
-                Some(req) => req,
-                None => return stands(resp, lease),
-            }
+    let req = match next(first, retry, target) {
+        Next::Stands(resp, lease) => {
+            return Ok(Answered {
+                resp,
+                lease,
+                deadline,
+                backend: from,
+            })
         }
-        Ok((resp, lease)) => return stands(resp, lease),
-        Err(Failed {
-            unsent: Some(req), ..
-        }) => {
-            let mut req = *req;
-            match target.uri(retry.pq.as_ref()) {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(_) => {
-                    return fails(ProxyError::BadRequest {
-                        reason: "the request target cannot be forwarded",
-                    })
-                }
-            }
-            req
+        Next::Fails(error) => {
+            return Err(Unanswered {
+                error,
+                backend: from,
+            })
         }
-        Err(Failed {
-            error: error @ ProxyError::UpstreamTimeout { .. },
-            ..
-        }) => match retry.idempotent.then(|| retry.rebuild(target)).flatten() {
-            Some(req) => req,
-            None => return fails(error),
-        },
-        Err(failed) => return fails(failed.error),
+        Next::Send(req) => *req,
     };
     count(cx, routed, to);
     let deadline = Instant::now() + target.timeout;
@@ -147,6 +119,55 @@ async fn to_fallback(
             error: failed.error,
             backend: to,
         }),
+    }
+}
+
+/// What follows the first attempt on a route with a fallback.
+enum Next {
+    /// The first answer stands.
+    Stands(Response<Incoming>, Lease),
+    /// The first failure stands.
+    Fails(ProxyError),
+    /// This request goes to the fallback (boxed: the rarest case, and the largest).
+    Send(Box<Request<UpstreamBody>>),
+}
+
+fn next(
+    first: Result<(Response<Incoming>, Lease), Failed>,
+    retry: Retry,
+    target: &Upstream,
+) -> Next {
+    match first {
+        Ok((resp, lease)) if resp.status().is_server_error() && retry.idempotent => {
+            match retry.rebuild(target) {
+                Some(req) => Next::Send(Box::new(req)),
+                None => Next::Stands(resp, lease),
+            }
+        }
+        Ok((resp, lease)) => Next::Stands(resp, lease),
+        // Never sent: any method may go elsewhere.
+        Err(Failed {
+            unsent: Some(req), ..
+        }) => {
+            let mut req = req;
+            match target.uri(retry.pq.as_ref()) {
+                Ok(uri) => {
+                    *req.uri_mut() = uri;
+                    Next::Send(req)
+                }
+                Err(_) => Next::Fails(ProxyError::BadRequest {
+                    reason: "the request target cannot be forwarded",
+                }),
+            }
+        }
+        Err(Failed {
+            error: error @ ProxyError::UpstreamTimeout { .. },
+            ..
+        }) => match retry.idempotent.then(|| retry.rebuild(target)).flatten() {
+            Some(req) => Next::Send(Box::new(req)),
+            None => Next::Fails(error),
+        },
+        Err(failed) => Next::Fails(failed.error),
     }
 }
 
@@ -247,12 +268,6 @@ impl Retry {
                 Captured::TooLarge => return None,
             },
         };
-        let mut req = Request::builder()
-            .method(self.method)
-            .uri(to.uri(self.pq.as_ref()).ok()?)
-            .body(UpstreamBody::full(bytes))
-            .ok()?;
-        *req.headers_mut() = self.headers;
-        Some(req)
+        to.request(self.method, self.pq.as_ref(), self.headers, bytes)
     }
 }

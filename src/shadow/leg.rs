@@ -12,7 +12,7 @@ use tracing::{debug, info};
 
 use super::report::{DiffEntry, Side};
 use super::{Outcome, Plan, Shadows};
-use crate::compare::{compare, learn_noise, Answer, Verdict};
+use crate::compare::{compare, learn_noise, Answer, Rules, Verdict};
 use crate::headers::X_STRANGLER_SHADOW;
 use crate::upstream::body::UpstreamBody;
 use crate::upstream::tee::{Budget, Captured, Held, Tee};
@@ -34,8 +34,15 @@ pub(super) enum RequestCopy {
     Pending(oneshot::Receiver<Captured>),
 }
 
-/// Everything a leg needs, moved into its task.
+/// Everything a leg needs, moved into its task: the request it copies and the hand-overs
+/// from the primary exchange.
 pub(super) struct Leg {
+    pub(super) copy: Copy,
+    pub(super) inputs: Inputs,
+}
+
+/// The request a leg copies and where the copies go.
+pub(super) struct Copy {
     pub(super) plan: Plan,
     pub(super) shadows: Arc<Shadows>,
     pub(super) method: Method,
@@ -45,6 +52,10 @@ pub(super) struct Leg {
     pub(super) request_id: String,
     pub(super) primary: Arc<Upstream>,
     pub(super) shadow: Arc<Upstream>,
+}
+
+/// What the primary exchange hands over, when it has it.
+pub(super) struct Inputs {
     pub(super) request_body: RequestCopy,
     pub(super) primary_head: oneshot::Receiver<Head>,
     pub(super) primary_body: oneshot::Receiver<Captured>,
@@ -57,13 +68,35 @@ enum Missing {
     Skipped(&'static str),
 }
 
+impl Missing {
+    fn outcome(self) -> Outcome {
+        match self {
+            Missing::Error(why) => {
+                debug!(error = %why, "shadow request failed");
+                Outcome::Error
+            }
+            Missing::Skipped(why) => {
+                debug!(why, "shadow answer not compared");
+                Outcome::Skipped
+            }
+        }
+    }
+}
+
+/// The answers a leg collected.
+struct Answers {
+    primary: Option<(Head, Answer)>,
+    shadow: Result<(Answer, Duration, Held), Missing>,
+    /// A second answer of the primary backend, for learning noise.
+    noise: Option<Answer>,
+}
+
 impl Leg {
     /// Runs the leg to its end and records the outcome. Consumes the permit when done.
     pub(super) async fn run(self) {
-        let stats = self.plan.stats.clone();
-        let shadows = self.shadows.clone();
-        let route = stats.prefix.clone();
-        let request_id = self.request_id.clone();
+        let stats = self.copy.plan.stats.clone();
+        let shadows = self.copy.shadows.clone();
+        let request_id = self.copy.request_id.clone();
         let (outcome, entry) = self.compare().await;
         stats.count(outcome);
         match (&outcome, entry) {
@@ -74,141 +107,167 @@ impl Leg {
                     .take(3)
                     .map(|d| d.path.as_str())
                     .collect();
-                info!(route = %route, request_id = %entry.request_id, differences = entry.total_differences, first = ?first, "shadow mismatch");
+                info!(route = %stats.prefix, request_id = %entry.request_id, differences = entry.total_differences, first = ?first, "shadow mismatch");
                 shadows.diffs.push(entry);
             }
             (o, _) => {
-                debug!(route = %route, request_id = %request_id, outcome = o.as_str(), "shadow compared")
+                debug!(route = %stats.prefix, request_id = %request_id, outcome = o.as_str(), "shadow compared")
             }
         }
     }
 
     async fn compare(self) -> (Outcome, Option<DiffEntry>) {
-        let budget = self.shadows.budget.clone();
-        let max = self.plan.max_body;
-        let body = match self.request_body {
-            RequestCopy::Ready(held) => held,
-            RequestCopy::Pending(rx) => {
-                match tokio::time::timeout_at(self.primary_deadline, rx).await {
-                    Ok(Ok(Captured::Body(held))) => held,
-                    Ok(Ok(Captured::TooLarge)) => return (Outcome::Skipped, None),
-                    _ => return (Outcome::Skipped, None),
-                }
-            }
-        };
-        let copy = |to: &Upstream| -> Option<Request<UpstreamBody>> {
-            let mut req = Request::builder()
-                .method(self.method.clone())
-                .uri(to.uri(self.pq.as_ref()).ok()?)
-                .body(UpstreamBody::full(body.bytes.clone()))
-                .ok()?;
-            *req.headers_mut() = self.headers.clone();
-            req.headers_mut()
-                .insert(X_STRANGLER_SHADOW, HeaderValue::from_static("1"));
-            Some(req)
-        };
-        let (Some(shadow_req), noise_req) = (
-            copy(&self.shadow),
-            self.plan.noise.then(|| copy(&self.primary)).flatten(),
-        ) else {
-            return (Outcome::Error, None);
-        };
-        let shadow_deadline = Instant::now() + self.shadow.timeout;
-        let primary = async {
-            let wait = self.primary_deadline + PRIMARY_GRACE;
-            let head = tokio::time::timeout_at(wait, self.primary_head)
-                .await
-                .ok()?
-                .ok()?;
-            match tokio::time::timeout_at(wait, self.primary_body)
-                .await
-                .ok()?
-                .ok()?
-            {
-                Captured::Body(held) => Some((head, held)),
-                Captured::TooLarge => None,
-            }
-        };
-        let noise = async {
-            match noise_req {
-                Some(req) => fetch(&self.primary, req, shadow_deadline, max, &budget)
-                    .await
-                    .ok(),
-                None => None,
-            }
-        };
-        let (shadow, primary, noise) = tokio::join!(
-            fetch(&self.shadow, shadow_req, shadow_deadline, max, &budget),
-            primary,
-            noise
-        );
-        let Some((head, primary_body)) = primary else {
+        let Leg { copy, inputs } = self;
+        let deadline = inputs.primary_deadline;
+        let Some(body) = request_copy(inputs.request_body, deadline).await else {
             return (Outcome::Skipped, None);
         };
-        let primary_answer = Answer {
-            status: head.status,
-            headers: head.headers,
-            body: primary_body.bytes.clone(),
-            trailers: primary_body.trailers.clone(),
+        let Some(answers) = copy
+            .send(body, inputs.primary_head, inputs.primary_body, deadline)
+            .await
+        else {
+            return (Outcome::Error, None);
         };
-        let (shadow_answer, shadow_latency, _held) = match shadow {
+        let Some((head, primary)) = answers.primary else {
+            return (Outcome::Skipped, None);
+        };
+        let (shadow, latency, _held) = match answers.shadow {
             Ok(s) => s,
-            Err(Missing::Error(why)) => {
-                debug!(error = %why, "shadow request failed");
-                return (Outcome::Error, None);
-            }
-            Err(Missing::Skipped(why)) => {
-                debug!(why, "shadow answer not compared");
-                return (Outcome::Skipped, None);
-            }
+            Err(missing) => return (missing.outcome(), None),
         };
-        self.plan
-            .stats
-            .duration
-            .record(shadow_latency.as_secs_f64());
-        let mut rules = self.plan.rules;
-        if let Some((second, _, _held)) = noise {
-            let noise_learned = learn_noise(&primary_answer, &second, max);
-            if !noise_learned.is_empty() {
-                self.plan.stats.learn(noise_learned.clone());
-                rules.ignore.extend(
-                    noise_learned
-                        .iter()
-                        .map(|p| crate::compare::Pattern::parse(p)),
-                );
-            }
-        }
-        match compare(&primary_answer, &shadow_answer, &rules) {
+        copy.plan.stats.duration.record(latency.as_secs_f64());
+        let rules = copy.rules(&primary, answers.noise.as_ref());
+        match compare(&primary, &shadow, &rules) {
             Verdict::Match => (Outcome::Match, None),
             Verdict::Skipped(_) => (Outcome::Skipped, None),
             Verdict::Mismatch(differences) => {
-                let primary = Side {
-                    backend: self.primary.name.clone(),
-                    status: head.status,
-                    latency_ms: head.latency.as_secs_f64() * 1000.0,
-                };
-                let shadow = Side {
-                    backend: self.shadow.name.clone(),
-                    status: shadow_answer.status,
-                    latency_ms: shadow_latency.as_secs_f64() * 1000.0,
-                };
-                let path = self
-                    .pq
-                    .as_ref()
-                    .map_or("/".to_string(), |pq| pq.path().to_string());
-                let entry = DiffEntry::new(
-                    self.plan.stats.prefix.clone(),
-                    self.method.to_string(),
-                    path,
-                    self.request_id,
-                    primary,
-                    shadow,
-                    differences,
-                    self.plan.stats.learned_noise(),
-                );
+                let entry = copy.entry(&head, &shadow, latency, differences);
                 (Outcome::Mismatch, Some(entry))
             }
         }
+    }
+}
+
+/// The request body as the primary received it; `None` when it was too large or never ended.
+async fn request_copy(copy: RequestCopy, deadline: Instant) -> Option<Held> {
+    match copy {
+        RequestCopy::Ready(held) => Some(held),
+        RequestCopy::Pending(rx) => match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Captured::Body(held))) => Some(held),
+            _ => None,
+        },
+    }
+}
+
+/// The primary's answer as the client got it, waited for a little past its own deadline.
+async fn primary_answer(
+    head: oneshot::Receiver<Head>,
+    body: oneshot::Receiver<Captured>,
+    wait: Instant,
+) -> Option<(Head, Answer)> {
+    let head = tokio::time::timeout_at(wait, head).await.ok()?.ok()?;
+    match tokio::time::timeout_at(wait, body).await.ok()?.ok()? {
+        Captured::Body(held) => {
+            let answer = Answer {
+                status: head.status,
+                headers: head.headers.clone(),
+                body: held.bytes.clone(),
+                trailers: held.trailers.clone(),
+            };
+            Some((head, answer))
+        }
+        Captured::TooLarge => None,
+    }
+}
+
+impl Copy {
+    /// The request again, for `to`, marked as a shadow copy.
+    fn request(&self, to: &Upstream, body: &Held) -> Option<Request<UpstreamBody>> {
+        let mut headers = self.headers.clone();
+        headers.insert(X_STRANGLER_SHADOW, HeaderValue::from_static("1"));
+        to.request(
+            self.method.clone(),
+            self.pq.as_ref(),
+            headers,
+            body.bytes.clone(),
+        )
+    }
+
+    /// Sends the copies (to the shadow; to the primary again when learning noise) and waits
+    /// for every answer. `None` when a copy cannot be made.
+    async fn send(
+        &self,
+        body: Held,
+        head: oneshot::Receiver<Head>,
+        primary_body: oneshot::Receiver<Captured>,
+        primary_deadline: Instant,
+    ) -> Option<Answers> {
+        let shadow_req = self.request(&self.shadow, &body)?;
+        let noise_req = self
+            .plan
+            .noise
+            .then(|| self.request(&self.primary, &body))
+            .flatten();
+        let (max, budget) = (self.plan.max_body, &self.shadows.budget);
+        let deadline = Instant::now() + self.shadow.timeout;
+        let noise = async {
+            let req = noise_req?;
+            let (answer, _, _) = fetch(&self.primary, req, deadline, max, budget)
+                .await
+                .ok()?;
+            Some(answer)
+        };
+        let (shadow, primary, noise) = tokio::join!(
+            fetch(&self.shadow, shadow_req, deadline, max, budget),
+            primary_answer(head, primary_body, primary_deadline + PRIMARY_GRACE),
+            noise
+        );
+        Some(Answers {
+            primary,
+            shadow,
+            noise,
+        })
+    }
+
+    /// The route's rules, plus the noise learned so far and from this request's second
+    /// answer of the primary backend.
+    fn rules(&self, primary: &Answer, second: Option<&Answer>) -> Rules {
+        let stats = &self.plan.stats;
+        if let Some(second) = second {
+            let learned = learn_noise(primary, second, self.plan.max_body);
+            if !learned.is_empty() {
+                stats.learn(learned);
+            }
+        }
+        stats.rules(&self.plan.rules)
+    }
+
+    /// The `/diffs` entry of a mismatch.
+    fn entry(
+        &self,
+        head: &Head,
+        shadow: &Answer,
+        latency: Duration,
+        differences: Vec<crate::compare::Difference>,
+    ) -> DiffEntry {
+        let side = |backend: &Upstream, status: u16, latency: Duration| Side {
+            backend: backend.name.clone(),
+            status,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+        };
+        DiffEntry {
+            at: std::time::SystemTime::now(),
+            route: self.plan.stats.prefix.clone(),
+            method: self.method.to_string(),
+            path: self.pq.as_ref().map_or("/", |pq| pq.path()).to_string(),
+            request_id: self.request_id.clone(),
+            primary: side(&self.primary, head.status, head.latency),
+            shadow: side(&self.shadow, shadow.status, latency),
+            total_differences: differences.len(),
+            differences,
+            learned_noise: self.plan.stats.learned_noise(),
+        }
+        .bounded()
     }
 }
 

@@ -40,37 +40,19 @@ pub struct DiffEntry {
 }
 
 impl DiffEntry {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        route: String,
-        method: String,
-        path: String,
-        request_id: String,
-        primary: Side,
-        shadow: Side,
-        mut differences: Vec<Difference>,
-        learned_noise: Vec<String>,
-    ) -> Self {
-        let total_differences = differences.len();
-        differences.truncate(MAX_DIFFERENCES_PER_ENTRY);
-        for d in &mut differences {
+    /// Keeps the first differences (the total is kept) and redacts the values of fields
+    /// that must never be shown (`REDACTED`); stamps the time.
+    pub fn bounded(mut self) -> Self {
+        self.total_differences = self.differences.len();
+        self.differences.truncate(MAX_DIFFERENCES_PER_ENTRY);
+        for d in &mut self.differences {
             if REDACTED.contains(&d.path.as_str()) {
                 d.primary = json!("[redacted]");
                 d.shadow = json!("[redacted]");
             }
         }
-        DiffEntry {
-            at: SystemTime::now(),
-            route,
-            method,
-            path,
-            request_id,
-            primary,
-            shadow,
-            total_differences,
-            differences,
-            learned_noise,
-        }
+        self.at = SystemTime::now();
+        self
     }
 
     pub fn to_json(&self) -> Value {

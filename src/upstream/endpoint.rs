@@ -278,7 +278,7 @@ impl Endpoint {
     ) -> Result<(Response<Incoming>, Lease), ExchangeError> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         // Owns the in-flight count from here: dropped on failure, handed over on success.
-        let mut lease = Lease {
+        let lease = Lease {
             sender: None,
             ep: self.clone(),
         };
@@ -307,47 +307,61 @@ impl Endpoint {
                 return Err((UpstreamErrorKind::Connect, Box::new(e), Some(req)));
             }
             match sender.send(req).await {
-                Ok(resp)
-                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade =>
-                {
-                    // A tunnel nobody asked for: the connection is the upstream's now, and
-                    // nothing it sends may reach the client unrouted.
-                    self.failed();
-                    return Err((
-                        UpstreamErrorKind::Protocol,
-                        "the upstream switched protocols without being asked to".into(),
-                        None,
-                    ));
-                }
-                Ok(mut resp) => {
-                    self.succeeded();
-                    if reframed(&mut resp) {
-                        debug!(backend = %self.backend, endpoint = %self.authority, "answer with both Content-Length and Transfer-Encoding: relayed by Transfer-Encoding, connection not reused");
-                    } else {
-                        lease.sender = Some(sender);
-                    }
-                    return Ok((resp, lease));
+                Ok(resp) => {
+                    return self
+                        .answered(resp, sender, lease, asked_upgrade)
+                        .map_err(|why| (UpstreamErrorKind::Protocol, why.into(), None))
                 }
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to try another connection, whatever the method.
                     Some(r) if reused => req = r,
-                    unsent => {
-                        let error = e.into_error();
-                        let client_fault =
-                            error.is_user() || super::find_source::<TooLarge>(&error).is_some();
-                        let kind = if error.is_parse() || error.is_parse_status() {
-                            UpstreamErrorKind::Protocol
-                        } else {
-                            UpstreamErrorKind::Reset
-                        };
-                        if !client_fault {
-                            self.failed();
-                        }
-                        return Err((kind, Box::new(error), unsent));
-                    }
+                    unsent => return Err(self.send_failed(e.into_error(), unsent)),
                 },
             }
         }
+    }
+
+    /// An answer head: refused (a protocol error) when it switched protocols unasked;
+    /// otherwise the connection goes with it in the lease, unless its framing rules out reuse.
+    fn answered(
+        &self,
+        mut resp: Response<Incoming>,
+        sender: Sender,
+        mut lease: Lease,
+        asked_upgrade: bool,
+    ) -> Result<(Response<Incoming>, Lease), &'static str> {
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
+            // A tunnel nobody asked for: the connection is the upstream's now, and nothing
+            // it sends may reach the client unrouted.
+            self.failed();
+            return Err("the upstream switched protocols without being asked to");
+        }
+        self.succeeded();
+        if reframed(&mut resp) {
+            debug!(backend = %self.backend, endpoint = %self.authority, "answer with both Content-Length and Transfer-Encoding: relayed by Transfer-Encoding, connection not reused");
+        } else {
+            lease.sender = Some(sender);
+        }
+        Ok((resp, lease))
+    }
+
+    /// A request that failed on its connection: malformed answer or reset, counted against
+    /// the endpoint unless the client's body was at fault.
+    fn send_failed(
+        &self,
+        error: hyper::Error,
+        unsent: Option<Request<UpstreamBody>>,
+    ) -> ExchangeError {
+        let client_fault = error.is_user() || super::find_source::<TooLarge>(&error).is_some();
+        let kind = if error.is_parse() || error.is_parse_status() {
+            UpstreamErrorKind::Protocol
+        } else {
+            UpstreamErrorKind::Reset
+        };
+        if !client_fault {
+            self.failed();
+        }
+        (kind, Box::new(error), unsent)
     }
 
     /// HTTP/2 wants the absolute target: `:scheme`, and `:authority` from the client's

@@ -118,7 +118,7 @@ impl Ctx {
             if !ok {
                 self.err(p.span(), format!("`compare.ignore` {text:?}: expected a JSON pointer such as \"/meta/generated_at\" or \"header:NAME\""));
             }
-            out.ignore.push(text.clone());
+            out.ignore.push(crate::compare::Pattern::parse(text));
         }
         if let Some(headers) = &c.headers {
             out.headers = headers
