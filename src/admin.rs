@@ -284,7 +284,7 @@ fn backend_json(active: &Active, id: usize) -> Value {
     let endpoints: Vec<Value> = active.upstreams[id]
         .endpoints
         .iter()
-        .map(|e| json!({"address": e.authority.as_str(), "in_flight": e.in_flight(), "idle": e.pool.idle(), "ejected": e.ejected(), "healthy": e.healthy()}))
+        .map(|e| json!({"address": e.authority.as_str(), "in_flight": e.in_flight(), "idle": e.idle(), "ejected": e.ejected(), "healthy": e.healthy()}))
         .collect();
     json!({
         "name": b.name,

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 
 pub mod file;
 pub mod validate;
@@ -121,10 +120,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, LoadError> {
         path: shown,
         errors,
     })?;
-    let sha256 = Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = crate::tls::sha256_hex(bytes);
     Ok(Loaded {
         path: path.to_path_buf(),
         parsed,

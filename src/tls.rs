@@ -67,7 +67,7 @@ impl Files {
             h.update(p);
             h.update(digest);
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex(&h.finalize())
     }
 
     /// The same files read again now; an unreadable one gets a digest of its error, so it
@@ -391,4 +391,18 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
             Ok(Arc::new(roots))
         })
         .clone()
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// Hex SHA-256 of `bytes`: how the configuration's files are told apart.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }

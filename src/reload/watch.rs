@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -185,10 +184,7 @@ async fn check(reloader: &Arc<Reloader>, seen: &mut String) {
             return;
         }
     };
-    let sha: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = crate::tls::sha256_hex(&bytes);
     let key = format!("{sha} {}", files.fingerprint());
     let active = state.active();
     if key == *seen || (sha == active.sha256 && files == active.files) {

@@ -174,7 +174,7 @@ pub struct Endpoint {
     health: Option<HealthCheck>,
     protocol: Protocol,
     tls: Option<ClientTls>,
-    pub pool: Pool,
+    pool: Pool,
     in_flight: AtomicUsize,
     failures: AtomicU32,
     ejections: AtomicU32,
@@ -238,6 +238,11 @@ impl Endpoint {
 
     pub fn healthy(&self) -> bool {
         self.probe_ok.load(Ordering::Acquire)
+    }
+
+    /// Idle connections (HTTP/1.1), or 1 for an open shared one (HTTP/2).
+    pub fn idle(&self) -> usize {
+        self.pool.idle()
     }
 
     pub fn in_flight(&self) -> usize {
