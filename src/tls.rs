@@ -30,6 +30,31 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Why TLS could not be set up: what is wrong, and the file at fault when one is (the
+/// validator reports the error at the key that names that file).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct TlsError {
+    pub path: Option<PathBuf>,
+    pub message: String,
+}
+
+impl TlsError {
+    fn at(path: &Path, message: String) -> Self {
+        TlsError {
+            path: Some(path.to_path_buf()),
+            message,
+        }
+    }
+
+    fn general(message: String) -> Self {
+        TlsError {
+            path: None,
+            message,
+        }
+    }
+}
+
 /// Every file the configuration read, in order, with a digest of its content.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Files {
@@ -38,9 +63,9 @@ pub struct Files {
 
 impl Files {
     /// Reads `path`, recording it; the error names the file.
-    pub fn read(&mut self, path: &Path) -> Result<Vec<u8>, String> {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    pub fn read(&mut self, path: &Path) -> Result<Vec<u8>, TlsError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| TlsError::at(path, format!("cannot read {}: {e}", path.display())))?;
         self.entries
             .push((path.to_path_buf(), Sha256::digest(&bytes).into()));
         Ok(bytes)
@@ -121,7 +146,7 @@ impl fmt::Debug for ServerTls {
 }
 
 /// Builds the listener's configuration (ALPN `h2`, `http/1.1`). Errors name the file.
-pub fn load_server(spec: &ServerTlsFiles, all: &mut Files) -> Result<ServerTls, Vec<String>> {
+pub fn load_server(spec: &ServerTlsFiles, all: &mut Files) -> Result<ServerTls, Vec<TlsError>> {
     let mut files = Files::default();
     let loaded = server_config(spec, &mut files)?;
     all.extend(&files);
@@ -131,7 +156,7 @@ pub fn load_server(spec: &ServerTlsFiles, all: &mut Files) -> Result<ServerTls, 
     })
 }
 
-fn server_config(spec: &ServerTlsFiles, files: &mut Files) -> Result<ServerConfig, Vec<String>> {
+fn server_config(spec: &ServerTlsFiles, files: &mut Files) -> Result<ServerConfig, Vec<TlsError>> {
     let mut errors = vec![];
     let mut keys = vec![];
     for (cert, key) in &spec.pairs {
@@ -149,7 +174,7 @@ fn server_config(spec: &ServerTlsFiles, files: &mut Files) -> Result<ServerConfi
                 ClientAuth::Optional => b.allow_unauthenticated(),
             };
             b.build()
-                .map_err(|e| format!("client_ca {}: {e}", ca.display()))
+                .map_err(|e| TlsError::at(ca, format!("client_ca {}: {e}", ca.display())))
         }),
     };
     let verifier = match verifier {
@@ -167,7 +192,7 @@ fn server_config(spec: &ServerTlsFiles, files: &mut Files) -> Result<ServerConfi
     };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| vec![format!("TLS versions: {e}")])?
+        .map_err(|e| vec![TlsError::general(format!("TLS versions: {e}"))])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
@@ -179,25 +204,32 @@ fn certified_key(
     cert: &Path,
     key: &Path,
     files: &mut Files,
-) -> Result<(CertifiedKey, PrivateKeyDer<'static>), String> {
+) -> Result<(CertifiedKey, PrivateKeyDer<'static>), TlsError> {
     let chain = chain_from("cert", cert, files)?;
     let key_pem = files.read(key)?;
     let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "key {}: no PEM private key (PKCS#8, PKCS#1 or SEC1) found: {e}",
-            key.display()
+        TlsError::at(
+            key,
+            format!(
+                "key {}: no PEM private key (PKCS#8, PKCS#1 or SEC1) found: {e}",
+                key.display()
+            ),
         )
     })?;
     let signing = provider()
         .key_provider
         .load_private_key(der.clone_key())
-        .map_err(|e| format!("key {}: unusable: {e}", key.display()))?;
+        .map_err(|e| TlsError::at(key, format!("key {}: unusable: {e}", key.display())))?;
     let ck = CertifiedKey::new(chain, signing);
+    // About the key: the certificate may be fine for another key.
     ck.keys_match().map_err(|e| {
-        format!(
-            "key {} does not belong to certificate {} ({e})",
-            key.display(),
-            cert.display()
+        TlsError::at(
+            key,
+            format!(
+                "key {} does not belong to certificate {} ({e})",
+                key.display(),
+                cert.display()
+            ),
         )
     })?;
     Ok((ck, der))
@@ -208,38 +240,42 @@ fn chain_from(
     what: &str,
     path: &Path,
     files: &mut Files,
-) -> Result<Vec<CertificateDer<'static>>, String> {
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = files.read(path)?;
+    let fault = |message| TlsError::at(path, message);
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{what} {}: malformed PEM: {e}", path.display()))?;
+        .map_err(|e| fault(format!("{what} {}: malformed PEM: {e}", path.display())))?;
     if chain.is_empty() {
-        return Err(format!(
+        return Err(fault(format!(
             "{what} {}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)",
             path.display()
-        ));
+        )));
     }
     if let Some(bad) = chain
         .iter()
         .position(|c| webpki::EndEntityCert::try_from(c).is_err())
     {
-        return Err(format!(
+        return Err(fault(format!(
             "{what} {}: certificate #{} is not a valid X.509 certificate",
             path.display(),
             bad + 1
-        ));
+        )));
     }
     Ok(chain)
 }
 
-fn roots_from(what: &str, path: &Path, files: &mut Files) -> Result<RootCertStore, String> {
+fn roots_from(what: &str, path: &Path, files: &mut Files) -> Result<RootCertStore, TlsError> {
     let certs = chain_from(what, path, files)?;
     let mut roots = RootCertStore::empty();
     let (added, ignored) = roots.add_parsable_certificates(certs);
     if added == 0 || ignored > 0 {
-        return Err(format!(
-            "{}: {ignored} certificate(s) cannot be used as trust anchors",
-            path.display()
+        return Err(TlsError::at(
+            path,
+            format!(
+                "{}: {ignored} certificate(s) cannot be used as trust anchors",
+                path.display()
+            ),
         ));
     }
     Ok(roots)
@@ -343,23 +379,23 @@ pub struct ClientTlsFiles<'a> {
     pub alpn: &'a [u8],
 }
 
-pub fn load_client(spec: &ClientTlsFiles<'_>, files: &mut Files) -> Result<ClientTls, String> {
+pub fn load_client(spec: &ClientTlsFiles<'_>, files: &mut Files) -> Result<ClientTls, TlsError> {
     let mut own = Files::default();
     let roots = match spec.ca {
         Some(ca) => Arc::new(roots_from("ca", ca, &mut own)?),
-        None => system_roots()?,
+        None => system_roots().map_err(TlsError::general)?,
     };
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS versions: {e}"))?
+        .map_err(|e| TlsError::general(format!("TLS versions: {e}")))?
         .with_root_certificates(roots);
     let mut config = match spec.identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let (ck, der) = certified_key(cert, key, &mut own)?;
-            builder
-                .with_client_auth_cert(ck.cert, der)
-                .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
+            builder.with_client_auth_cert(ck.cert, der).map_err(|e| {
+                TlsError::at(cert, format!("client certificate {}: {e}", cert.display()))
+            })?
         }
     };
     config.alpn_protocols = vec![spec.alpn.to_vec()];
@@ -396,10 +432,12 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
 /// Lower-case hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 /// Hex SHA-256 of `bytes`: how the configuration's files are told apart.

@@ -17,22 +17,19 @@ impl Ctx {
         self.dir.join(v.get_ref())
     }
 
-    /// Attributes each load error to the key naming the file it mentions.
+    /// Reports each load error at the key naming the file at fault (`at` when none is).
     fn file_errors(
         &mut self,
         section: &str,
-        errors: Vec<String>,
+        errors: Vec<tls::TlsError>,
         keys: &[(Range<usize>, PathBuf)],
         at: Range<usize>,
     ) {
         for e in errors {
-            // The file the message names first is the one at fault ("key K does not belong
-            // to certificate C" is about K).
             let span = keys
                 .iter()
-                .filter_map(|(s, p)| e.find(&p.display().to_string()).map(|i| (i, s)))
-                .min_by_key(|(i, _)| *i)
-                .map_or_else(|| at.clone(), |(_, s)| s.clone());
+                .find(|(_, p)| e.path.as_ref() == Some(p))
+                .map_or_else(|| at.clone(), |(s, _)| s.clone());
             self.err(span, format!("{section}`tls`: {e}"));
         }
     }
