@@ -172,3 +172,131 @@ impl Guards {
 pub fn step(window: Duration) -> Duration {
     window / BUCKETS as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn guard(rate: f64, window_s: u64, min: u64) -> GuardState {
+        let config = Guard {
+            max_error_rate: rate,
+            window: Duration::from_secs(window_s),
+            min_requests: min,
+            to: 0,
+        };
+        let metrics = Metrics::new();
+        GuardState::new(
+            "/api/users",
+            config,
+            "legacy".into(),
+            Instant::now(),
+            &metrics,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trips_only_past_the_rate_with_enough_requests() {
+        let g = guard(0.2, 60, 10);
+        // 9 answers, all errors: under min_requests.
+        for _ in 0..9 {
+            g.record(Instant::now(), true);
+        }
+        assert!(!g.is_tripped(), "below min_requests");
+        // The 10th: 9 of 10 failed.
+        g.record(Instant::now(), false);
+        assert!(g.is_tripped());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exactly_the_rate_does_not_trip() {
+        let g = guard(0.5, 60, 10);
+        for i in 0..10 {
+            g.record(Instant::now(), i % 2 == 0);
+        }
+        assert!(!g.is_tripped(), "5 of 10 is not more than 50%");
+        g.record(Instant::now(), true);
+        assert!(g.is_tripped(), "6 of 11 is");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_errors_slide_out_of_the_window() {
+        let g = guard(0.5, 10, 10);
+        for _ in 0..5 {
+            g.record(Instant::now(), true);
+        }
+        // A full window later the errors no longer count: 10 good answers do not trip it.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        for _ in 0..10 {
+            g.record(Instant::now(), false);
+        }
+        assert!(!g.is_tripped());
+        // Within one window they do: 5 errors, then 4 good answers and one more error.
+        let g = guard(0.5, 10, 10);
+        for _ in 0..5 {
+            g.record(Instant::now(), true);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..4 {
+            g.record(Instant::now(), false);
+        }
+        g.record(Instant::now(), true);
+        assert!(g.is_tripped(), "6 of 10 within the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_reused_after_a_lap_starts_from_zero() {
+        let g = guard(0.5, 10, 4);
+        g.record(Instant::now(), true);
+        g.record(Instant::now(), true);
+        g.record(Instant::now(), true);
+        // Exactly one lap later the same bucket is reused: its old counts are dropped.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            g.record(Instant::now(), false);
+        }
+        g.record(Instant::now(), true);
+        assert!(!g.is_tripped(), "1 error of 4 in the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_clears_the_trip_and_the_window() {
+        let g = guard(0.1, 60, 2);
+        g.record(Instant::now(), true);
+        g.record(Instant::now(), true);
+        assert!(g.is_tripped());
+        g.reset();
+        assert!(!g.is_tripped());
+        // The errors before the reset no longer count.
+        g.record(Instant::now(), false);
+        g.record(Instant::now(), false);
+        assert!(!g.is_tripped(), "no error since the reset");
+    }
+
+    #[test]
+    fn a_guard_is_kept_across_reloads_until_its_entry_changes() {
+        let table = |rate: &str, extra: &str| {
+            crate::config::parse(&format!(
+                "{extra}[backends.legacy]\nurl = \"http://127.0.0.1:1\"\nlegacy = true\n[backends.users]\nurl = \"http://127.0.0.1:2\"\n[[routes]]\nprefix = \"/api/users\"\nbackend = \"users\"\n[routes.guard]\nmax_error_rate = {rate}\n"
+            ))
+            .unwrap()
+            .table
+        };
+        let (guards, metrics) = (Guards::default(), Metrics::new());
+        let first = guards.slots(&table("0.1", ""), &metrics);
+        let same = guards.slots(
+            &table("0.1", "[backends.archive]\nurl = \"http://127.0.0.1:3\"\n"),
+            &metrics,
+        );
+        assert!(Arc::ptr_eq(
+            first[0].as_ref().unwrap(),
+            same[0].as_ref().unwrap()
+        ));
+        let edited = guards.slots(&table("0.2", ""), &metrics);
+        assert!(!Arc::ptr_eq(
+            first[0].as_ref().unwrap(),
+            edited[0].as_ref().unwrap()
+        ));
+    }
+}

@@ -674,4 +674,106 @@ mod tests {
             "{retries} retries for 1000 requests"
         );
     }
+
+    /// A backend on 127.0.0.1:0 answering every request with `ok`, counting connections;
+    /// `close` makes it close each connection after one answer.
+    async fn counting_backend(close: bool) -> (Authority, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::AcqRel);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(!close)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), accepted)
+    }
+
+    async fn endpoint_at(authority: Authority) -> Arc<Endpoint> {
+        let parsed = crate::config::parse(&format!(
+            "[backends.b]\nurl = \"http://{authority}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"b\"\n"
+        ))
+        .unwrap();
+        Endpoint::new("b", authority, parsed.table.backend(0))
+    }
+
+    async fn get(ep: &Arc<Endpoint>) -> (Response<Incoming>, Lease) {
+        let req = Request::get("/").body(UpstreamBody::empty()).unwrap();
+        match ep.exchange(req, Duration::from_secs(1)).await {
+            Ok(done) => done,
+            Err((kind, e, _)) => panic!("{kind:?}: {e}"),
+        }
+    }
+
+    /// Reads the answer whole, as the proxy's response body does before releasing.
+    async fn drain(resp: Response<Incoming>) {
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_released_connection_is_reused() {
+        let (authority, accepted) = counting_backend(false).await;
+        let ep = endpoint_at(authority).await;
+        for _ in 0..5 {
+            let (resp, lease) = get(&ep).await;
+            drain(resp).await;
+            lease.release();
+            assert_eq!(ep.idle(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::Acquire), 1);
+        assert_eq!(ep.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_exchange_gives_no_connection_back() {
+        let (authority, accepted) = counting_backend(false).await;
+        let ep = endpoint_at(authority).await;
+        let (resp, lease) = get(&ep).await;
+        assert_eq!(ep.in_flight(), 1);
+        drop((resp, lease));
+        assert_eq!(
+            ep.in_flight(),
+            0,
+            "the lease counts the exchange until dropped"
+        );
+        assert_eq!(ep.idle(), 0);
+        let (resp, lease) = get(&ep).await;
+        drain(resp).await;
+        lease.release();
+        assert_eq!(accepted.load(Ordering::Acquire), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_skipped() {
+        let (authority, accepted) = counting_backend(true).await;
+        let ep = endpoint_at(authority).await;
+        for round in 1..=3 {
+            let (resp, lease) = get(&ep).await;
+            drain(resp).await;
+            lease.release();
+            // Whether or not the pool has seen the close yet, the next exchange must not
+            // fail on the dead connection.
+            let (resp, lease) = get(&ep).await;
+            drain(resp).await;
+            lease.release();
+            assert_eq!(
+                accepted.load(Ordering::Acquire),
+                2 * round,
+                "a fresh connection each time"
+            );
+        }
+    }
 }
