@@ -4,7 +4,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -13,9 +12,10 @@ use sha2::{Digest, Sha256};
 
 use crate::reload::Reloader;
 use crate::respond::json_response;
-use crate::routes::format_percent;
 use crate::state::{Active, State};
 use crate::upstream::body::ResponseBody;
+
+mod view;
 
 /// Answers one admin request.
 pub async fn handle<B>(reloader: Arc<Reloader>, req: Request<B>) -> Response<ResponseBody> {
@@ -40,7 +40,7 @@ pub async fn handle<B>(reloader: Arc<Reloader>, req: Request<B>) -> Response<Res
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(state),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(state),
         (&Method::GET | &Method::HEAD, "/routes") => {
-            json_response(StatusCode::OK, &routes(&reloader))
+            json_response(StatusCode::OK, &view::RoutesView::new(&reloader))
         }
         (&Method::GET | &Method::HEAD, "/diffs") => diffs(state, req.uri().query()),
         (&Method::POST, "/guard/reset") => guard_reset(state, req.uri().query()),
@@ -140,10 +140,6 @@ fn metrics(state: &State) -> Response<ResponseBody> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// `POST /guard/reset?route=PREFIX`: clears the tripped guard(s) of the route(s) with that
@@ -255,130 +251,10 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// `GET /routes`.
-pub fn routes(reloader: &Reloader) -> Value {
-    let state = &reloader.state;
-    let active = state.active();
-    let last = reloader.last();
-    let (answered, by_new) = state.coverage();
-    json!({
-        "generation": active.generation,
-        "loaded_at": rfc3339(active.loaded_at),
-        "source": state.path.display().to_string(),
-        "source_sha256": active.sha256,
-        "last_reload": { "ok": last.ok, "error": last.error, "at": rfc3339(last.at) },
-        "latency_bounds_ms": crate::traffic::LATENCY_BOUNDS_MS,
-        "routes": (0..active.table.routes().len()).map(|id| route_json(&active, id)).collect::<Vec<_>>(),
-        "backends": (0..active.table.backends().len()).map(|id| backend_json(&active, id)).collect::<Vec<_>>(),
-        "coverage": {
-            "routes": route_coverage(&active),
-            "requests": if answered == 0 { Value::Null } else { json!(by_new as f64 / answered as f64) },
-            "requests_answered": answered,
-        },
-    })
-}
-
-/// A backend with the live state of its endpoints.
-fn backend_json(active: &Active, id: usize) -> Value {
-    let b = active.table.backend(id);
-    let endpoints: Vec<Value> = active.upstreams[id]
-        .endpoints
-        .iter()
-        .map(|e| json!({"address": e.authority.as_str(), "in_flight": e.in_flight(), "idle": e.idle(), "ejected": e.ejected(), "healthy": e.healthy()}))
-        .collect();
-    json!({
-        "name": b.name,
-        "url": b.url,
-        "legacy": b.legacy,
-        "retries": b.retries,
-        "protocol": b.protocol.to_string(),
-        "tls": b.tls.as_ref().map(|t| json!({"server_name": t.server_name.to_str(), "ca": if t.own_ca { "tls.ca" } else { "system" }, "client_certificate": t.client_cert})),
-        "health": b.health.as_ref().map(|h| json!({"path": h.path, "interval": humantime::format_duration(h.interval).to_string()})),
-        "endpoints": endpoints,
-    })
-}
-
 /// The route's stage, or `rolled back by guard` while its guard is tripped.
 pub fn stage(active: &Active, id: usize) -> String {
     match &active.routes[id].guard {
         Some(g) if g.is_tripped() => "rolled back by guard".to_string(),
         _ => active.table.stage(id).to_string(),
     }
-}
-
-fn route_json(active: &Active, id: usize) -> Value {
-    let tripped = active.routes[id]
-        .guard
-        .as_ref()
-        .is_some_and(|g| g.is_tripped());
-    let t = &active.table;
-    let r = t.route(id);
-    let name = |b: usize| t.backend(b).name.clone();
-    let mut v = json!({
-        "prefix": r.prefix,
-        "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
-        "host": r.host,
-        "backend": name(r.backend),
-        "shadow": r.shadow.as_ref().map(|s| name(s.backend)),
-        "canary": r.canary.as_ref().map(|c| json!({
-            "backend": name(c.backend),
-            "percent": c.percent,
-            "sticky": c.sticky.to_string(),
-        })),
-        "fallback": r.fallback.map(name),
-        "stage": stage(active, id),
-        "guard_tripped": tripped,
-        "guard": r.guard.as_ref().map(|g| json!({
-            "max_error_rate": g.max_error_rate,
-            "window": humantime::format_duration(g.window).to_string(),
-            "min_requests": g.min_requests,
-            "to": name(g.to),
-        })),
-        "line": r.line,
-        "traffic": active.routes[id].traffic.to_json(),
-    });
-    if !r.upgrades.is_empty() {
-        v["upgrades"] = json!(r.upgrades);
-    }
-    if let Some(s) = &r.shadow {
-        v["shadow_percent"] = json!(format_percent(s.percent)
-            .parse::<f64>()
-            .unwrap_or(s.percent));
-        v["shadow_methods"] = json!(s.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>());
-        if let Some(slot) = &active.routes[id].shadow {
-            let stats = &slot.stats;
-            let compared = stats.compared.load(std::sync::atomic::Ordering::Relaxed);
-            let rate = stats.mismatch_rate();
-            let c = &r.compare;
-            v["compared"] = json!(compared);
-            v["mismatched"] = json!(stats.mismatched.load(std::sync::atomic::Ordering::Relaxed));
-            v["mismatch_rate"] = json!(rate);
-            v["ready_to_cut_over"] = json!(
-                compared >= c.min_comparisons && rate.is_some_and(|r| r <= c.max_mismatch_rate)
-            );
-            v["gate"] = json!({"min_comparisons": c.min_comparisons, "max_mismatch_rate": c.max_mismatch_rate});
-            v["learned_noise"] = json!(stats.learned_noise());
-        }
-    }
-    v
-}
-
-/// Share of routes answered by a non-legacy backend (a canary counts for its percent).
-fn route_coverage(active: &Active) -> f64 {
-    let t = &active.table;
-    let n = t.routes().len();
-    if n == 0 {
-        return 0.0;
-    }
-    let legacy = t.legacy();
-    let covered: f64 = t
-        .routes()
-        .iter()
-        .map(|r| match &r.canary {
-            _ if Some(r.backend) != legacy => 1.0,
-            Some(c) if Some(c.backend) != legacy => c.percent / 100.0,
-            _ => 0.0,
-        })
-        .sum();
-    covered / n as f64
 }

@@ -19,7 +19,10 @@ pub fn error_response(error: &ProxyError, request_id: &HeaderValue) -> Response<
 }
 
 /// A JSON response with `content-type: application/json`.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+pub fn json_response<T: serde::Serialize + ?Sized>(
+    status: StatusCode,
+    body: &T,
+) -> Response<ResponseBody> {
     let mut bytes = serde_json::to_vec(body).unwrap_or_default();
     bytes.push(b'\n');
     let mut resp = Response::new(ResponseBody::full(Bytes::from(bytes)));

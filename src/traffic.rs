@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
 use crate::carry::CarryOver;
 use crate::routes::{RouteKey, RouteTable};
 
@@ -41,15 +39,25 @@ impl RouteTraffic {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn to_json(&self) -> Value {
+    /// The counters now, for `/routes`.
+    pub fn view(&self) -> TrafficView {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        json!({
-            "requests": load(&self.requests),
-            "errors": load(&self.errors),
-            "answered_by_new": load(&self.by_new),
-            "latency_buckets": self.buckets.iter().map(load).collect::<Vec<_>>(),
-        })
+        TrafficView {
+            answered_by_new: load(&self.by_new),
+            errors: load(&self.errors),
+            latency_buckets: self.buckets.iter().map(load).collect(),
+            requests: load(&self.requests),
+        }
     }
+}
+
+/// A route's counters on `/routes` (fields in alphabetical order, as the JSON always had).
+#[derive(serde::Serialize)]
+pub struct TrafficView {
+    answered_by_new: u64,
+    errors: u64,
+    latency_buckets: Vec<u64>,
+    requests: u64,
 }
 
 /// Counters of the process, by what each route matches: they survive every edit of a route

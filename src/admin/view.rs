@@ -1,0 +1,316 @@
+//! `GET /routes` as types. Fields are declared in alphabetical order, the order the JSON had
+//! when it was built as a `serde_json::Value` (whose objects sort their keys), so the bytes
+//! stay the same; fields that only some routes have are left out, not `null`.
+
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::reload::Reloader;
+use crate::routes::format_percent;
+use crate::state::Active;
+use crate::traffic::TrafficView;
+
+#[derive(Serialize)]
+pub struct RoutesView {
+    backends: Vec<BackendView>,
+    coverage: CoverageView,
+    generation: u64,
+    last_reload: ReloadView,
+    latency_bounds_ms: &'static [f64],
+    loaded_at: String,
+    routes: Vec<RouteView>,
+    source: String,
+    source_sha256: String,
+}
+
+#[derive(Serialize)]
+struct CoverageView {
+    /// Share of requests answered by a non-legacy backend; `null` before the first.
+    requests: Option<f64>,
+    requests_answered: u64,
+    /// Share of routes answered by a non-legacy backend (a canary counts for its percent).
+    routes: f64,
+}
+
+#[derive(Serialize)]
+struct ReloadView {
+    at: String,
+    error: Option<String>,
+    ok: bool,
+}
+
+#[derive(Serialize)]
+struct BackendView {
+    endpoints: Vec<EndpointView>,
+    health: Option<HealthView>,
+    legacy: bool,
+    name: String,
+    protocol: String,
+    retries: u32,
+    tls: Option<TlsView>,
+    url: String,
+}
+
+#[derive(Serialize)]
+struct EndpointView {
+    address: String,
+    ejected: bool,
+    healthy: bool,
+    idle: usize,
+    in_flight: usize,
+}
+
+#[derive(Serialize)]
+struct HealthView {
+    interval: String,
+    path: String,
+}
+
+#[derive(Serialize)]
+struct TlsView {
+    ca: &'static str,
+    client_certificate: bool,
+    server_name: String,
+}
+
+/// A route. The comparison figures (`compared` … `ready_to_cut_over`) are there for
+/// shadowed routes only.
+#[derive(Serialize)]
+struct RouteView {
+    backend: String,
+    canary: Option<CanaryView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compared: Option<u64>,
+    fallback: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gate: Option<GateView>,
+    guard: Option<GuardView>,
+    guard_tripped: bool,
+    host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    learned_noise: Option<Vec<String>>,
+    line: usize,
+    methods: Option<Vec<String>>,
+    /// `null` before the first comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mismatch_rate: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mismatched: Option<u64>,
+    prefix: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ready_to_cut_over: Option<bool>,
+    shadow: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow_methods: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow_percent: Option<f64>,
+    stage: String,
+    traffic: TrafficView,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    upgrades: Vec<String>,
+}
+
+/// A shadowed route's comparison figures.
+struct Comparison {
+    compared: u64,
+    gate: GateView,
+    learned_noise: Vec<String>,
+    mismatch_rate: Option<f64>,
+    mismatched: u64,
+    ready_to_cut_over: bool,
+}
+
+#[derive(Serialize)]
+struct GateView {
+    max_mismatch_rate: f64,
+    min_comparisons: u64,
+}
+
+#[derive(Serialize)]
+struct CanaryView {
+    backend: String,
+    percent: f64,
+    sticky: String,
+}
+
+#[derive(Serialize)]
+struct GuardView {
+    max_error_rate: f64,
+    min_requests: u64,
+    to: String,
+    window: String,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl RoutesView {
+    pub fn new(reloader: &Reloader) -> Self {
+        let state = &reloader.state;
+        let active = state.active();
+        let last = reloader.last();
+        let (answered, by_new) = state.coverage();
+        RoutesView {
+            backends: (0..active.table.backends().len())
+                .map(|id| BackendView::new(&active, id))
+                .collect(),
+            coverage: CoverageView {
+                requests: (answered > 0).then(|| by_new as f64 / answered as f64),
+                requests_answered: answered,
+                routes: route_coverage(&active),
+            },
+            generation: active.generation,
+            last_reload: ReloadView {
+                at: rfc3339(last.at),
+                error: last.error,
+                ok: last.ok,
+            },
+            latency_bounds_ms: &crate::traffic::LATENCY_BOUNDS_MS,
+            loaded_at: rfc3339(active.loaded_at),
+            routes: (0..active.table.routes().len())
+                .map(|id| RouteView::new(&active, id))
+                .collect(),
+            source: state.path.display().to_string(),
+            source_sha256: active.sha256.clone(),
+        }
+    }
+}
+
+impl BackendView {
+    /// A backend with the live state of its endpoints.
+    fn new(active: &Active, id: usize) -> Self {
+        let b = active.table.backend(id);
+        BackendView {
+            endpoints: active.upstreams[id]
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    address: e.authority.to_string(),
+                    ejected: e.ejected(),
+                    healthy: e.healthy(),
+                    idle: e.idle(),
+                    in_flight: e.in_flight(),
+                })
+                .collect(),
+            health: b.health.as_ref().map(|h| HealthView {
+                interval: humantime::format_duration(h.interval).to_string(),
+                path: h.path.clone(),
+            }),
+            legacy: b.legacy,
+            name: b.name.clone(),
+            protocol: b.protocol.to_string(),
+            retries: b.retries,
+            tls: b.tls.as_ref().map(|t| TlsView {
+                ca: if t.own_ca { "tls.ca" } else { "system" },
+                client_certificate: t.client_cert,
+                server_name: t.server_name.to_str().into_owned(),
+            }),
+            url: b.url.clone(),
+        }
+    }
+}
+
+impl RouteView {
+    fn new(active: &Active, id: usize) -> Self {
+        let t = &active.table;
+        let r = t.route(id);
+        let runtime = &active.routes[id];
+        let name = |b: usize| t.backend(b).name.clone();
+        let names = |m: &[http::Method]| m.iter().map(|m| m.as_str().to_string()).collect();
+        let cmp = runtime
+            .shadow
+            .as_ref()
+            .filter(|_| r.shadow.is_some())
+            .map(|slot| Comparison::new(&slot.stats, &r.compare));
+        let (compared, gate, learned_noise, mismatch_rate, mismatched, ready_to_cut_over) =
+            match cmp {
+                Some(c) => (
+                    Some(c.compared),
+                    Some(c.gate),
+                    Some(c.learned_noise),
+                    Some(c.mismatch_rate),
+                    Some(c.mismatched),
+                    Some(c.ready_to_cut_over),
+                ),
+                None => (None, None, None, None, None, None),
+            };
+        RouteView {
+            backend: name(r.backend),
+            canary: r.canary.as_ref().map(|c| CanaryView {
+                backend: name(c.backend),
+                percent: c.percent,
+                sticky: c.sticky.to_string(),
+            }),
+            compared,
+            fallback: r.fallback.map(name),
+            gate,
+            guard: r.guard.as_ref().map(|g| GuardView {
+                max_error_rate: g.max_error_rate,
+                min_requests: g.min_requests,
+                to: name(g.to),
+                window: humantime::format_duration(g.window).to_string(),
+            }),
+            guard_tripped: runtime.guard.as_ref().is_some_and(|g| g.is_tripped()),
+            host: r.host.clone(),
+            learned_noise,
+            line: r.line,
+            methods: r.methods.as_deref().map(names),
+            mismatch_rate,
+            mismatched,
+            prefix: r.prefix.clone(),
+            ready_to_cut_over,
+            shadow: r.shadow.as_ref().map(|s| name(s.backend)),
+            shadow_methods: r.shadow.as_ref().map(|s| names(&s.methods)),
+            shadow_percent: r.shadow.as_ref().map(|s| {
+                format_percent(s.percent)
+                    .parse::<f64>()
+                    .unwrap_or(s.percent)
+            }),
+            stage: super::stage(active, id),
+            traffic: runtime.traffic.view(),
+            upgrades: r.upgrades.clone(),
+        }
+    }
+}
+
+impl Comparison {
+    fn new(stats: &crate::shadow::RouteShadow, c: &crate::routes::Compare) -> Self {
+        let compared = stats.compared.load(Ordering::Relaxed);
+        let rate = stats.mismatch_rate();
+        Comparison {
+            compared,
+            gate: GateView {
+                max_mismatch_rate: c.max_mismatch_rate,
+                min_comparisons: c.min_comparisons,
+            },
+            learned_noise: stats.learned_noise(),
+            mismatch_rate: rate,
+            mismatched: stats.mismatched.load(Ordering::Relaxed),
+            ready_to_cut_over: compared >= c.min_comparisons
+                && rate.is_some_and(|r| r <= c.max_mismatch_rate),
+        }
+    }
+}
+
+/// Share of routes answered by a non-legacy backend (a canary counts for its percent).
+fn route_coverage(active: &Active) -> f64 {
+    let t = &active.table;
+    let n = t.routes().len();
+    if n == 0 {
+        return 0.0;
+    }
+    let legacy = t.legacy();
+    let covered: f64 = t
+        .routes()
+        .iter()
+        .map(|r| match &r.canary {
+            _ if Some(r.backend) != legacy => 1.0,
+            Some(c) if Some(c.backend) != legacy => c.percent / 100.0,
+            _ => 0.0,
+        })
+        .sum();
+    covered / n as f64
+}
