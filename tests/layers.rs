@@ -182,3 +182,35 @@ fn the_check_sees_a_cycle() {
     g.get_mut("b").unwrap().clear();
     assert_eq!(cycle(&g, "a"), None);
 }
+
+/// The README's map of the code names every source file once, and only those.
+#[test]
+fn the_readme_maps_every_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("## Map of the code")
+        .nth(1)
+        .expect("README has a map of the code")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let mapped: BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `src/"))
+        .filter_map(|l| l.split('`').next())
+        .map(|f| format!("src/{f}"))
+        .collect();
+    let mut files = vec![];
+    sources(&root.join("src"), &mut files);
+    let tree: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    let missing: Vec<_> = tree.difference(&mapped).collect();
+    let stale: Vec<_> = mapped.difference(&tree).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "not in the README's map: {missing:?}; mapped but not in src/: {stale:?}"
+    );
+}
