@@ -8,8 +8,8 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use serde_json::Value;
 use support::*;
 
@@ -50,17 +50,15 @@ async fn one_access_event_per_request_without_secrets_and_none_when_off() {
         .with_writer(move || writer.clone())
         .init();
     let legacy = start_echo("legacy").await;
-    let proxy = Proxy::start(&format!(
-        "{}[[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    ))
-    .await;
-    let r = send(
-        request(Method::GET, &proxy.url("/api/users?token=s3cret"))
-            .header("authorization", "Bearer s3cret")
-            .header("cookie", "session=s3cret")
-            .body(Full::default())
-            .unwrap(),
+    let proxy = Proxy::start(&legacy_route(legacy.addr, "/api")).await;
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/api/users?token=s3cret"),
+        &[
+            ("authorization", "Bearer s3cret"),
+            ("cookie", "session=s3cret"),
+        ],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 200);
@@ -93,7 +91,7 @@ async fn one_access_event_per_request_without_secrets_and_none_when_off() {
     );
 
     // `access_log = false`: no access events at all.
-    let quiet = Proxy::start(&format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\naccess_log = false\n{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n", legacy_at(legacy.addr))).await;
+    let quiet = proxy_to_with(legacy.addr, "", "access_log = false").await;
     for _ in 0..5 {
         assert_eq!(get(&quiet.url("/x")).await.status, 200);
     }

@@ -4,8 +4,8 @@
 
 mod support;
 
+use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use support::*;
 
 const ROUTES: &str = "[[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\nshadow = \"users\"\n\
@@ -68,7 +68,7 @@ async fn probes_and_metrics() {
         Some(1.0)
     );
     proxy.state.metrics().upkeep();
-    let text = get(&proxy.admin_url("/metrics")).await.text();
+    let text = metrics_text(&proxy).await;
     assert_eq!(
         metric(
             &text,
@@ -93,7 +93,7 @@ async fn probes_and_metrics() {
 async fn routes_json_reports_the_table() {
     let (proxy, _l, _u) = start().await;
     get(&proxy.url("/api/users")).await;
-    let r = get(&proxy.admin_url("/routes")).await.json();
+    let r = routes_json(&proxy).await;
     assert_eq!(r["generation"], 1);
     assert_eq!(r["source_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(r["last_reload"]["ok"], true);
@@ -132,10 +132,11 @@ async fn admin_errors_are_json() {
     let r = get(&proxy.admin_url("/nope")).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["code"], "not_found");
-    let r = send(
-        request(Method::DELETE, &proxy.admin_url("/routes"))
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::DELETE,
+        &proxy.admin_url("/routes"),
+        &[],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 405);
@@ -146,11 +147,7 @@ async fn admin_errors_are_json() {
 #[tokio::test]
 async fn token_protects_everything_but_the_probes() {
     let legacy = start_legacy(Default::default()).await;
-    let proxy = Proxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nadmin_token = \"s3cret\"\n{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    ))
-    .await;
+    let proxy = proxy_to_with(legacy.addr, "", "admin_token = \"s3cret\"").await;
     assert_eq!(get(&proxy.admin_url("/healthz")).await.status, 200);
     assert_eq!(get(&proxy.admin_url("/readyz")).await.status, 200);
     for path in ["/metrics", "/routes"] {
@@ -164,20 +161,20 @@ async fn token_protects_everything_but_the_probes() {
             "s3cret",
             "Basic czNjcmV0",
         ] {
-            let r = send(
-                request(Method::GET, &proxy.admin_url(path))
-                    .header("authorization", bad)
-                    .body(Full::default())
-                    .unwrap(),
+            let r = send_with(
+                Method::GET,
+                &proxy.admin_url(path),
+                &[("authorization", bad)],
+                Bytes::new(),
             )
             .await;
             assert_eq!(r.status, 401, "{path} {bad}");
         }
-        let r = send(
-            request(Method::GET, &proxy.admin_url(path))
-                .header("authorization", "Bearer s3cret")
-                .body(Full::default())
-                .unwrap(),
+        let r = send_with(
+            Method::GET,
+            &proxy.admin_url(path),
+            &[("authorization", "Bearer s3cret")],
+            Bytes::new(),
         )
         .await;
         assert_eq!(r.status, 200, "{path}");
@@ -187,14 +184,8 @@ async fn token_protects_everything_but_the_probes() {
 #[tokio::test]
 async fn post_reload_swaps_valid_tables_and_keeps_serving_on_invalid_ones() {
     let (proxy, legacy, users) = start().await;
-    let reload = || async {
-        send(
-            request(Method::POST, &proxy.admin_url("/reload"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-    };
+    let reload =
+        || async { send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await };
     // Unchanged file: success, same generation.
     let r = reload().await;
     assert_eq!(r.status, 200);
@@ -232,7 +223,7 @@ async fn post_reload_swaps_valid_tables_and_keeps_serving_on_invalid_ones() {
             .contains("routes.toml:3:11: `backend`: unknown backend")),
         "{j}"
     );
-    let routes = get(&proxy.admin_url("/routes")).await.json();
+    let routes = routes_json(&proxy).await;
     assert_eq!(routes["generation"], 2);
     assert_eq!(routes["last_reload"]["ok"], false);
     assert!(routes["last_reload"]["error"]
@@ -244,15 +235,8 @@ async fn post_reload_swaps_valid_tables_and_keeps_serving_on_invalid_ones() {
         200,
         "old table still serves"
     );
-    let m = get(&proxy.admin_url("/metrics")).await.text();
-    assert_eq!(
-        metric(
-            &m,
-            "strangler_config_reloads_total",
-            &[("outcome", "failure")]
-        ),
-        Some(1.0)
-    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(failed_reloads(&m), Some(1.0));
     assert_eq!(
         metric(
             &m,

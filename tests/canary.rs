@@ -10,8 +10,6 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
-use serde_json::Value;
 use support::*;
 
 const SERVER: &str =
@@ -22,14 +20,14 @@ fn two(legacy: std::net::SocketAddr, users: std::net::SocketAddr, users_extra: &
 }
 
 async fn who(proxy: &Proxy, path: &str, header: Option<(&str, &str)>) -> String {
-    let mut b = request(Method::GET, &proxy.url(path));
-    if let Some((k, v)) = header {
-        b = b.header(k, v);
-    }
-    send(b.body(Full::default()).unwrap()).await.json()["backend"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    send_with(
+        Method::GET,
+        &proxy.url(path),
+        header.as_slice(),
+        Bytes::new(),
+    )
+    .await
+    .backend()
 }
 
 #[tokio::test]
@@ -116,7 +114,7 @@ async fn cookie_ip_and_random_canaries() {
         (140..=260).contains(&users_n),
         "random 50% gave {users_n}/400"
     );
-    let m = get(&proxy.admin_url("/metrics")).await.text();
+    let m = metrics_text(&proxy).await;
     assert_eq!(
         metric(
             &m,
@@ -140,7 +138,7 @@ fn fallback_cfg(
 
 async fn fallbacks(proxy: &Proxy) -> f64 {
     metric(
-        &get(&proxy.admin_url("/metrics")).await.text(),
+        &metrics_text(proxy).await,
         "strangler_fallback_total",
         &[("route", "/"), ("from", "users"), ("to", "legacy")],
     )
@@ -151,10 +149,11 @@ async fn fallbacks(proxy: &Proxy) -> f64 {
 async fn connect_failure_falls_back_for_any_method_body_included() {
     let legacy = start_echo("legacy").await;
     let proxy = Proxy::start(&fallback_cfg(closed_port().await, legacy.addr, "")).await;
-    let r = send(
-        request(Method::POST, &proxy.url("/api/users"))
-            .body(Full::new(Bytes::from(vec![b'p'; 5000])))
-            .unwrap(),
+    let r = send_with(
+        Method::POST,
+        &proxy.url("/api/users"),
+        &[],
+        vec![b'p'; 5000],
     )
     .await;
     assert_eq!(r.status, 200);
@@ -166,7 +165,7 @@ async fn connect_failure_falls_back_for_any_method_body_included() {
     );
     assert_eq!(r.json()["method"], "POST");
     assert_eq!(fallbacks(&proxy).await, 1.0);
-    let m = get(&proxy.admin_url("/metrics")).await.text();
+    let m = metrics_text(&proxy).await;
     assert_eq!(
         metric(
             &m,
@@ -184,10 +183,11 @@ async fn a_5xx_falls_back_for_idempotent_methods_only() {
     let proxy = Proxy::start(&fallback_cfg(users.addr, legacy.addr, "")).await;
     // /status/503 makes the echo backend answer 503.
     for method in [Method::GET, Method::PUT, Method::DELETE] {
-        let r = send(
-            request(method.clone(), &proxy.url("/status/503"))
-                .body(Full::new(Bytes::from_static(b"{\"plan\":\"pro\"}")))
-                .unwrap(),
+        let r = send_with(
+            method.clone(),
+            &proxy.url("/status/503"),
+            &[],
+            "{\"plan\":\"pro\"}",
         )
         .await;
         assert_eq!(
@@ -203,12 +203,7 @@ async fn a_5xx_falls_back_for_idempotent_methods_only() {
             assert_eq!(r.json()["body_len"], 14, "the replayed PUT body is whole");
         }
     }
-    let r = send(
-        request(Method::POST, &proxy.url("/status/503"))
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap(),
-    )
-    .await;
+    let r = send_with(Method::POST, &proxy.url("/status/503"), &[], "{}").await;
     assert_eq!(r.status, 503);
     assert_eq!(
         r.json()["backend"],
@@ -226,38 +221,13 @@ async fn a_timeout_falls_back_for_idempotent_methods_only() {
     let r = get(&proxy.url("/api/users/1")).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["backend"], "legacy");
-    let r = send(
-        request(Method::POST, &proxy.url("/api/users"))
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap(),
-    )
-    .await;
+    let r = send_with(Method::POST, &proxy.url("/api/users"), &[], "{}").await;
     assert_eq!(
         r.status, 504,
         "a POST that may have reached the new service is not retried"
     );
     assert_eq!(r.json()["code"], "upstream_timeout");
     assert_eq!(fallbacks(&proxy).await, 1.0);
-}
-
-/// Writes `text` as the proxy's routes.toml and reloads; the reload must change the table.
-async fn reload_with(proxy: &Proxy, text: &str) {
-    std::fs::write(proxy.path(), text).unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.reloader.clone())
-            .await
-            .changed
-    );
-}
-
-async fn route_json(proxy: &Proxy, prefix: &str) -> Value {
-    get(&proxy.admin_url("/routes")).await.json()["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["prefix"] == prefix)
-        .unwrap()
-        .clone()
 }
 
 #[tokio::test]
@@ -299,7 +269,7 @@ async fn the_guard_trips_on_errors_of_the_new_backend_and_resets() {
     }
     let r = route_json(&proxy, "/api/users").await;
     assert_eq!(r["stage"], "rolled back by guard");
-    let m = get(&proxy.admin_url("/metrics")).await.text();
+    let m = metrics_text(&proxy).await;
     assert_eq!(
         metric(&m, "strangler_guard_tripped", &[("route", "/api/users")]),
         Some(1.0)
@@ -308,7 +278,7 @@ async fn the_guard_trips_on_errors_of_the_new_backend_and_resets() {
     for _ in 0..30 {
         assert_eq!(get(&proxy.url("/api/users/1")).await.status, 200);
     }
-    let m = get(&proxy.admin_url("/metrics")).await.text();
+    let m = metrics_text(&proxy).await;
     assert_eq!(
         metric(
             &m,
@@ -325,7 +295,7 @@ async fn the_guard_trips_on_errors_of_the_new_backend_and_resets() {
     // Reset by an operator.
     let reset = |q: &'static str| {
         let url = proxy.admin_url(&format!("/guard/reset{q}"));
-        async move { send(request(Method::POST, &url).body(Full::default()).unwrap()).await }
+        async move { send_with(Method::POST, &url, &[], Bytes::new()).await }
     };
     assert_eq!(reset("").await.status, 400);
     assert_eq!(reset("?route=/nope").await.status, 404);
@@ -337,7 +307,7 @@ async fn the_guard_trips_on_errors_of_the_new_backend_and_resets() {
     assert_eq!(r["stage"], "cut over");
     assert_eq!(
         metric(
-            &get(&proxy.admin_url("/metrics")).await.text(),
+            &metrics_text(&proxy).await,
             "strangler_guard_tripped",
             &[("route", "/api/users")]
         ),

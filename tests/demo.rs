@@ -9,15 +9,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use serde_json::json;
 use support::*;
 
-fn post(url: &str, body: serde_json::Value) -> http::Request<Full<Bytes>> {
-    request(Method::POST, url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
+async fn post(url: &str, body: serde_json::Value) -> Reply {
+    send_with(
+        Method::POST,
+        url,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -30,28 +32,19 @@ async fn legacy_serves_every_fittrack_endpoint() {
     assert_eq!(get(&u("/api/users/7")).await.json()["user"]["id"], 7);
     assert_eq!(get(&u("/api/users/999")).await.status, 404);
     assert_eq!(get(&u("/api/users/abc")).await.status, 400);
-    let created = send(post(
+    let created = post(
         &u("/api/users"),
         json!({"name": "Rosalind Franklin", "email": "rosalind@fittrack.example"}),
-    ))
+    )
     .await;
     assert_eq!(created.status, 201);
     assert_eq!(created.json()["user"]["id"], 21);
-    let put = send(
-        request(Method::PUT, &u("/api/users/21"))
-            .body(Full::new(Bytes::from(r#"{"plan":"pro"}"#)))
-            .unwrap(),
-    )
-    .await;
+    let put = send_with(Method::PUT, &u("/api/users/21"), &[], r#"{"plan":"pro"}"#).await;
     assert_eq!(put.json()["user"]["plan"], "pro");
     assert_eq!(
-        send(
-            request(Method::DELETE, &u("/api/users/21"))
-                .body(Full::default())
-                .unwrap()
-        )
-        .await
-        .status,
+        send_with(Method::DELETE, &u("/api/users/21"), &[], Bytes::new())
+            .await
+            .status,
         204
     );
     assert_eq!(get(&u("/api/workouts")).await.json()["total"], 60);
@@ -62,22 +55,19 @@ async fn legacy_serves_every_fittrack_endpoint() {
         .all(|w| w["user_id"] == 7));
     assert_eq!(get(&u("/api/workouts/3")).await.json()["workout"]["id"], 3);
     assert_eq!(
-        send(post(
+        post(
             &u("/api/workouts"),
             json!({"user_id": 1, "kind": "run", "duration_min": 30})
-        ))
+        )
         .await
         .status,
         201
     );
     assert_eq!(get(&u("/api/social/feed")).await.json()["total"], 30);
     assert_eq!(
-        send(post(
-            &u("/api/social/posts"),
-            json!({"user_id": 1, "text": "hi"})
-        ))
-        .await
-        .status,
+        post(&u("/api/social/posts"), json!({"user_id": 1, "text": "hi"}))
+            .await
+            .status,
         201
     );
     assert_eq!(get(&u("/healthz")).await.json()["status"], "ok");
@@ -87,21 +77,11 @@ async fn legacy_serves_every_fittrack_endpoint() {
         ("[1,2]", 400),
         ("{\"name\": 5, \"email\": \"x@y\"}", 400),
     ] {
-        let r = send(
-            request(Method::POST, &u("/api/users"))
-                .body(Full::new(Bytes::from(body)))
-                .unwrap(),
-        )
-        .await;
+        let r = send_with(Method::POST, &u("/api/users"), &[], body).await;
         assert_eq!(r.status, status, "{body}");
         assert!(r.json()["error"].is_string());
     }
-    let big = send(
-        request(Method::POST, &u("/api/users"))
-            .body(Full::new(Bytes::from(vec![b' '; 100_000])))
-            .unwrap(),
-    )
-    .await;
+    let big = send_with(Method::POST, &u("/api/users"), &[], vec![b' '; 100_000]).await;
     assert_eq!(big.status, 413);
 }
 
@@ -192,14 +172,16 @@ async fn users_service_matches_the_monolith_except_for_its_bug() {
 async fn users_service_does_not_keep_shadow_writes() {
     let u = start_users(None).await;
     let url = format!("http://{}/api/users", u.addr);
-    let shadow = request(Method::POST, &url)
-        .header("x-strangler-shadow", "1")
-        .body(Full::new(Bytes::from(r#"{"name":"Shadow","email":"s@x"}"#)))
-        .unwrap();
-    let r = send(shadow).await;
+    let r = send_with(
+        Method::POST,
+        &url,
+        &[("x-strangler-shadow", "1")],
+        r#"{"name":"Shadow","email":"s@x"}"#,
+    )
+    .await;
     assert_eq!(r.status, 201, "answered as if created");
     assert_eq!(get(&url).await.json()["total"], 20, "but not kept");
-    let r = send(post(&url, json!({"name": "Real", "email": "r@x"}))).await;
+    let r = post(&url, json!({"name": "Real", "email": "r@x"})).await;
     assert_eq!(r.json()["user"]["id"], 21);
     assert_eq!(get(&url).await.json()["total"], 21);
 }

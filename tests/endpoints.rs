@@ -8,9 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use serde_json::Value;
 use support::*;
 
@@ -23,12 +21,12 @@ fn cfg(endpoints: &[SocketAddr], extra: &str) -> String {
 }
 
 async fn backend_state(proxy: &Proxy) -> Value {
-    get(&proxy.admin_url("/routes")).await.json()["backends"][0].clone()
+    routes_json(proxy).await["backends"][0].clone()
 }
 
 async fn connect_errors(proxy: &Proxy) -> f64 {
     metric(
-        &get(&proxy.admin_url("/metrics")).await.text(),
+        &metrics_text(proxy).await,
         "strangler_upstream_errors_total",
         &[("backend", "legacy"), ("kind", "connect")],
     )
@@ -120,12 +118,7 @@ async fn a_post_is_not_retried() {
     drop((l1, l2));
     let proxy = Proxy::start(&cfg(&[d1, d2], "retries = 3")).await;
     for _ in 0..10 {
-        let r = send(
-            request(Method::POST, &proxy.url("/x"))
-                .body(Full::new(Bytes::from_static(b"{}")))
-                .unwrap(),
-        )
-        .await;
+        let r = send_with(Method::POST, &proxy.url("/x"), &[], "{}").await;
         assert_eq!(r.status, 502);
     }
     assert_eq!(connect_errors(&proxy).await, 10.0, "one attempt per POST");

@@ -5,23 +5,18 @@
 
 mod support;
 
+use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use serde_json::Value;
 use support::*;
 
 async fn proxy_to_echo(extra_server: &str) -> (Proxy, Running) {
     let legacy = start_echo("legacy").await;
-    let server = if extra_server.is_empty() {
-        String::new()
+    let proxy = if extra_server.is_empty() {
+        proxy_to(legacy.addr).await
     } else {
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{extra_server}\n")
+        proxy_to_with(legacy.addr, "", extra_server).await
     };
-    let proxy = Proxy::start(&format!(
-        "{server}{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    ))
-    .await;
     (proxy, legacy)
 }
 
@@ -36,24 +31,26 @@ fn seen(r: &Reply, name: &str) -> Vec<String> {
 #[tokio::test]
 async fn request_headers_are_cleaned_and_forwarded_headers_set() {
     let (proxy, _legacy) = proxy_to_echo("").await;
-    let r = send(
-        request(Method::GET, &proxy.url("/api/users"))
-            .header("host", "api.fittrack.example")
-            .header(
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/api/users"),
+        &[
+            ("host", "api.fittrack.example"),
+            (
                 "connection",
                 "keep-alive, x-client-secret, x-forwarded-for, x-request-id",
-            )
-            .header("x-client-secret", "must not pass")
-            .header("keep-alive", "timeout=5")
-            .header("te", "gzip, trailers")
-            .header("proxy-authorization", "Basic eA==")
-            .header("x-forwarded-for", "203.0.113.9")
-            .header("x-forwarded-proto", "https")
-            .header("x-strangler-shadow", "1")
-            .header("x-request-id", "client-id-1")
-            .header("authorization", "Bearer end-to-end")
-            .body(Full::default())
-            .unwrap(),
+            ),
+            ("x-client-secret", "must not pass"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip, trailers"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-strangler-shadow", "1"),
+            ("x-request-id", "client-id-1"),
+            ("authorization", "Bearer end-to-end"),
+        ],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 200);
@@ -92,11 +89,8 @@ async fn request_headers_are_cleaned_and_forwarded_headers_set() {
 async fn request_ids_are_generated_when_absent_or_invalid() {
     let (proxy, _legacy) = proxy_to_echo("").await;
     for given in [None, Some("has spaces"), Some("x".repeat(129).as_str())] {
-        let mut b = request(Method::GET, &proxy.url("/"));
-        if let Some(g) = given {
-            b = b.header("x-request-id", g);
-        }
-        let r = send(b.body(Full::default()).unwrap()).await;
+        let id = given.map(|g| ("x-request-id", g));
+        let r = send_with(Method::GET, &proxy.url("/"), id.as_slice(), Bytes::new()).await;
         let returned = r.headers["x-request-id"].to_str().unwrap().to_string();
         assert_eq!(returned.len(), 32, "{given:?}");
         assert_eq!(
@@ -110,21 +104,21 @@ async fn request_ids_are_generated_when_absent_or_invalid() {
 #[tokio::test]
 async fn a_request_that_already_passed_through_is_refused_508() {
     let (proxy, _legacy) = proxy_to_echo("").await;
-    let r = send(
-        request(Method::GET, &proxy.url("/"))
-            .header("via", "1.1 edge, 1.1 strangler")
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/"),
+        &[("via", "1.1 edge, 1.1 strangler")],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 508);
     assert_eq!(r.json()["code"], "loop_detected");
     // Another proxy's name is fine and is kept.
-    let r = send(
-        request(Method::GET, &proxy.url("/"))
-            .header("via", "1.1 edge")
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/"),
+        &[("via", "1.1 edge")],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 200);
@@ -135,12 +129,11 @@ async fn a_request_that_already_passed_through_is_refused_508() {
 async fn via_name_and_trusted_shadow_header_are_configurable() {
     let (proxy, _legacy) =
         proxy_to_echo("via = \"strangler-edge\"\ntrust_shadow_header = true").await;
-    let r = send(
-        request(Method::GET, &proxy.url("/"))
-            .header("x-strangler-shadow", "1")
-            .header("via", "1.1 strangler")
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/"),
+        &[("x-strangler-shadow", "1"), ("via", "1.1 strangler")],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 200, "another strangler's name is not a loop");

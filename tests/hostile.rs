@@ -614,12 +614,9 @@ async fn assert_fresh_request_served(proxy: &Proxy, backend: &Backend, ctx: &str
     );
 }
 
+/// support's `proxy_to` with [`SERVER`]'s short `header_read_timeout`.
 async fn proxy_to(backend: &Backend) -> Proxy {
-    Proxy::start(&format!(
-        "{SERVER}{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(backend.addr)
-    ))
-    .await
+    Proxy::start(&format!("{SERVER}{}", legacy_route(backend.addr, "/"))).await
 }
 
 /// What a smuggling vector must come to.
@@ -1257,18 +1254,11 @@ async fn other_upgrades_pass_only_where_the_route_opts_in_and_websockets_always(
     .await;
 
     // /routes says which route tunnels what.
-    let routes = get(&proxy.admin_url("/routes")).await.json();
-    let by_prefix = |p: &str| {
-        routes["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["prefix"] == p)
-            .unwrap()
-            .clone()
-    };
-    assert_eq!(by_prefix("/foo")["upgrades"], serde_json::json!(["foo"]));
-    assert!(by_prefix("/").get("upgrades").is_none());
+    assert_eq!(
+        route_json(&proxy, "/foo").await["upgrades"],
+        serde_json::json!(["foo"])
+    );
+    assert!(route_json(&proxy, "/").await.get("upgrades").is_none());
 
     // Not opted in (and h2c never, even where foo is): stripped, served as plain HTTP.
     for (path, offer) in [

@@ -12,11 +12,7 @@ use support::*;
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_turns_unready() {
     let echo = start_echo("legacy").await;
-    let mut proxy = Proxy::start(&format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(echo.addr)
-    ))
-    .await;
+    let mut proxy = proxy_to(echo.addr).await;
     let in_flight = tokio::spawn({
         let url = proxy.url("/slow/500");
         async move { get(&url).await }
@@ -49,11 +45,7 @@ async fn shutdown_drains_in_flight_requests_and_turns_unready() {
 #[tokio::test]
 async fn drain_is_bounded_by_drain_timeout() {
     let hang = start_raw(Misbehave::Hang).await;
-    let mut proxy = Proxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"300ms\"\n{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(hang.addr)
-    ))
-    .await;
+    let mut proxy = proxy_to_with(hang.addr, "", "drain_timeout = \"300ms\"").await;
     let url = proxy.url("/");
     let _stuck = tokio::spawn(async move {
         client()
@@ -78,11 +70,7 @@ async fn drain_is_bounded_by_drain_timeout() {
 #[tokio::test]
 async fn websocket_upgrades_pass_through() {
     let ws_backend = start_ws_echo().await;
-    let proxy = Proxy::start(&format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(ws_backend)
-    ))
-    .await;
+    let proxy = proxy_to(ws_backend).await;
     let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
         .await
         .unwrap();

@@ -16,17 +16,16 @@ use futures_util::{SinkExt, StreamExt};
 use support::*;
 
 /// Routes `/` to backend `to`, with both `a` and `b` declared.
-fn table(server: &str, a: SocketAddr, b: SocketAddr, to: &str) -> String {
+fn table(extra: &str, a: SocketAddr, b: SocketAddr, to: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{server}\n[backends.legacy]\nurl = \"http://{a}\"\nlegacy = true\n[backends.users]\nurl = \"http://{b}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"{to}\"\n"
+        "{}{}[backends.users]\nurl = \"http://{b}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"{to}\"\n",
+        server(extra),
+        legacy_at(a)
     )
 }
 
 async fn answered_by(proxy: &Proxy) -> String {
-    get(&proxy.url("/whoami")).await.json()["backend"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    get(&proxy.url("/whoami")).await.backend()
 }
 
 /// Waits until requests are answered by `want`.
@@ -35,10 +34,6 @@ async fn flips_to(proxy: &Proxy, want: &str) {
         (answered_by(proxy).await == want).then_some(())
     })
     .await;
-}
-
-async fn routes(proxy: &Proxy) -> serde_json::Value {
-    get(&proxy.admin_url("/routes")).await.json()
 }
 
 async fn start_pair(server: &str) -> (Proxy, Running, Running) {
@@ -54,7 +49,7 @@ async fn in_place_write_is_picked_up() {
     let (proxy, a, b) = start_pair("").await;
     std::fs::write(proxy.path(), table("", a.addr, b.addr, "users")).unwrap();
     flips_to(&proxy, "users").await;
-    let r = routes(&proxy).await;
+    let r = routes_json(&proxy).await;
     assert_eq!(r["generation"], 2);
     assert_eq!(r["last_reload"]["ok"], true);
 }
@@ -75,16 +70,8 @@ async fn a_write_seen_half_done_never_counts_as_a_bad_file() {
     f.write_all(second.as_bytes()).unwrap();
     drop(f);
     flips_to(&proxy, "users").await;
-    let m = get(&proxy.admin_url("/metrics")).await.text();
-    assert_eq!(
-        metric(
-            &m,
-            "strangler_config_reloads_total",
-            &[("outcome", "failure")]
-        ),
-        None,
-        "{m}"
-    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(failed_reloads(&m), None, "{m}");
 }
 
 #[tokio::test]
@@ -112,13 +99,8 @@ async fn delete_then_recreate_keeps_serving_and_picks_up_the_new_file() {
     );
     std::fs::write(proxy.path(), table("", a.addr, b.addr, "users")).unwrap();
     flips_to(&proxy, "users").await;
-    let m = get(&proxy.admin_url("/metrics")).await.text();
     assert_eq!(
-        metric(
-            &m,
-            "strangler_config_reloads_total",
-            &[("outcome", "failure")]
-        ),
+        failed_reloads(&metrics_text(&proxy).await),
         None,
         "a file being replaced is not a failure"
     );
@@ -153,12 +135,7 @@ async fn kubernetes_configmap_symlink_swap_is_picked_up() {
     tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    let who = || async move {
-        get(&format!("http://{addr}/")).await.json()["backend"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let who = || async move { get(&format!("http://{addr}/")).await.backend() };
     assert_eq!(who().await, "legacy");
     // kubelet: new versioned dir, swap ..data, remove the old dir. No event names routes.toml.
     configmap_version(
@@ -181,7 +158,7 @@ async fn invalid_file_keeps_the_old_table_until_fixed() {
     let (proxy, a, b) = start_pair("").await;
     std::fs::write(proxy.path(), table("", a.addr, b.addr, "nowhere")).unwrap();
     let r = eventually(Duration::from_secs(5), || async {
-        let r = routes(&proxy).await;
+        let r = routes_json(&proxy).await;
         (r["last_reload"]["ok"] == false).then_some(r)
     })
     .await;
@@ -198,15 +175,8 @@ async fn invalid_file_keeps_the_old_table_until_fixed() {
         "legacy",
         "the old table keeps serving"
     );
-    let m = get(&proxy.admin_url("/metrics")).await.text();
-    assert_eq!(
-        metric(
-            &m,
-            "strangler_config_reloads_total",
-            &[("outcome", "failure")]
-        ),
-        Some(1.0)
-    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(failed_reloads(&m), Some(1.0));
     assert_eq!(
         metric(&m, "strangler_config_last_reload_successful", &[]),
         Some(0.0)
@@ -214,7 +184,7 @@ async fn invalid_file_keeps_the_old_table_until_fixed() {
     // Fixing the file recovers without a restart.
     std::fs::write(proxy.path(), table("", a.addr, b.addr, "users")).unwrap();
     flips_to(&proxy, "users").await;
-    let r = routes(&proxy).await;
+    let r = routes_json(&proxy).await;
     assert_eq!(r["last_reload"]["ok"], true);
     assert_eq!(r["generation"], 2);
 }
@@ -240,21 +210,10 @@ async fn in_flight_requests_finish_on_the_table_they_started_with() {
     let (proxy, a, b) = start_pair("watch = \"off\"").await;
     let slow = tokio::spawn({
         let url = proxy.url("/slow/800");
-        async move {
-            get(&url).await.json()["backend"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        }
+        async move { get(&url).await.backend() }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    std::fs::write(
-        proxy.path(),
-        table("watch = \"off\"", a.addr, b.addr, "users"),
-    )
-    .unwrap();
-    let outcome = strangler::reload::reload_async(proxy.reloader.clone()).await;
-    assert!(outcome.changed);
+    reload_with(&proxy, &table("watch = \"off\"", a.addr, b.addr, "users")).await;
     assert_eq!(
         answered_by(&proxy).await,
         "users",
@@ -298,9 +257,7 @@ async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) 
 async fn warm_pools_survive_reloads_and_removed_backends_close_theirs() {
     let (addr, accepted, open) = counting_backend().await;
     let other = start_echo("users").await;
-    let cfg = |extra: &str| {
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n[backends.legacy]\nurl = \"http://{addr}\"\nlegacy = true\n[backends.users]\nurl = \"http://{}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n{extra}", other.addr)
-    };
+    let cfg = |extra: &str| table("watch = \"off\"", addr, other.addr, "legacy") + extra;
     let proxy = Proxy::start(&cfg("")).await;
     for _ in 0..5 {
         assert_eq!(get(&proxy.url("/")).await.status, 200);
@@ -311,16 +268,11 @@ async fn warm_pools_survive_reloads_and_removed_backends_close_theirs() {
         "one keep-alive connection"
     );
     // An unrelated change: the pool (and its connection) is kept.
-    std::fs::write(
-        proxy.path(),
-        cfg("[[routes]]\nprefix = \"/api/users\"\nbackend = \"users\"\n"),
+    reload_with(
+        &proxy,
+        &cfg("[[routes]]\nprefix = \"/api/users\"\nbackend = \"users\"\n"),
     )
-    .unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.reloader.clone())
-            .await
-            .changed
-    );
+    .await;
     for _ in 0..5 {
         assert_eq!(get(&proxy.url("/")).await.status, 200);
     }
@@ -330,13 +282,12 @@ async fn warm_pools_survive_reloads_and_removed_backends_close_theirs() {
         "the reload kept the warm connection"
     );
     // Remove the backend: its pool closes once nothing uses it.
-    let without = format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n[backends.users]\nurl = \"http://{}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"users\"\n", other.addr);
-    std::fs::write(proxy.path(), without).unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.reloader.clone())
-            .await
-            .changed
+    let without = format!(
+        "{}[backends.users]\nurl = \"http://{}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"users\"\n",
+        server("watch = \"off\""),
+        other.addr
     );
+    reload_with(&proxy, &without).await;
     eventually(Duration::from_secs(5), || async {
         (open.load(Ordering::SeqCst) == 0).then_some(())
     })
@@ -352,16 +303,11 @@ async fn websockets_stay_open_across_reloads() {
         .await
         .unwrap();
     for to in ["users", "legacy", "users"] {
-        std::fs::write(
-            proxy.path(),
-            table("watch = \"off\"", ws_backend, other.addr, to),
+        reload_with(
+            &proxy,
+            &table("watch = \"off\"", ws_backend, other.addr, to),
         )
-        .unwrap();
-        assert!(
-            strangler::reload::reload_async(proxy.reloader.clone())
-                .await
-                .changed
-        );
+        .await;
         ws.send(tokio_tungstenite::tungstenite::Message::text(to))
             .await
             .unwrap();
@@ -490,18 +436,10 @@ async fn reload_storm_under_load_fails_no_request() {
         to_legacy > 0 && to_users > 0,
         "both backends answered: {to_legacy} / {to_users}"
     );
-    let r = routes(&proxy).await;
+    let r = routes_json(&proxy).await;
     assert!(r["generation"].as_u64().unwrap() >= 60, "{r}");
-    let m = get(&proxy.admin_url("/metrics")).await.text();
-    assert_eq!(
-        metric(
-            &m,
-            "strangler_config_reloads_total",
-            &[("outcome", "failure")]
-        ),
-        None,
-        "{m}"
-    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(failed_reloads(&m), None, "{m}");
 }
 
 /// The way it once failed: a writer that never pauses for the debounce's quiet time (a flip
@@ -524,12 +462,12 @@ async fn steady_writes_never_starve_the_watcher() {
         flips += 1;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(100..=200))).await;
         if flips % 10 == 0 {
-            generations.push(routes(&proxy).await["generation"].as_u64().unwrap());
+            generations.push(routes_json(&proxy).await["generation"].as_u64().unwrap());
         }
     }
     // Counted before the writes stop: the watcher must not wait for them to.
     let (legacy_during, users_during) = load.served();
-    let generation = routes(&proxy).await["generation"].as_u64().unwrap();
+    let generation = routes_json(&proxy).await["generation"].as_u64().unwrap();
     let (sent, _, _, failed) = load.finish().await;
     eprintln!("steady writes: {flips} flips in 10 s, generations {generations:?} -> {generation}, {sent} requests, {legacy_during} legacy / {users_during} users during the writes, {failed} failed");
     assert_eq!(failed, 0, "failed requests");

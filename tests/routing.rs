@@ -4,8 +4,8 @@
 
 mod support;
 
+use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use support::*;
 
 #[tokio::test]
@@ -24,7 +24,6 @@ async fn routes_by_longest_prefix_and_filters() {
         admin_api.addr
     ))
     .await;
-    let who = |r: &Reply| r.json()["backend"].as_str().unwrap().to_string();
     let cases = [
         (Method::GET, "/api/users", None, "users"),
         (Method::GET, "/api/users/7", None, "users"),
@@ -50,28 +49,27 @@ async fn routes_by_longest_prefix_and_filters() {
         ),
     ];
     for (method, path, host, want) in cases {
-        let mut b = request(method.clone(), &proxy.url(path));
-        if let Some(h) = host {
-            b = b.header("host", h);
-        }
-        let r = send(b.body(Full::default()).unwrap()).await;
-        assert_eq!(who(&r), want, "{method} {path} {host:?}");
+        let host_header = host.map(|h| ("host", h));
+        let r = send_with(
+            method.clone(),
+            &proxy.url(path),
+            host_header.as_slice(),
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.backend(), want, "{method} {path} {host:?}");
     }
 }
 
 #[tokio::test]
 async fn no_route_is_404_json() {
     let legacy = start_echo("legacy").await;
-    let proxy = Proxy::start(&format!(
-        "{}[[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    ))
-    .await;
-    let r = send(
-        request(Method::GET, &proxy.url("/other"))
-            .header("x-request-id", "req-404")
-            .body(Full::default())
-            .unwrap(),
+    let proxy = Proxy::start(&legacy_route(legacy.addr, "/api")).await;
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/other"),
+        &[("x-request-id", "req-404")],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.status, 404);
@@ -104,11 +102,7 @@ async fn path_and_query_pass_byte_for_byte_and_join_the_base_path() {
 #[tokio::test]
 async fn malformed_targets_are_400_json() {
     let legacy = start_echo("legacy").await;
-    let proxy = Proxy::start(&format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(legacy.addr)
-    ))
-    .await;
+    let proxy = proxy_to(legacy.addr).await;
     let cases: [&[u8]; 6] = [
         b"GET /api/../admin HTTP/1.1\r\nhost: x\r\n\r\n",
         b"GET /api/%2e%2e/admin HTTP/1.1\r\nhost: x\r\n\r\n",

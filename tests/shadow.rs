@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use http_body_util::Full;
-use serde_json::Value;
 use support::*;
 
 const SERVER: &str =
@@ -19,24 +18,6 @@ const SERVER: &str =
 
 fn backends(legacy: std::net::SocketAddr, users: std::net::SocketAddr) -> String {
     format!("{SERVER}[backends.legacy]\nurl = \"http://{legacy}\"\nlegacy = true\n[backends.users]\nurl = \"http://{users}\"\n")
-}
-
-async fn routes(proxy: &Proxy) -> Value {
-    get(&proxy.admin_url("/routes")).await.json()
-}
-
-async fn route(proxy: &Proxy, prefix: &str) -> Value {
-    routes(proxy).await["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["prefix"] == prefix)
-        .unwrap()
-        .clone()
-}
-
-async fn metrics(proxy: &Proxy) -> String {
-    get(&proxy.admin_url("/metrics")).await.text()
 }
 
 fn shadow_count(m: &str, outcome: &str) -> f64 {
@@ -53,7 +34,7 @@ fn all_outcomes(m: &str) -> f64 {
 /// Waits until `n` shadow legs have finished (any outcome but dropped).
 async fn settled(proxy: &Proxy, n: f64) -> String {
     eventually(Duration::from_secs(10), || async {
-        let m = metrics(proxy).await;
+        let m = metrics_text(proxy).await;
         let done: f64 = ["match", "mismatch", "error", "skipped"]
             .iter()
             .map(|o| shadow_count(&m, o))
@@ -112,7 +93,7 @@ async fn the_email_case_bug_is_found_at_its_pointer() {
         one["differences"],
         serde_json::json!([{"path": "/user/email", "kind": "changed", "primary": "Margaret.Hopper7@FitTrack.example", "shadow": "margaret.hopper7@fittrack.example"}])
     );
-    let rt = route(&proxy, "/api/users").await;
+    let rt = route_json(&proxy, "/api/users").await;
     assert_eq!(rt["compared"], 2);
     assert_eq!(rt["mismatch_rate"], 1.0);
     assert_eq!(rt["ready_to_cut_over"], false);
@@ -164,7 +145,7 @@ async fn without_the_bug_only_matches_and_the_gate_opens() {
     let m = settled(&proxy, 30.0).await;
     assert_eq!(shadow_count(&m, "match"), 30.0, "{m}");
     assert_eq!(shadow_count(&m, "mismatch"), 0.0);
-    let rt = route(&proxy, "/api/users").await;
+    let rt = route_json(&proxy, "/api/users").await;
     assert_eq!(rt["compared"], 30);
     assert_eq!(rt["mismatch_rate"], 0.0);
     assert_eq!(rt["ready_to_cut_over"], true);
@@ -183,7 +164,7 @@ async fn noise_is_learned_so_an_a_a_comparison_settles_to_zero_mismatches() {
         for _ in 0..10 {
             get(&proxy.url("/api/social/feed")).await;
         }
-        let rt = route(&proxy, "/api").await;
+        let rt = route_json(&proxy, "/api").await;
         rt["learned_noise"]
             .as_array()
             .unwrap()
@@ -323,7 +304,7 @@ async fn a_slow_down_or_garbage_shadow_never_touches_the_client() {
     let slow = start_raw(Misbehave::Hang).await;
     let garbage = start_raw(Misbehave::Garbage).await;
     let down = closed_port().await;
-    let base = Proxy::start(&format!("{SERVER}[backends.legacy]\nurl = \"http://{}\"\nlegacy = true\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n", legacy.addr)).await;
+    let base = Proxy::start(&format!("{SERVER}{}", legacy_route(legacy.addr, "/"))).await;
     let baseline = percentile(latencies(&base.url("/x"), 200).await, 0.99);
     for (name, addr) in [
         ("slow", slow.addr),
@@ -364,7 +345,7 @@ async fn legs_over_the_cap_are_dropped_not_queued() {
     for _ in 0..n {
         assert_eq!(get(&proxy.url("/x")).await.status, 200);
     }
-    let m = metrics(&proxy).await;
+    let m = metrics_text(&proxy).await;
     assert_eq!(shadow_count(&m, "dropped"), 40.0, "{m}");
     assert_eq!(
         proxy.state.shadows().in_flight(),
@@ -383,10 +364,11 @@ async fn bodies_over_max_body_are_skipped_and_still_reach_the_client_whole() {
         64 * 1024,
         "the client's body is never truncated"
     );
-    let big = send(
-        request(Method::POST, &proxy.url("/upload"))
-            .body(Full::new(Bytes::from(vec![b'x'; 32 * 1024])))
-            .unwrap(),
+    let big = send_with(
+        Method::POST,
+        &proxy.url("/upload"),
+        &[],
+        vec![b'x'; 32 * 1024],
     )
     .await;
     assert_eq!(big.json()["body_len"], 32 * 1024);
@@ -401,13 +383,11 @@ async fn writes_are_mirrored_only_when_opted_in_and_carry_the_marker() {
     let post = |proxy: &Proxy| {
         let url = proxy.url("/api/users");
         async move {
-            send(
-                request(Method::POST, &url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(
-                        r#"{"name":"Rosalind","email":"r@fittrack.example"}"#,
-                    )))
-                    .unwrap(),
+            send_with(
+                Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                r#"{"name":"Rosalind","email":"r@fittrack.example"}"#,
             )
             .await
         }
@@ -415,7 +395,7 @@ async fn writes_are_mirrored_only_when_opted_in_and_carry_the_marker() {
     let default = Proxy::start(&format!("{}[[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\nshadow = \"users\"\n[routes.compare]\nignore = [\"/generated_at\"]\n", backends(legacy.addr, users.addr))).await;
     assert_eq!(post(&default).await.status, 201);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let m = metrics(&default).await;
+    let m = metrics_text(&default).await;
     assert_eq!(
         all_outcomes(&m),
         0.0,
@@ -446,11 +426,11 @@ async fn a_request_already_marked_as_shadow_is_never_shadowed_again() {
         backends(legacy.addr, users.addr)
     ))
     .await;
-    let r = send(
-        request(Method::GET, &proxy.url("/x"))
-            .header("x-strangler-shadow", "1")
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/x"),
+        &[("x-strangler-shadow", "1")],
+        Bytes::new(),
     )
     .await;
     assert!(
@@ -458,7 +438,7 @@ async fn a_request_already_marked_as_shadow_is_never_shadowed_again() {
         "the marker is stripped before the primary"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(all_outcomes(&metrics(&proxy).await), 0.0);
+    assert_eq!(all_outcomes(&metrics_text(&proxy).await), 0.0);
 }
 
 #[tokio::test]
@@ -471,7 +451,7 @@ async fn shadow_percent_samples_requests() {
             get(&proxy.url("/x")).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let m = metrics(&proxy).await;
+        let m = metrics_text(&proxy).await;
         let n = all_outcomes(&m);
         assert!(
             (lo..=hi).contains(&n),
@@ -486,7 +466,7 @@ async fn reverse_shadow_compares_the_other_way_round() {
     let users = start_users(Some(users_service::Bug::EmailCase)).await;
     let proxy = Proxy::start(&format!("{}[[routes]]\nprefix = \"/api/users\"\nbackend = \"users\"\nshadow = \"legacy\"\n[routes.compare]\nignore = [\"/generated_at\"]\n", backends(legacy.addr, users.addr))).await;
     assert_eq!(
-        route(&proxy, "/api/users").await["stage"],
+        route_json(&proxy, "/api/users").await["stage"],
         "cut over, reverse shadow"
     );
     let r = get(&proxy.url("/api/users/1")).await;
@@ -521,32 +501,22 @@ async fn stats_survive_reloads_that_keep_the_pairing_and_reset_when_it_changes()
         get(&proxy.url("/api/users/1")).await;
     }
     settled(&proxy, 3.0).await;
-    std::fs::write(
-        proxy.path(),
-        cfg("[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),
+    reload_with(
+        &proxy,
+        &cfg("[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"),
     )
-    .unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.reloader.clone())
-            .await
-            .changed
-    );
-    assert_eq!(route(&proxy, "/api/users").await["compared"], 3);
-    std::fs::write(
-        proxy.path(),
-        cfg("").replace(
+    .await;
+    assert_eq!(route_json(&proxy, "/api/users").await["compared"], 3);
+    reload_with(
+        &proxy,
+        &cfg("").replace(
             "backend = \"legacy\"\nshadow = \"users\"",
             "backend = \"users\"\nshadow = \"legacy\"",
         ),
     )
-    .unwrap();
-    assert!(
-        strangler::reload::reload_async(proxy.reloader.clone())
-            .await
-            .changed
-    );
+    .await;
     assert_eq!(
-        route(&proxy, "/api/users").await["compared"],
+        route_json(&proxy, "/api/users").await["compared"],
         0,
         "a new pairing starts fresh"
     );

@@ -37,14 +37,6 @@ async fn tls_proxy(
     Proxy::start_in(dir, &text).await
 }
 
-/// A legacy backend at `addr` answering every path.
-fn all_to_legacy(addr: std::net::SocketAddr) -> String {
-    format!(
-        "{}[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
-        legacy_at(addr)
-    )
-}
-
 async fn curl(args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new("curl")
         .args(args)
@@ -87,7 +79,7 @@ async fn get_tls(
 async fn curl_reaches_the_monolith_over_http1_and_http2_with_the_ca() {
     let pki = Pki::new("strangler test CA");
     let legacy = start_echo("legacy").await;
-    let routes = all_to_legacy(legacy.addr);
+    let routes = legacy_route(legacy.addr, "/");
     let proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
     let port = proxy.addr.port();
     let ca = proxy.dir.path().join("ca.pem");
@@ -138,7 +130,7 @@ async fn sni_selects_the_certificate_and_the_default_covers_the_rest() {
     let pki = Pki::new("sni CA");
     let legacy = start_legacy(Default::default()).await;
     let api = pki.issue(&["api.fittrack.example"], false);
-    let routes = all_to_legacy(legacy.addr);
+    let routes = legacy_route(legacy.addr, "/");
     let proxy = tls_proxy(
         &pki,
         ", sni = [{ cert = \"api.pem\", key = \"api.key\" }]",
@@ -175,7 +167,7 @@ async fn sni_selects_the_certificate_and_the_default_covers_the_rest() {
 async fn changed_certificate_files_are_served_without_a_restart_and_a_bad_one_is_refused() {
     let pki = Pki::new("reload CA");
     let legacy = start_legacy(Default::default()).await;
-    let routes = all_to_legacy(legacy.addr);
+    let routes = legacy_route(legacy.addr, "/");
     let proxy = tls_proxy(&pki, "", "watch_interval = \"200ms\"", &routes, |_| {}).await;
     let client = pki.client(&[b"http/1.1"], None);
     let first = presented(
@@ -231,8 +223,7 @@ async fn changed_certificate_files_are_served_without_a_restart_and_a_bad_one_is
         (failures(&proxy).await > failures_before).then_some(())
     })
     .await;
-    let routes_json = get(&proxy.admin_url("/routes")).await.json();
-    let error = routes_json["last_reload"]["error"]
+    let error = routes_json(&proxy).await["last_reload"]["error"]
         .as_str()
         .unwrap()
         .to_string();
@@ -255,13 +246,7 @@ async fn changed_certificate_files_are_served_without_a_restart_and_a_bad_one_is
 }
 
 async fn failures(proxy: &Proxy) -> f64 {
-    let m = get(&proxy.admin_url("/metrics")).await.text();
-    metric(
-        &m,
-        "strangler_config_reloads_total",
-        &[("outcome", "failure")],
-    )
-    .unwrap_or(0.0)
+    failed_reloads(&metrics_text(proxy).await).unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -270,7 +255,7 @@ async fn client_ca_admits_only_callers_with_a_certificate_it_signed() {
     let callers = Pki::new("callers CA");
     let strangers = Pki::new("strangers CA");
     let legacy = start_legacy(Default::default()).await;
-    let routes = all_to_legacy(legacy.addr);
+    let routes = legacy_route(legacy.addr, "/");
     let callers_pem = callers.ca_pem.clone();
     let required = tls_proxy(&pki, ", client_ca = \"callers.pem\"", "", &routes, |d| {
         std::fs::write(d.join("callers.pem"), &callers_pem).unwrap();
@@ -296,7 +281,7 @@ async fn client_ca_admits_only_callers_with_a_certificate_it_signed() {
         let r = get_tls(&required, "localhost", client, "/api/users/1").await;
         assert!(r.is_err(), "{who} got in: {:?}", r.map(|r| r.0));
     }
-    let m = get(&required.admin_url("/metrics")).await.text();
+    let m = metrics_text(&required).await;
     assert_eq!(
         metric(
             &m,
@@ -419,8 +404,7 @@ backend = "sysroots"
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.headers["x-upstream-version"], "HTTP/2.0");
     assert_eq!(r.headers["x-client-cert"], "yes");
-    let routes = get(&proxy.admin_url("/routes")).await.json();
-    let h2 = routes["backends"]
+    let h2 = routes_json(&proxy).await["backends"]
         .as_array()
         .unwrap()
         .iter()
@@ -599,9 +583,9 @@ shadow_methods = ["POST"]
         );
     }
     let shadow = |route: &'static str, outcome: &'static str| {
-        let admin = proxy.admin_url("/metrics");
+        let proxy = &proxy;
         async move {
-            let m = get(&admin).await.text();
+            let m = metrics_text(proxy).await;
             metric(
                 &m,
                 "strangler_shadow_total",
@@ -682,7 +666,7 @@ async fn bad_certificate_files_are_reported_at_the_key_that_names_them() {
 async fn h2load_over_tls_completes_every_request() {
     let pki = Pki::new("h2load CA");
     let legacy = start_legacy(Default::default()).await;
-    let routes = all_to_legacy(legacy.addr);
+    let routes = legacy_route(legacy.addr, "/");
     let proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
     let out = tokio::process::Command::new("h2load")
         .args(["-n", "5000", "-c", "10", "-m", "20"])
@@ -710,7 +694,7 @@ async fn h2load_over_tls_completes_every_request() {
 async fn shutdown_lets_in_flight_http2_streams_finish() {
     let pki = Pki::new("drain CA");
     let echo = start_echo("legacy").await;
-    let routes = all_to_legacy(echo.addr);
+    let routes = legacy_route(echo.addr, "/");
     let mut proxy = tls_proxy(&pki, "", "", &routes, |_| {}).await;
     let tls = connect(proxy.addr, "localhost", pki.client(&[b"h2"], None))
         .await
@@ -766,16 +750,13 @@ async fn raw_get(proxy: &Proxy, path: &str) -> (StatusCode, h2::client::SendRequ
 }
 
 async fn h2c_proxy(routes: &str) -> Proxy {
-    Proxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nh2c = true\n\n{routes}"
-    ))
-    .await
+    Proxy::start(&format!("{}\n{routes}", server("h2c = true"))).await
 }
 
 #[tokio::test]
 async fn http2_limits_are_advertised_and_a_reset_flood_ends_the_connection_only() {
     let legacy = start_echo("legacy").await;
-    let proxy = h2c_proxy(&all_to_legacy(legacy.addr)).await;
+    let proxy = h2c_proxy(&legacy_route(legacy.addr, "/")).await;
     let (status, send) = raw_get(&proxy, "/api/users").await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -818,7 +799,7 @@ async fn a_handshake_that_never_comes_is_cut_at_header_read_timeout_and_counted(
         &pki,
         "",
         "header_read_timeout = \"300ms\"",
-        &all_to_legacy(legacy.addr),
+        &legacy_route(legacy.addr, "/"),
         |_| {},
     )
     .await;
@@ -832,7 +813,7 @@ async fn a_handshake_that_never_comes_is_cut_at_header_read_timeout_and_counted(
     .expect("the proxy closes a connection that never says hello")
     .unwrap_or(0);
     assert_eq!(n, 0);
-    let m = get(&proxy.admin_url("/metrics")).await.text();
+    let m = metrics_text(&proxy).await;
     assert_eq!(
         metric(
             &m,

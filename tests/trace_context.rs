@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
 use support::*;
 
 #[tokio::test]
@@ -53,12 +53,11 @@ async fn a_trace_is_started_and_shared_by_the_primary_and_shadow_legs() {
     assert_eq!(shadow, primary, "both legs are one trace");
     // A valid trace is passed on untouched, with its tracestate.
     let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let r = send(
-        request(Method::GET, &proxy.url("/x"))
-            .header("traceparent", given)
-            .header("tracestate", "vendor=abc")
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/x"),
+        &[("traceparent", given), ("tracestate", "vendor=abc")],
+        Bytes::new(),
     )
     .await;
     assert_eq!(r.json()["headers"]["traceparent"][0], given);
@@ -71,12 +70,11 @@ async fn a_trace_is_started_and_shared_by_the_primary_and_shadow_legs() {
         given
     );
     // A malformed one is replaced (and its tracestate dropped with it).
-    let r = send(
-        request(Method::GET, &proxy.url("/x"))
-            .header("traceparent", "garbage")
-            .header("tracestate", "vendor=abc")
-            .body(Full::default())
-            .unwrap(),
+    let r = send_with(
+        Method::GET,
+        &proxy.url("/x"),
+        &[("traceparent", "garbage"), ("tracestate", "vendor=abc")],
+        Bytes::new(),
     )
     .await;
     let replaced = r.json()["headers"]["traceparent"][0]

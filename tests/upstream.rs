@@ -12,19 +12,9 @@ use http::Method;
 use http_body_util::{BodyExt, Full, StreamBody};
 use support::*;
 
-async fn proxy_to(addr: std::net::SocketAddr, backend_extra: &str, server_extra: &str) -> Proxy {
-    let server =
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{server_extra}\n");
-    Proxy::start(&format!("{server}[backends.legacy]\nurl = \"http://{addr}\"\nlegacy = true\n{backend_extra}\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n")).await
-}
-
-async fn metrics_text(proxy: &Proxy) -> String {
-    get(&proxy.admin_url("/metrics")).await.text()
-}
-
 #[tokio::test]
 async fn refused_connection_is_502_and_counted() {
-    let proxy = proxy_to(closed_port().await, "connect_timeout = \"500ms\"", "").await;
+    let proxy = proxy_to_with(closed_port().await, "connect_timeout = \"500ms\"", "").await;
     let r = get(&proxy.url("/api/users")).await;
     assert_eq!(r.status, 502);
     let j = r.json();
@@ -58,7 +48,7 @@ async fn reset_and_garbage_are_502() {
         (Misbehave::Garbage, "protocol"),
     ] {
         let backend = start_raw(kind).await;
-        let proxy = proxy_to(backend.addr, "", "").await;
+        let proxy = proxy_to_with(backend.addr, "", "").await;
         let r = get(&proxy.url("/")).await;
         assert_eq!(r.status, 502, "{label}");
         assert_eq!(r.json()["code"], "upstream_unavailable");
@@ -74,7 +64,7 @@ async fn reset_and_garbage_are_502() {
 #[tokio::test]
 async fn hanging_backend_is_504_after_the_timeout() {
     let backend = start_raw(Misbehave::Hang).await;
-    let proxy = proxy_to(backend.addr, "timeout = \"300ms\"", "").await;
+    let proxy = proxy_to_with(backend.addr, "timeout = \"300ms\"", "").await;
     let started = std::time::Instant::now();
     let r = get(&proxy.url("/")).await;
     let took = started.elapsed();
@@ -98,7 +88,7 @@ async fn hanging_backend_is_504_after_the_timeout() {
 #[tokio::test]
 async fn a_body_that_stalls_is_cut_at_the_timeout() {
     let backend = start_raw(Misbehave::StallBody).await;
-    let proxy = proxy_to(backend.addr, "timeout = \"300ms\"", "").await;
+    let proxy = proxy_to_with(backend.addr, "timeout = \"300ms\"", "").await;
     let resp = client()
         .request(
             http::Request::get(proxy.url("/"))
@@ -117,21 +107,11 @@ async fn a_body_that_stalls_is_cut_at_the_timeout() {
 #[tokio::test]
 async fn declared_body_over_the_limit_is_413() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "max_request_body = \"1KiB\"").await;
-    let r = send(
-        request(Method::POST, &proxy.url("/"))
-            .body(Full::new(Bytes::from(vec![b'a'; 2048])))
-            .unwrap(),
-    )
-    .await;
+    let proxy = proxy_to_with(echo.addr, "", "max_request_body = \"1KiB\"").await;
+    let r = send_with(Method::POST, &proxy.url("/"), &[], vec![b'a'; 2048]).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "payload_too_large");
-    let r = send(
-        request(Method::POST, &proxy.url("/"))
-            .body(Full::new(Bytes::from(vec![b'a'; 1024])))
-            .unwrap(),
-    )
-    .await;
+    let r = send_with(Method::POST, &proxy.url("/"), &[], vec![b'a'; 1024]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["body_len"], 1024);
 }
@@ -139,7 +119,7 @@ async fn declared_body_over_the_limit_is_413() {
 #[tokio::test]
 async fn chunked_body_growing_past_the_limit_is_413() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "max_request_body = \"64KiB\"").await;
+    let proxy = proxy_to_with(echo.addr, "", "max_request_body = \"64KiB\"").await;
     let chunks = (0..40)
         .map(|_| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![b'c'; 4096]))));
     let body = StreamBody::new(futures_util::stream::iter(chunks));
@@ -158,7 +138,7 @@ async fn chunked_body_growing_past_the_limit_is_413() {
 #[tokio::test]
 async fn large_bodies_stream_both_ways() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "max_request_body = \"64MiB\"").await;
+    let proxy = proxy_to_with(echo.addr, "", "max_request_body = \"64MiB\"").await;
     // 32 MiB up, sent as a stream of chunks without a declared length.
     let chunks = (0..512).map(|_| {
         Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![b'u'; 64 * 1024])))
@@ -185,7 +165,7 @@ async fn large_bodies_stream_both_ways() {
 #[tokio::test]
 async fn oversized_headers_are_refused() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "max_header_size = \"8KiB\"").await;
+    let proxy = proxy_to_with(echo.addr, "", "max_header_size = \"8KiB\"").await;
     let big = format!(
         "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
         "a".repeat(16 * 1024)
@@ -204,7 +184,7 @@ async fn oversized_headers_are_refused() {
 #[tokio::test]
 async fn slowloris_connections_are_closed() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "header_read_timeout = \"300ms\"").await;
+    let proxy = proxy_to_with(echo.addr, "", "header_read_timeout = \"300ms\"").await;
     let started = std::time::Instant::now();
     // Half a request line, then silence: the proxy must hang up.
     let out = raw(
@@ -224,7 +204,7 @@ async fn slowloris_connections_are_closed() {
 #[tokio::test]
 async fn the_connection_cap_holds_extra_clients_until_one_leaves() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "max_connections = 1").await;
+    let proxy = proxy_to_with(echo.addr, "", "max_connections = 1").await;
     // First client holds the only slot with a slow request.
     let slow = tokio::spawn({
         let url = proxy.url("/slow/600");
@@ -249,7 +229,7 @@ async fn the_connection_cap_holds_extra_clients_until_one_leaves() {
 #[tokio::test]
 async fn a_malformed_chunked_body_is_400_and_the_pool_stays_healthy() {
     let echo = start_echo("legacy").await;
-    let proxy = proxy_to(echo.addr, "", "").await;
+    let proxy = proxy_to_with(echo.addr, "", "").await;
     let bad = b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n";
     let out = raw(proxy.addr, bad, Duration::from_secs(3)).await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
@@ -311,7 +291,7 @@ async fn steady_keep_alive_load_opens_no_new_upstream_connections() {
             });
         }
     });
-    let proxy = proxy_to(addr, "", "").await;
+    let proxy = proxy_to_with(addr, "", "").await;
     let clients = 8;
     let tasks: Vec<_> = (0..clients)
         .map(|c| {

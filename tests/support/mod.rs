@@ -280,6 +280,75 @@ pub fn legacy_at(addr: SocketAddr) -> String {
     format!("[backends.legacy]\nurl = \"http://{addr}\"\nlegacy = true\n")
 }
 
+/// A `[server]` section on port 0 with the `extra` lines.
+pub fn server(extra: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{extra}\n")
+}
+
+/// One `legacy` backend at `addr` and one route, `prefix` to it.
+pub fn legacy_route(addr: SocketAddr, prefix: &str) -> String {
+    format!(
+        "{}[[routes]]\nprefix = \"{prefix}\"\nbackend = \"legacy\"\n",
+        legacy_at(addr)
+    )
+}
+
+/// A proxy with one `legacy` backend at `addr` and one route, `/` to it.
+pub async fn proxy_to(addr: SocketAddr) -> Proxy {
+    Proxy::start(&legacy_route(addr, "/")).await
+}
+
+/// Like [`proxy_to`], with `backend_extra` lines in the backend and `server_extra` in
+/// `[server]`.
+pub async fn proxy_to_with(addr: SocketAddr, backend_extra: &str, server_extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "{}{}{backend_extra}\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+        server(server_extra),
+        legacy_at(addr)
+    ))
+    .await
+}
+
+/// Writes `text` as the proxy's routes.toml and reloads; the reload must change the table.
+pub async fn reload_with(proxy: &Proxy, text: &str) {
+    std::fs::write(proxy.path(), text).unwrap();
+    assert!(
+        strangler::reload::reload_async(proxy.reloader.clone())
+            .await
+            .changed
+    );
+}
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(proxy: &Proxy) -> String {
+    get(&proxy.admin_url("/metrics")).await.text()
+}
+
+/// The admin listener's `/routes`.
+pub async fn routes_json(proxy: &Proxy) -> Value {
+    get(&proxy.admin_url("/routes")).await.json()
+}
+
+/// The entry of `/routes` for the route with `prefix`.
+pub async fn route_json(proxy: &Proxy, prefix: &str) -> Value {
+    routes_json(proxy).await["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["prefix"] == prefix)
+        .unwrap_or_else(|| panic!("no route {prefix} in /routes"))
+        .clone()
+}
+
+/// How many reloads failed, from a `/metrics` text (`None` before the first failure).
+pub fn failed_reloads(metrics: &str) -> Option<f64> {
+    metric(
+        metrics,
+        "strangler_config_reloads_total",
+        &[("outcome", "failure")],
+    )
+}
+
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 pub fn client() -> HttpClient {
@@ -301,6 +370,10 @@ impl Reply {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+    /// The `backend` an echo-style JSON answer names.
+    pub fn backend(&self) -> String {
+        self.json()["backend"].as_str().unwrap().to_string()
+    }
 }
 
 pub async fn send(req: Request<Full<Bytes>>) -> Reply {
@@ -320,6 +393,20 @@ pub async fn get(url: &str) -> Reply {
 
 pub fn request(method: Method, url: &str) -> http::request::Builder {
     Request::builder().method(method).uri(url)
+}
+
+/// Sends `method` to `url` with `headers` (in order) and `body`, and reads the answer whole.
+pub async fn send_with(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut b = request(method, url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(body.into())).unwrap()).await
 }
 
 /// Writes raw bytes on a fresh connection and reads one response (head plus
