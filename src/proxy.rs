@@ -1,8 +1,8 @@
 //! The request service, as a list of phases over one per-request [`Context`]: route, choose
 //! the backend (guard, canary), admit (checks before anything is sent: the body limit; where
 //! authentication and rate limits go), decide the shadow, prepare the request (clean headers,
-//! the backend's target), start the shadow leg, send (with retry and fallback, in
-//! [`fallback`]), respond. Each phase is a function that can be read alone. Errors become
+//! the backend's target), start the shadow leg, send (the first attempt, then the route's
+//! fallback where safe: [`fallback`]), respond. Each phase is a function that can be read alone. Errors become
 //! responses in one place (`respond::error_response`). Nothing here blocks, locks, or
 //! buffers a body.
 
@@ -132,7 +132,16 @@ async fn exchange(
     let out = prepare(cx, &routed, req, upgrade)?;
     trace.shadowed = plan.is_some();
     let mut feed = plan.map(|plan| start_shadow(cx, &routed, plan, &out));
-    match fallback::send(cx, &routed, out, feed.as_mut()).await {
+    let deadline = out.deadline;
+    let (req, fallback) = fallback::first_request(cx, &routed, out, feed.as_mut());
+    let first = cx.active.upstreams[routed.backend]
+        .send(req, deadline)
+        .await;
+    let outcome = match fallback::settle(cx, &routed, first, fallback, deadline) {
+        Ok(outcome) => outcome,
+        Err(second) => second.await,
+    };
+    match outcome {
         Ok(answered) => {
             trace.backend = Some(answered.backend);
             respond(cx, answered, client_upgrade, feed)
@@ -176,6 +185,7 @@ fn route(cx: &Context<'_>, req: &Request<Incoming>) -> Result<RouteId, ProxyErro
 /// Phase 2: who answers. A tripped guard sends the route's traffic where it says (looked up
 /// in this generation's table: backend indices move when backends come and go); otherwise
 /// the canary decides.
+#[inline]
 fn choose<'a>(cx: &Context<'a>, id: RouteId, req: &Request<Incoming>) -> Routed<'a> {
     let route = cx.active.table.route(id);
     let runtime = &cx.active.routes[id];
@@ -191,6 +201,7 @@ fn choose<'a>(cx: &Context<'a>, id: RouteId, req: &Request<Incoming>) -> Routed<
 }
 
 /// Phase 3: checks that may refuse a routed request before anything is sent upstream.
+#[inline]
 fn admit(cx: &Context<'_>, req: &Request<Incoming>) -> Result<(), ProxyError> {
     let limit = cx.state.settings.max_request_body;
     let declared = req
@@ -206,6 +217,7 @@ fn admit(cx: &Context<'_>, req: &Request<Incoming>) -> Result<(), ProxyError> {
 /// Whether the request is an upgrade the route tunnels. Any other (h2c, or one the route
 /// did not opt in to) is dropped with the other hop-by-hop headers: the request goes on as
 /// plain HTTP/1.1, as from a server that ignores `Upgrade` (RFC 9110 §7.8).
+#[inline]
 fn tunnels(routed: &Routed<'_>, req: &Request<Incoming>) -> bool {
     is_upgrade(req.headers())
         && routed.route.allows_upgrade(
@@ -217,6 +229,7 @@ fn tunnels(routed: &Routed<'_>, req: &Request<Incoming>) -> bool {
 }
 
 /// Phase 4: the request as the backend gets it: clean headers, its target, its deadline.
+#[inline]
 fn prepare(
     cx: &Context<'_>,
     routed: &Routed<'_>,
@@ -244,6 +257,7 @@ fn prepare(
 
 /// Hop-by-hop removal, the shadow marker, `Host`, `x-forwarded-*`, `via`, `x-request-id`,
 /// trace context.
+#[inline]
 fn clean_request(cx: &Context<'_>, parts: &mut http::request::Parts, upgrade: bool) {
     let settings = &cx.state.settings;
     // HTTP/2 carries the host as `:authority`, an absolute-form target as its authority;
@@ -296,6 +310,7 @@ fn start_shadow(
 
 /// Phase 7: the backend's answer, streamed back to the client (its copy teed to the shadow
 /// leg), or the tunnel when it switched protocols.
+#[inline]
 fn respond(
     cx: &Context<'_>,
     answered: Answered,

@@ -4,6 +4,8 @@
 //! has reached the client yet). Otherwise the first attempt's outcome stands. The route's
 //! guard counts the first attempt.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
@@ -37,16 +39,22 @@ pub(super) struct Unanswered {
     pub backend: BackendId,
 }
 
-/// Sends `out` to the chosen backend (its body teed to the shadow leg through `feed`), then
-/// to the fallback where that is safe.
-pub(super) async fn send(
+/// The fallback's turn, run only when the first attempt's outcome calls for it.
+pub(super) type Second<'a> =
+    Pin<Box<dyn Future<Output = Result<Answered, Unanswered>> + Send + 'a>>;
+
+/// The first attempt's request for the chosen backend (its body teed to the shadow leg
+/// through `feed`), and what it takes to send it again to the route's fallback.
+pub(super) fn first_request(
     cx: &Context<'_>,
     routed: &Routed<'_>,
     out: Outbound,
     feed: Option<&mut shadow::Feed>,
-) -> Result<Answered, Unanswered> {
-    let from = routed.backend;
-    let fallback = routed.route.fallback.filter(|&f| f != from && !out.upgrade);
+) -> (Request<UpstreamBody>, Option<(BackendId, Retry)>) {
+    let fallback = routed
+        .route
+        .fallback
+        .filter(|&f| f != routed.backend && !out.upgrade);
     let (retry, replay_tee) = match fallback {
         Some(_) => Retry::prepare(&out, &cx.state.shadows().budget),
         None => (None, None),
@@ -58,23 +66,35 @@ pub(super) async fn send(
         let limit = cx.state.settings.max_request_body;
         UpstreamBody::limited(out.body, limit, shadow_tee, replay_tee)
     };
-    let req = Request::from_parts(out.parts, body);
-    let first = cx.active.upstreams[from].send(req, out.deadline).await;
+    (Request::from_parts(out.parts, body), fallback.zip(retry))
+}
+
+/// The first attempt's outcome, counted by the route's guard: it stands (`Ok`), or the
+/// fallback's turn comes (`Err`, a boxed future: the second attempt is rare, and inline it
+/// would enlarge every request's future).
+pub(super) fn settle<'a>(
+    cx: &'a Context<'a>,
+    routed: &'a Routed<'a>,
+    first: Result<(Response<Incoming>, Lease), Failed>,
+    fallback: Option<(BackendId, Retry)>,
+    deadline: Instant,
+) -> Result<Result<Answered, Unanswered>, Second<'a>> {
     guard_watch(cx, routed, &first);
-    match (fallback, retry) {
-        (Some(to), Some(retry)) => to_fallback(cx, routed, to, first, retry, out.deadline).await,
-        _ => match first {
-            Ok((resp, lease)) => Ok(Answered {
-                resp,
-                lease,
-                deadline: out.deadline,
-                backend: from,
-            }),
-            Err(failed) => Err(Unanswered {
-                error: failed.error,
-                backend: from,
-            }),
-        },
+    let from = routed.backend;
+    match (fallback, first) {
+        (Some((to, retry)), first) => Err(Box::pin(to_fallback(
+            cx, routed, to, first, retry, deadline,
+        ))),
+        (None, Ok((resp, lease))) => Ok(Ok(Answered {
+            resp,
+            lease,
+            deadline,
+            backend: from,
+        })),
+        (None, Err(failed)) => Ok(Err(Unanswered {
+            error: failed.error,
+            backend: from,
+        })),
     }
 }
 
@@ -220,7 +240,7 @@ fn guard_watch(
 const FALLBACK_MAX_BODY: usize = 1 << 20;
 
 /// What it takes to send a request again to a fallback backend.
-struct Retry {
+pub(super) struct Retry {
     method: Method,
     headers: http::HeaderMap,
     pq: Option<http::uri::PathAndQuery>,

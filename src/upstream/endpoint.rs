@@ -328,6 +328,7 @@ impl Endpoint {
 
     /// An answer head: refused (a protocol error) when it switched protocols unasked;
     /// otherwise the connection goes with it in the lease, unless its framing rules out reuse.
+    #[inline]
     fn answered(
         &self,
         mut resp: Response<Incoming>,
