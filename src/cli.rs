@@ -113,7 +113,6 @@ pub fn explain(
         return Ok(out);
     };
     let r = t.route(id);
-    let name = |b: usize| t.backend(b).name.clone();
     let _ = writeln!(
         out,
         "route:    {} ({}:{})",
@@ -143,6 +142,13 @@ pub fn explain(
         )
     );
     canary_line(&mut out, t, r, headers, client);
+    safety_lines(&mut out, t, r, method, answering);
+    Ok(out)
+}
+
+/// The `shadow:`, `fallback:` and `guard:` lines of `explain`.
+fn safety_lines(out: &mut String, t: &RouteTable, r: &Route, method: &Method, answering: usize) {
+    let name = |b: usize| t.backend(b).name.clone();
     match &r.shadow {
         None => out.push_str("shadow:   none\n"),
         Some(s) => {
@@ -176,7 +182,6 @@ pub fn explain(
             );
         }
     }
-    Ok(out)
 }
 
 /// The `canary:` line of `explain`: the sticky key, its bucket and which side it falls on.
