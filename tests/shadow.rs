@@ -507,6 +507,28 @@ async fn stats_survive_reloads_that_keep_the_pairing_and_reset_when_it_changes()
     )
     .await;
     assert_eq!(route_json(&proxy, "/api/users").await["compared"], 3);
+    // A new backend declared first (every backend index moves) and its route.
+    let orders = start_echo("orders").await;
+    let with_orders = cfg("[[routes]]\nprefix = \"/api/orders\"\nbackend = \"orders\"\n");
+    let at = with_orders.find("[backends.").unwrap();
+    let with_orders = format!(
+        "{}[backends.orders]\nurl = \"http://{}\"\n{}",
+        &with_orders[..at],
+        orders.addr,
+        &with_orders[at..]
+    );
+    let requests = route_json(&proxy, "/api/users").await["traffic"]["requests"].clone();
+    reload_with(&proxy, &with_orders).await;
+    let route = route_json(&proxy, "/api/users").await;
+    assert_eq!(
+        route["compared"], 3,
+        "other backends and routes keep the statistics"
+    );
+    assert_eq!(
+        route["traffic"]["requests"], requests,
+        "and the traffic counters"
+    );
+    assert_eq!(requests, 3);
     reload_with(
         &proxy,
         &cfg("").replace(
