@@ -567,6 +567,16 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Got {
 
 /// A 400: the proxy's JSON contract when it has a body, or (`json` false) the HTTP parser's
 /// bare 400 for framing it cannot read.
+/// `bytes` get a JSON 400, nothing reaches the backend, and a fresh request is served.
+async fn refused_untouched(proxy: &Proxy, backend: &Backend, name: &str, bytes: &[u8]) {
+    backend.clear();
+    let got = exchange(proxy.addr, bytes).await;
+    assert_bad_request(&got, true, name);
+    let seen = backend.settled().await;
+    assert!(seen.is_empty(), "{name}: {seen:?}");
+    assert_fresh_request_served(proxy, backend, name).await;
+}
+
 fn assert_bad_request(got: &Got, json: bool, ctx: &str) {
     let r = got.only();
     assert!(
@@ -1059,12 +1069,7 @@ async fn duplicate_host_headers_are_refused() {
             b"GET /a HTTP/1.1\r\nhost: good.example\r\nhost: evil.example\r\nconnection: close\r\n\r\n".as_slice(),
         ),
     ] {
-        backend.clear();
-        let got = exchange(proxy.addr, bytes).await;
-        assert_bad_request(&got, true, name);
-        let seen = backend.settled().await;
-        assert!(seen.is_empty(), "{name}: {seen:?}");
-        assert_fresh_request_served(&proxy, &backend, name).await;
+        refused_untouched(&proxy, &backend, name, bytes).await;
     }
 }
 
@@ -1147,12 +1152,7 @@ async fn an_absolute_form_target_with_user_info_is_refused() {
             b"GET /x HTTP/1.1\r\nhost: user@evil.example\r\nconnection: close\r\n\r\n".as_slice(),
         ),
     ] {
-        backend.clear();
-        let got = exchange(proxy.addr, bytes).await;
-        assert_bad_request(&got, true, name);
-        let seen = backend.settled().await;
-        assert!(seen.is_empty(), "{name}: {seen:?}");
-        assert_fresh_request_served(&proxy, &backend, name).await;
+        refused_untouched(&proxy, &backend, name, bytes).await;
     }
 }
 
@@ -1394,6 +1394,23 @@ async fn well_framed_upstream_answers_do_reuse_the_connection() {
     assert_eq!(backend.accepted(), 1);
 }
 
+/// A backend answering `bytes` makes the client's answer a JSON 502, and the proxy still
+/// serves a fresh request afterwards.
+async fn answered_with_502(bytes: &'static [u8]) {
+    let backend = answering_hostile(bytes).await;
+    let proxy = proxy_to(&backend).await;
+    let ctx = String::from_utf8_lossy(bytes);
+    let got = exchange(proxy.addr, GET_HOSTILE).await;
+    let r = got.only();
+    assert!(
+        r.start.starts_with("HTTP/1.1 502 "),
+        "{ctx}: {:?}",
+        got.text()
+    );
+    assert_error_contract(r, "upstream_unavailable", &ctx);
+    assert_fresh_request_served(&proxy, &backend, &ctx).await;
+}
+
 #[tokio::test]
 async fn an_upstream_answer_with_two_content_lengths_is_a_502() {
     for bytes in [
@@ -1401,18 +1418,7 @@ async fn an_upstream_answer_with_two_content_lengths_is_a_502() {
             .as_slice(),
         b"HTTP/1.1 200 OK\r\ncontent-length: 2, 12\r\n\r\nokHTTP/1.1 2".as_slice(),
     ] {
-        let backend = answering_hostile(bytes).await;
-        let proxy = proxy_to(&backend).await;
-        let ctx = String::from_utf8_lossy(bytes);
-        let got = exchange(proxy.addr, GET_HOSTILE).await;
-        let r = got.only();
-        assert!(
-            r.start.starts_with("HTTP/1.1 502 "),
-            "{ctx}: {:?}",
-            got.text()
-        );
-        assert_error_contract(r, "upstream_unavailable", &ctx);
-        assert_fresh_request_served(&proxy, &backend, &ctx).await;
+        answered_with_502(bytes).await;
     }
 }
 
@@ -1425,18 +1431,7 @@ async fn an_upstream_answer_with_a_bad_status_line_is_a_502() {
         b"HTTP/7.1 200 OK\r\ncontent-length: 2\r\n\r\nok".as_slice(),
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nbad header\r\n\r\nok".as_slice(),
     ] {
-        let backend = answering_hostile(bytes).await;
-        let proxy = proxy_to(&backend).await;
-        let ctx = String::from_utf8_lossy(bytes);
-        let got = exchange(proxy.addr, GET_HOSTILE).await;
-        let r = got.only();
-        assert!(
-            r.start.starts_with("HTTP/1.1 502 "),
-            "{ctx}: {:?}",
-            got.text()
-        );
-        assert_error_contract(r, "upstream_unavailable", &ctx);
-        assert_fresh_request_served(&proxy, &backend, &ctx).await;
+        answered_with_502(bytes).await;
     }
 }
 
