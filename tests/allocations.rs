@@ -21,11 +21,12 @@ use tokio::net::TcpStream;
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-/// Allocations per request measured when this bound was set (13.02: 13 per request, and 32
-/// in 2,000 requests from periodic work), plus one: any allocation added per request fails.
-const MAX_PER_REQUEST: f64 = 14.0;
+/// Allocations per request measured when this bound was set (13.00 in the quietest batch),
+/// plus half of one: any allocation added to every request fails.
+const MAX_PER_REQUEST: f64 = 13.5;
 const WARMUP: usize = 300;
-const MEASURED: usize = 2000;
+const BATCHES: usize = 20;
+const BATCH: usize = 100;
 
 /// 1 KiB of JSON-ish body, the benchmark's answer size.
 const BODY: &[u8; 1024] = &[b'x'; 1024];
@@ -104,18 +105,28 @@ async fn the_plain_path_allocates_at_most_its_budget_per_request() {
     for _ in 0..WARMUP {
         one(&mut client, &mut buf).await;
     }
-    let region = Region::new(GLOBAL);
-    for _ in 0..MEASURED {
-        one(&mut client, &mut buf).await;
+    // Batches: periodic work (timers, the runtime's own upkeep) allocates now and then, more
+    // on a slow machine; it only ever adds, so the quietest batch is the per-request figure.
+    let mut quietest = f64::MAX;
+    let (mut allocations, mut bytes) = (0, 0);
+    for _ in 0..BATCHES {
+        let region = Region::new(GLOBAL);
+        for _ in 0..BATCH {
+            one(&mut client, &mut buf).await;
+        }
+        let change = region.change();
+        quietest = quietest.min(change.allocations as f64 / BATCH as f64);
+        allocations += change.allocations;
+        bytes += change.bytes_allocated;
     }
-    let change = region.change();
-    let per_request = change.allocations as f64 / MEASURED as f64;
+    let n = BATCHES * BATCH;
     eprintln!(
-        "{MEASURED} requests: {} allocations ({per_request:.2} per request), {} reallocations, {} bytes allocated",
-        change.allocations, change.reallocations, change.bytes_allocated
+        "{n} requests: {allocations} allocations ({:.2} per request on average, {quietest:.2} in the quietest batch of {BATCH}), {} bytes allocated per request",
+        allocations as f64 / n as f64,
+        bytes / n
     );
     assert!(
-        per_request <= MAX_PER_REQUEST,
-        "{per_request:.2} allocations per request, budget {MAX_PER_REQUEST}"
+        quietest <= MAX_PER_REQUEST,
+        "{quietest:.2} allocations per request, budget {MAX_PER_REQUEST}"
     );
 }
