@@ -16,10 +16,12 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// The settings of an h2c upgrade (RFC 7540 §3.2.1): connection-specific, never forwarded.
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
+const HOP_BY_HOP_COUNT: usize = 9;
+
 /// Hop-by-hop headers of RFC 9110 §7.6.1 plus the obsolete ones still seen in the wild.
 /// `Trailer` is not one of them (it is end-to-end, RFC 9110 §6.6.2): it declares the trailer
 /// fields that follow, and hyper's HTTP/1.1 encoder writes only the fields it declares.
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -67,7 +69,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         None
     };
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names (cheap comparisons) instead of a hashed removal of every
+    // hop-by-hop name: most messages carry none or one of them.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    // `Connection` is first in `HOP_BY_HOP`.
+    if present[0] {
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !PROTECTED.contains(n))
@@ -76,7 +87,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     if let Some(proto) = upgrade_to {
