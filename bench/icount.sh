@@ -39,13 +39,8 @@ N=${N:-4000}; C=${C:-8}; WARMUP=${WARMUP:-1000}
 if (( SMOKE )); then N=200; WARMUP=200; fi
 BUDGET=${BUDGET:-}
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need valgrind || ! need callgrind_control || ! need nginx || ! need h2load; then
-  echo "installing valgrind, nginx and h2load..." >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null && apt-get install -y -qq valgrind nginx nghttp2-client >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+source bench/lib.sh
+install_missing "valgrind callgrind_control nginx h2load" "valgrind nginx nghttp2-client"
 
 if [[ -z ${BIN:-} ]]; then
   cargo build --release -q --bin strangler
@@ -64,7 +59,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND=$(free_port); SHADOWSVC=$(free_port); USERS=$(free_port)
 STRANGLER=$(free_port); ADMIN=$(free_port); NGINX_PROXY=$(free_port)
 
@@ -98,9 +92,7 @@ http {
   server { listen 127.0.0.1:$USERS; location / { return 200 '$(cat "$WORK/body.json")'; } }
 }
 CONF
-# nginx as the reverse proxy under test: one process (no master), the headers bench/run.sh's
-# nginx adds, upstream keep-alive. proxy_max_temp_file_size 0: a 64 KiB answer that outgrows the
-# proxy buffers waits for the client instead of going through a temporary file.
+# nginx as the reverse proxy under test: one process (no master), the location of bench/lib.sh.
 cat > "$WORK/proxy/nginx.conf" <<CONF
 master_process off;
 daemon off; pid $WORK/proxy/nginx.pid; error_log $WORK/proxy/error.log warn;
@@ -110,12 +102,7 @@ http {
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
   server {
     listen 127.0.0.1:$NGINX_PROXY;
-    location / {
-      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Request-Id \$request_id; proxy_buffering on;
-      proxy_max_temp_file_size 0;
-    }
+$(nginx_proxy_location)
   }
 }
 CONF

@@ -21,13 +21,8 @@ SMOKE=0
 ROUNDS=${ROUNDS:-5}; DURATION=${DURATION:-10}; CONNS=${CONNS:-64}; WORKERS=${WORKERS:-1}; THREADS=${THREADS:-1}
 if (( SMOKE )); then ROUNDS=1; DURATION=2; fi
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-  echo "installing nginx and wrk..." >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null && apt-get install -y -qq nginx wrk >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+source bench/lib.sh
+install_missing "nginx wrk" "nginx wrk"
 
 cargo build --release -q --bin strangler
 BIN=target/release/strangler
@@ -37,7 +32,6 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND=$(free_port); NGINX_PROXY=$(free_port); STRANGLER=$(free_port); ADMIN=$(free_port)
 BASELINE=${BASELINE:-}; BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
 TARGETS="direct strangler nginx"; [[ -n $BASELINE ]] && TARGETS+=" baseline"
@@ -69,11 +63,7 @@ http {
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
   server {
     listen 127.0.0.1:$NGINX_PROXY;
-    location / {
-      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Request-Id \$request_id; proxy_buffering on;
-    }
+$(nginx_proxy_location)
   }
 }
 CONF

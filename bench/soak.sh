@@ -26,13 +26,8 @@ DURATION=${DURATION:-1800}; RATE=${RATE:-200}; CONNS=${CONNS:-8}
 RELOAD_EVERY=${RELOAD_EVERY:-10}; GUARD_EVERY=${GUARD_EVERY:-180}; WARMUP=${WARMUP:-120}
 (( WARMUP < DURATION )) || WARMUP=$(( DURATION / 4 ))
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need h2load; then
-  echo "installing nginx and h2load..." >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null && apt-get install -y -qq nginx nghttp2-client >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+source bench/lib.sh
+install_missing "nginx h2load" "nginx nghttp2-client"
 
 cargo build --release -q --bin strangler
 BIN=target/release/strangler
@@ -47,7 +42,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND=$(free_port); USERS=$(free_port); WORKOUTS=$(free_port); PROXY=$(free_port); ADMIN=$(free_port)
 
 BODY='{"id":7,"name":"ada","plan":"pro","workouts":[{"id":1,"kind":"run","km":5.2},{"id":2,"kind":"swim","km":1.0}]}'

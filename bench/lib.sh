@@ -1,0 +1,32 @@
+# Shared by bench/run.sh, bench/icount.sh and bench/soak.sh (sourced, not run).
+
+# Installs Debian packages when a command is missing: install_missing "cmd..." "package...".
+install_missing() {
+  local cmd missing=0
+  for cmd in $1; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+  if (( missing )); then
+    echo "installing $2..." >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086 # a list of package names
+    apt-get update -qq >/dev/null && apt-get install -y -qq $2 >/dev/null
+  fi
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+}
+
+# A free TCP port on loopback.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The location block of nginx as the reverse proxy strangler is compared with: upstream
+# keep-alive and the same headers strangler adds. One definition, so every benchmark compares
+# against the same nginx. proxy_max_temp_file_size 0: a large answer that outgrows the proxy
+# buffers waits for the client instead of going through a temporary file.
+nginx_proxy_location() {
+  cat <<'CONF'
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Request-Id $request_id; proxy_buffering on;
+      proxy_max_temp_file_size 0;
+    }
+CONF
+}
