@@ -17,6 +17,8 @@ pub struct AccessLog {
     pub route: Option<String>,
     pub backend: Option<String>,
     pub status: u16,
+    /// The client's address (after `trusted_proxies`).
+    pub client: std::net::IpAddr,
     pub request_id: String,
     pub shadowed: bool,
     pub start: Instant,
@@ -40,6 +42,7 @@ impl AccessLog {
             route = self.route.as_deref().unwrap_or("none"),
             backend = self.backend.as_deref().unwrap_or("none"),
             status = self.status,
+            client = %self.client,
             duration_ms = (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             bytes = self.bytes,
             request_id = %self.request_id,

@@ -121,7 +121,7 @@ pub fn explain(
         r.line
     );
     let _ = writeln!(out, "stage:    {}", t.stage(id));
-    let answering = r.pick_backend(headers, client);
+    let answering = r.pick_backend(headers, client, None);
     let b = t.backend(answering);
     let _ = writeln!(
         out,
@@ -194,9 +194,10 @@ fn canary_line(out: &mut String, t: &RouteTable, r: &Route, headers: &HeaderMap,
                 Sticky::Header(h) => format!("header {h}"),
                 Sticky::Cookie(n) => format!("cookie {n}"),
                 Sticky::Ip => format!("client ip {client}"),
+                Sticky::Claim(c) => format!("claim {c} (of a verified token; explain has none)"),
                 Sticky::Random => String::new(),
             };
-            let key = c.sticky_key(headers, client).map(|k| (what, k));
+            let key = c.sticky_key(headers, client, None).map(|k| (what, k));
             let pct = format_percent(c.percent);
             let detail = match (&c.sticky, key) {
                 (Sticky::Random, _) => "random per request".to_string(),

@@ -35,6 +35,8 @@ pub struct ServerSettings {
     pub tls: Option<crate::tls::ServerTlsFiles>,
     /// Cleartext HTTP/2 (prior knowledge) on a listener without TLS.
     pub h2c: bool,
+    /// Peers whose `X-Forwarded-For` is believed when finding the client's address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// How the proxy notices that routes.toml changed (SIGHUP and `POST /reload` always work).

@@ -34,6 +34,23 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Why a route's `auth` refused a request, as the answer tells it (RFC 6750 §3.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// No credentials: 401 without an error code.
+    Missing,
+    /// A token that is not valid (bad, expired, wrong issuer or audience, unknown key): 401
+    /// `invalid_token`. The answer never says which, nor echoes the token or its claims.
+    Invalid,
+    /// Credentials that are not a well-formed bearer token: 400 `invalid_request`.
+    Malformed,
+    /// A valid token without a required value: 403 `insufficient_scope`.
+    InsufficientScope { scope: String },
+    /// The token's key is unknown and the key source cannot be reached: 503 (a server fault,
+    /// so clients keep their tokens and retry).
+    Unavailable { retry_after: Duration },
+}
+
 /// A request the proxy answers itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -54,6 +71,27 @@ pub enum ProxyError {
     },
     #[error("upstream {backend} did not answer within {}", humantime::format_duration(*after))]
     UpstreamTimeout { backend: String, after: Duration },
+    #[error("{}", auth_message(error))]
+    Auth {
+        realm: String,
+        error: AuthError,
+        /// The `strangler_auth_total` outcome, for the log.
+        reason: &'static str,
+    },
+}
+
+fn auth_message(error: &AuthError) -> String {
+    match error {
+        AuthError::Missing => "authentication required".into(),
+        AuthError::Invalid => "the access token is invalid".into(),
+        AuthError::Malformed => "malformed credentials".into(),
+        AuthError::InsufficientScope { scope } => {
+            format!("the access token does not grant {scope}")
+        }
+        AuthError::Unavailable { .. } => {
+            "the keys to verify the access token cannot be fetched now".into()
+        }
+    }
 }
 
 impl ProxyError {
@@ -65,6 +103,12 @@ impl ProxyError {
             ProxyError::LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Auth { error, .. } => match error {
+                AuthError::Missing | AuthError::Invalid => StatusCode::UNAUTHORIZED,
+                AuthError::Malformed => StatusCode::BAD_REQUEST,
+                AuthError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+                AuthError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
         }
     }
 
@@ -76,6 +120,45 @@ impl ProxyError {
             ProxyError::LoopDetected { .. } => "loop_detected",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::Auth { error, .. } => match error {
+                AuthError::Missing | AuthError::Invalid => "unauthorized",
+                AuthError::Malformed => "bad_request",
+                AuthError::InsufficientScope { .. } => "forbidden",
+                AuthError::Unavailable { .. } => "auth_unavailable",
+            },
+        }
+    }
+
+    /// `WWW-Authenticate` of an auth refusal (RFC 6750 §3): the challenge, and the error code
+    /// for anything but missing credentials.
+    pub fn www_authenticate(&self) -> Option<String> {
+        let ProxyError::Auth { realm, error, .. } = self else {
+            return None;
+        };
+        let mut v = format!("Bearer realm=\"{realm}\"");
+        match error {
+            AuthError::Missing => {}
+            AuthError::Invalid => v.push_str(", error=\"invalid_token\", error_description=\"the access token is invalid\""),
+            AuthError::Malformed => v.push_str(", error=\"invalid_request\""),
+            AuthError::InsufficientScope { scope } => {
+                v.push_str(", error=\"insufficient_scope\"");
+                if !scope.contains(['"', '\\']) {
+                    v.push_str(&format!(", scope=\"{scope}\""));
+                }
+            }
+            AuthError::Unavailable { .. } => return None,
+        }
+        Some(v)
+    }
+
+    /// `Retry-After` in seconds, for answers that have one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::Auth {
+                error: AuthError::Unavailable { retry_after },
+                ..
+            } => Some(retry_after.as_secs().max(1)),
+            _ => None,
         }
     }
 }

@@ -336,5 +336,72 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Removes cookie `name` from the `Cookie` header(s), keeping the others; a header left
+/// empty is dropped.
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    if cookie(headers, name).is_none() {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k != name))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy; then
+/// `X-Forwarded-For` is walked from the right, skipping trusted hops, and the first address
+/// not trusted is the client (as nginx's realip and Traefik's ipStrategy do). An entry that is
+/// not an address ends the walk at the last trusted hop; a chain of trusted hops only gives
+/// its leftmost.
+pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if trusted.is_empty() || !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    // A value that is not text reads as "", which is no address and ends the walk.
+    let values: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    let hops = values
+        .iter()
+        .rev()
+        .flat_map(|v| v.rsplit(',').map(str::trim));
+    for hop in hops {
+        let Some(ip) = parse_hop(hop) else {
+            return client;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            return ip;
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly bracketed or with a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sock) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod carry;
 pub mod cli;
 pub mod compare;
@@ -28,6 +29,7 @@ pub mod demo;
 pub mod error;
 pub mod guard;
 pub mod headers;
+pub mod jwt;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

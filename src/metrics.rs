@@ -31,6 +31,12 @@ pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "strangler_tls_handshake_errors_tot
 /// time: a count that keeps growing under steady load is a leak.
 pub const RUNTIME_ALIVE_TASKS: &str = "strangler_runtime_alive_tasks";
 
+/// Requests with `auth`, by route and outcome (`ok`, `anonymous`, `preflight`, or why the
+/// credentials were, or in observe mode would have been, refused).
+pub const AUTH_TOTAL: &str = "strangler_auth_total";
+/// Fetches of a provider's `jwks_url`, by outcome (`ok`, `error`, `timeout`, `invalid`).
+pub const JWKS_FETCH_TOTAL: &str = "strangler_jwks_fetch_total";
+
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
 
@@ -100,6 +106,16 @@ impl Metrics {
             TLS_HANDSHAKE_ERRORS_TOTAL,
             Unit::Count,
             "Client TLS handshakes that did not complete, by reason (failed, timeout).",
+        );
+        describe(
+            AUTH_TOTAL,
+            Unit::Count,
+            "Requests on routes with auth, by route and outcome.",
+        );
+        describe(
+            JWKS_FETCH_TOTAL,
+            Unit::Count,
+            "JWKS fetches of a provider's jwks_url, by provider and outcome.",
         );
         describe(
             CONFIG_RELOADS_TOTAL,
@@ -211,9 +227,11 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// Slots for each backend, and one more (index `backends`) for requests refused before
+    /// a backend was chosen.
     pub fn new(backends: usize) -> Self {
         RouteMetrics {
-            slots: (0..backends).map(|_| OnceLock::new()).collect(),
+            slots: (0..=backends).map(|_| OnceLock::new()).collect(),
         }
     }
 

@@ -1,5 +1,5 @@
-//! The request service, as a list of phases over one per-request [`Context`]: route, choose
-//! the backend (guard, canary), admit (checks before anything is sent: the body limit; where
+//! The request service, as a list of phases over one per-request [`Context`]: route,
+//! authenticate (a route's `auth`), choose the backend (guard, canary), admit (checks before anything is sent: the body limit; where
 //! authentication and rate limits go), decide the shadow, prepare the request (clean headers,
 //! the backend's target), start the shadow leg, send (the first attempt, then the route's
 //! fallback where safe: [`fallback`]), respond. Each phase is a function that can be read alone. Errors become
@@ -8,7 +8,7 @@
 
 mod fallback;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
@@ -21,7 +21,8 @@ use tracing::{debug, warn, Instrument};
 
 use self::fallback::Answered;
 use crate::access::AccessLog;
-use crate::error::ProxyError;
+use crate::error::{AuthError, ProxyError};
+use crate::jwt::{Claims, Reason};
 use crate::headers::*;
 use crate::routes::{BackendId, Route, RouteId};
 use crate::shadow;
@@ -44,6 +45,8 @@ struct Context<'a> {
     state: &'a State,
     active: &'a Active,
     peer: SocketAddr,
+    /// The client's address: the peer, or from `X-Forwarded-For` behind trusted proxies.
+    client: IpAddr,
     request_id: &'a HeaderValue,
     start: Instant,
 }
@@ -80,10 +83,12 @@ pub async fn handle(
     let request_id = valid_request_id(req.headers())
         .cloned()
         .unwrap_or_else(|| state.ids.next());
+    let client = client_address(req.headers(), peer.ip(), &state.settings.trusted_proxies);
     let cx = Context {
         state: &state,
         active: &active,
         peer,
+        client,
         request_id: &request_id,
         start,
     };
@@ -99,7 +104,7 @@ pub async fn handle(
         phases.instrument(span).await
     };
     let mut resp = result.unwrap_or_else(|error| refused(&cx, &trace, &error));
-    let answered = trace.route.zip(trace.backend);
+    let answered = trace.route.map(|r| (r, trace.backend));
     state.record(&active, answered, resp.status(), start);
     if let Some((method, path)) = log_head {
         let entry = access_entry(&cx, &trace, method, path, resp.status());
@@ -117,7 +122,8 @@ async fn exchange(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let id = route(cx, &req)?;
     trace.route = Some(id);
-    let routed = choose(cx, id, &req);
+    let claims = authenticate(cx, id, &req).await?;
+    let routed = choose(cx, id, &req, claims.as_deref());
     trace.backend = Some(routed.backend);
     admit(cx, &req)?;
     let upgrade = tunnels(&routed, &req);
@@ -129,7 +135,7 @@ async fn exchange(
             .plan(slot, routed.backend, req.method(), req.headers(), upgrade)
     });
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let out = prepare(cx, &routed, req, upgrade)?;
+    let out = prepare(cx, &routed, req, upgrade, claims.as_deref())?;
     trace.shadowed = plan.is_some();
     let mut feed = plan.map(|plan| start_shadow(cx, &routed, plan, &out));
     let deadline = out.deadline;
@@ -182,16 +188,66 @@ fn route(cx: &Context<'_>, req: &Request<Incoming>) -> Result<RouteId, ProxyErro
         .ok_or(ProxyError::NoRoute)
 }
 
-/// Phase 2: who answers. A tripped guard sends the route's traffic where it says (looked up
+/// Phase 2: who is calling, on a route with `auth`: the verified token's claims, or a
+/// refusal (which reaches no backend and no shadow, and is no backend error for the guard).
+/// Boxed, so routes without `auth` carry none of its state.
+async fn authenticate(
+    cx: &Context<'_>,
+    id: RouteId,
+    req: &Request<Incoming>,
+) -> Result<Option<Arc<Claims>>, ProxyError> {
+    let route = cx.active.table.route(id);
+    let (Some(auth), Some(rt)) = (&route.auth, &cx.active.routes[id].auth) else {
+        return Ok(None);
+    };
+    let provider = cx.active.table.provider(auth.provider);
+    let checked = Box::pin(rt.authenticate(
+        provider,
+        auth,
+        cx.state.metrics(),
+        &route.prefix,
+        req.method(),
+        req.headers(),
+    ))
+    .await;
+    match checked {
+        Ok(passed) => Ok(passed.claims),
+        Err(refusal) => {
+            let error = match refusal.reason {
+                Reason::Missing => AuthError::Missing,
+                Reason::Malformed => AuthError::Malformed,
+                Reason::InsufficientScope => AuthError::InsufficientScope {
+                    scope: refusal.scope.unwrap_or_default(),
+                },
+                Reason::KeysUnavailable => AuthError::Unavailable {
+                    retry_after: refusal.retry_after,
+                },
+                _ => AuthError::Invalid,
+            };
+            Err(ProxyError::Auth {
+                realm: refusal.realm,
+                error,
+                reason: refusal.reason.as_str(),
+            })
+        }
+    }
+}
+
+/// Phase 3: who answers. A tripped guard sends the route's traffic where it says (looked up
 /// in this generation's table: backend indices move when backends come and go); otherwise
 /// the canary decides.
 #[inline]
-fn choose<'a>(cx: &Context<'a>, id: RouteId, req: &Request<Incoming>) -> Routed<'a> {
+fn choose<'a>(
+    cx: &Context<'a>,
+    id: RouteId,
+    req: &Request<Incoming>,
+    claims: Option<&Claims>,
+) -> Routed<'a> {
     let route = cx.active.table.route(id);
     let runtime = &cx.active.routes[id];
     let backend = match (&runtime.guard, &route.guard) {
         (Some(g), Some(config)) if g.is_tripped() => config.to,
-        _ => route.pick_backend(req.headers(), cx.peer.ip()),
+        _ => route.pick_backend(req.headers(), cx.client, claims),
     };
     Routed {
         route,
@@ -200,7 +256,7 @@ fn choose<'a>(cx: &Context<'a>, id: RouteId, req: &Request<Incoming>) -> Routed<
     }
 }
 
-/// Phase 3: checks that may refuse a routed request before anything is sent upstream.
+/// Phase 4: checks that may refuse a routed request before anything is sent upstream.
 #[inline]
 fn admit(cx: &Context<'_>, req: &Request<Incoming>) -> Result<(), ProxyError> {
     let limit = cx.state.settings.max_request_body;
@@ -228,17 +284,22 @@ fn tunnels(routed: &Routed<'_>, req: &Request<Incoming>) -> bool {
         )
 }
 
-/// Phase 4: the request as the backend gets it: clean headers, its target, its deadline.
+/// Phase 5: the request as the backend gets it: clean headers, its target, its deadline.
 #[inline]
 fn prepare(
     cx: &Context<'_>,
     routed: &Routed<'_>,
     req: Request<Incoming>,
     upgrade: bool,
+    claims: Option<&Claims>,
 ) -> Result<Outbound, ProxyError> {
     let upstream = &cx.active.upstreams[routed.backend];
     let (mut parts, body) = req.into_parts();
     clean_request(cx, &mut parts, upgrade);
+    if let Some(auth) = &routed.route.auth {
+        let provider = cx.active.table.provider(auth.provider);
+        crate::auth::apply(provider, claims, &mut parts.headers);
+    }
     let pq = parts.uri.path_and_query().cloned();
     parts.uri = upstream
         .uri(pq.as_ref())
@@ -255,8 +316,8 @@ fn prepare(
     })
 }
 
-/// Hop-by-hop removal, the shadow marker, `Host`, `x-forwarded-*`, `via`, `x-request-id`,
-/// trace context.
+/// Hop-by-hop removal, the shadow marker, client-sent copies of claim headers, `Host`,
+/// `x-forwarded-*`, `via`, `x-request-id`, trace context.
 #[inline]
 fn clean_request(cx: &Context<'_>, parts: &mut http::request::Parts, upgrade: bool) {
     let settings = &cx.state.settings;
@@ -274,6 +335,9 @@ fn clean_request(cx: &Context<'_>, parts: &mut http::request::Parts, upgrade: bo
     if !settings.trust_shadow_header {
         parts.headers.remove(X_STRANGLER_SHADOW);
     }
+    for name in cx.active.table.claim_headers() {
+        parts.headers.remove(name);
+    }
     let proto = if cx.state.tls.is_some() {
         "https"
     } else {
@@ -289,7 +353,7 @@ fn clean_request(cx: &Context<'_>, parts: &mut http::request::Parts, upgrade: bo
     parts.version = Version::HTTP_11;
 }
 
-/// Phase 5: the shadow leg of a request chosen for mirroring.
+/// Phase 6: the shadow leg of a request chosen for mirroring.
 fn start_shadow(
     cx: &Context<'_>,
     routed: &Routed<'_>,
@@ -308,7 +372,7 @@ fn start_shadow(
     shadow::start(cx.state.shadows(), plan, shadow, primary)
 }
 
-/// Phase 7: the backend's answer, streamed back to the client (its copy teed to the shadow
+/// Phase 8: the backend's answer, streamed back to the client (its copy teed to the shadow
 /// leg), or the tunnel when it switched protocols.
 #[inline]
 fn respond(
@@ -377,6 +441,7 @@ fn access_entry(
         route: trace.route.map(|id| table.route(id).prefix.clone()),
         backend: trace.backend.map(|id| table.backend(id).name.clone()),
         status: status.as_u16(),
+        client: cx.client,
         request_id: cx.request_id.to_str().unwrap_or_default().to_string(),
         shadowed: trace.shadowed,
         start: cx.start,

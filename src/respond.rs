@@ -15,7 +15,17 @@ pub fn error_response(error: &ProxyError, request_id: &HeaderValue) -> Response<
         "code": error.code(),
         "request_id": request_id.to_str().unwrap_or_default(),
     });
-    json_response(error.status(), &body)
+    let mut resp = json_response(error.status(), &body);
+    if let Some(challenge) = error.www_authenticate() {
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    if let Some(secs) = error.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 /// A JSON response with `content-type: application/json`.

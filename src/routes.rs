@@ -8,6 +8,7 @@
 //! tried first, then file order; a request that fails a route's filters falls through to the
 //! next candidate, then to shorter prefixes.
 
+pub mod auth;
 pub mod diff;
 
 use std::borrow::Cow;
@@ -21,6 +22,9 @@ use http::uri::{Authority, Scheme};
 use http::Method;
 
 use crate::headers::cookie;
+use crate::jwt::Claims;
+
+pub use auth::{KeySource, Mode, Provider, ProviderId, RouteAuth, TokenSource};
 
 /// Index of a backend in [`RouteTable::backends`].
 pub type BackendId = usize;
@@ -104,6 +108,8 @@ pub enum Sticky {
     Header(HeaderName),
     Cookie(String),
     Ip,
+    /// A verified JWT claim (`claim:sub`): a user stays on one side by identity.
+    Claim(String),
 }
 
 /// As in routes.toml's `sticky`: `random`, `ip`, `header:NAME`, `cookie:NAME`.
@@ -114,6 +120,7 @@ impl fmt::Display for Sticky {
             Sticky::Ip => f.write_str("ip"),
             Sticky::Header(h) => write!(f, "header:{h}"),
             Sticky::Cookie(c) => write!(f, "cookie:{c}"),
+            Sticky::Claim(c) => write!(f, "claim:{c}"),
         }
     }
 }
@@ -129,12 +136,22 @@ pub struct Canary {
 impl Canary {
     /// The request's sticky key, `None` when it lacks one (it then stays on the route's
     /// backend, so users without the key never flap between the two) or the canary is random.
-    pub fn sticky_key<'a>(&self, headers: &'a HeaderMap, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+    /// `client` is the client's address (after `trusted_proxies`), `claims` the verified
+    /// token's.
+    pub fn sticky_key<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        client: IpAddr,
+        claims: Option<&Claims>,
+    ) -> Option<Cow<'a, [u8]>> {
         match &self.sticky {
             Sticky::Random => None,
             Sticky::Header(name) => headers.get(name).map(|v| Cow::Borrowed(v.as_bytes())),
             Sticky::Cookie(name) => cookie(headers, name).map(|v| Cow::Borrowed(v.as_bytes())),
             Sticky::Ip => Some(Cow::Owned(client.to_string().into_bytes())),
+            Sticky::Claim(name) => {
+                crate::jwt::claim_text(claims?, name).map(|t| Cow::Owned(t.into_bytes()))
+            }
         }
     }
 }
@@ -179,6 +196,8 @@ pub struct Route {
     pub guard: Option<Guard>,
     /// Upgrade protocols besides WebSocket (lower case) this route tunnels; never `h2c`.
     pub upgrades: Vec<String>,
+    /// Who may call this route (`auth = ...`).
+    pub auth: Option<RouteAuth>,
     /// Line of the entry in the file, for messages.
     pub line: usize,
 }
@@ -191,14 +210,19 @@ impl Route {
 
     /// The backend that answers: the canary's when the request's bucket is in the canary,
     /// otherwise the route's.
-    pub fn pick_backend(&self, headers: &HeaderMap, client: IpAddr) -> BackendId {
+    pub fn pick_backend(
+        &self,
+        headers: &HeaderMap,
+        client: IpAddr,
+        claims: Option<&Claims>,
+    ) -> BackendId {
         let Some(canary) = &self.canary else {
             return self.backend;
         };
         let bucket = match canary.sticky {
             Sticky::Random => Some(fastrand::u32(..10_000)),
             _ => canary
-                .sticky_key(headers, client)
+                .sticky_key(headers, client, claims)
                 .map(|key| canary_bucket(&key)),
         };
         match bucket {
@@ -305,8 +329,9 @@ impl fmt::Display for RouteKey {
 pub struct EntryKey {
     /// The entry with its line and backend indices blanked.
     route: Route,
-    /// Names of the backend, shadow, canary, fallback and guard target, in that order.
-    names: [Option<String>; 5],
+    /// Names of the backend, shadow, canary, fallback, guard target and auth provider, in
+    /// that order.
+    names: [Option<String>; 6],
 }
 
 impl EntryKey {
@@ -375,6 +400,10 @@ pub struct RouteTable {
     /// Normalized prefix -> route ids in precedence order.
     index: HashMap<String, Vec<RouteId>>,
     legacy: Option<BackendId>,
+    providers: Vec<Provider>,
+    /// Every header some provider fills from claims: client-sent copies are stripped on
+    /// every route, with or without auth.
+    claim_headers: Vec<HeaderName>,
 }
 
 impl RouteTable {
@@ -383,6 +412,7 @@ impl RouteTable {
         backends: Vec<Backend>,
         routes: Vec<Route>,
         legacy: Option<BackendId>,
+        providers: Vec<Provider>,
     ) -> Self {
         let mut index: HashMap<String, Vec<RouteId>> = HashMap::new();
         for (id, route) in routes.iter().enumerate() {
@@ -392,12 +422,34 @@ impl RouteTable {
             // Stable: equal specificity keeps file order.
             ids.sort_by_key(|&id| std::cmp::Reverse(routes[id].specificity()));
         }
+        let mut claim_headers: Vec<HeaderName> = providers
+            .iter()
+            .flat_map(|p| p.claims_to_headers.iter().map(|(h, _)| h.clone()))
+            .collect();
+        claim_headers.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        claim_headers.dedup();
         RouteTable {
             backends,
             routes,
             index,
             legacy,
+            providers,
+            claim_headers,
         }
+    }
+
+    /// The `[auth.NAME]` providers, in file order.
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    pub fn provider(&self, id: ProviderId) -> &Provider {
+        &self.providers[id]
+    }
+
+    /// Headers made from claims by some provider, sorted.
+    pub fn claim_headers(&self) -> &[HeaderName] {
+        &self.claim_headers
     }
 
     pub fn backends(&self) -> &[Backend] {
@@ -434,6 +486,10 @@ impl RouteTable {
             route.canary.as_ref().and_then(|c| name(c.backend)),
             route.fallback.and_then(name),
             route.guard.as_ref().and_then(|g| name(g.to)),
+            route
+                .auth
+                .as_ref()
+                .map(|a| self.providers[a.provider].name.clone()),
         ];
         route.line = 0;
         route.backend = 0;
@@ -446,6 +502,9 @@ impl RouteTable {
         }
         if let Some(g) = route.guard.as_mut() {
             g.to = 0;
+        }
+        if let Some(a) = route.auth.as_mut() {
+            a.provider = 0;
         }
         EntryKey { route, names }
     }

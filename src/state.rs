@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use http::{HeaderValue, StatusCode};
 use tokio::time::Instant;
 
+use crate::auth::{Auth, ProviderRuntime, RouteAuthRuntime};
 use crate::config::{Loaded, ServerSettings};
 use crate::guard::{GuardState, Guards};
 use crate::headers::RequestIds;
@@ -32,6 +33,8 @@ pub struct RouteRuntime {
     pub guard: Option<Arc<GuardState>>,
     /// Counters for `/routes` and the board.
     pub traffic: Arc<RouteTraffic>,
+    /// The provider and outcome counts of a route with `auth`.
+    pub auth: Option<RouteAuthRuntime>,
 }
 
 /// Everything a request needs from one generation of routes.toml, swapped as one.
@@ -48,6 +51,8 @@ pub struct Active {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Parallel to `table.routes()`.
     pub routes: Vec<RouteRuntime>,
+    /// Parallel to `table.providers()`.
+    pub providers: Vec<Arc<ProviderRuntime>>,
     no_route: Responses,
 }
 
@@ -71,15 +76,22 @@ impl Active {
         let shadows = state.shadows.slots(&table, metrics);
         let guards = state.guards.slots(&table, metrics);
         let traffic = state.traffic.slots(&table);
+        let providers = state.auth.providers(&table, metrics);
+        for p in &providers {
+            p.start();
+        }
+        let auth = state.auth.routes(&table, &providers);
         let routes = shadows
             .into_iter()
             .zip(guards)
             .zip(traffic)
-            .map(|((shadow, guard), traffic)| RouteRuntime {
+            .zip(auth)
+            .map(|(((shadow, guard), traffic), auth)| RouteRuntime {
                 metrics: RouteMetrics::new(table.backends().len()),
                 shadow,
                 guard,
                 traffic,
+                auth,
             })
             .collect();
         Active {
@@ -95,6 +107,7 @@ impl Active {
             table,
             upstreams,
             routes,
+            providers,
             no_route: Responses::new(metrics, NO_ROUTE, NO_ROUTE),
         }
     }
@@ -109,6 +122,8 @@ pub struct Registries {
     pub guards: Guards,
     /// Per-route traffic counters, outside the route table.
     pub traffic: Traffic,
+    /// Auth providers (keys, caches) and per-route auth outcomes, outside the route table.
+    pub auth: Auth,
 }
 
 /// Shared state of one proxy instance.
@@ -139,6 +154,7 @@ impl State {
             shadows: Arc::new(Shadows::default()),
             guards: Guards::default(),
             traffic: Traffic::default(),
+            auth: Auth::default(),
         };
         let active = Active::build(loaded, 1, None, &registries);
         Arc::new(State {
@@ -191,11 +207,12 @@ impl State {
     }
 
     /// Counts one answer: the route's metrics and traffic, and the process's coverage. A
-    /// request that matched no route is counted under `route="none"`.
+    /// request that matched no route is counted under `route="none"`; one refused before a
+    /// backend was chosen (auth) under its route and `backend="none"`.
     pub fn record(
         &self,
         active: &Active,
-        answered: Option<(RouteId, BackendId)>,
+        answered: Option<(RouteId, Option<BackendId>)>,
         status: StatusCode,
         start: Instant,
     ) {
@@ -205,8 +222,19 @@ impl State {
             active.no_route.record(metrics, status.as_u16(), elapsed);
             return;
         };
-        let (r, b) = (active.table.route(route), active.table.backend(backend));
+        let r = active.table.route(route);
         let runtime = &active.routes[route];
+        let Some(backend) = backend else {
+            let none = active.table.backends().len();
+            if let Some(m) = runtime.metrics.for_backend(metrics, none, &r.prefix, NO_ROUTE) {
+                m.record(metrics, status.as_u16(), elapsed);
+            }
+            runtime
+                .traffic
+                .record(status.is_server_error(), false, elapsed);
+            return;
+        };
+        let b = active.table.backend(backend);
         if let Some(m) = runtime
             .metrics
             .for_backend(metrics, backend, &r.prefix, &b.name)

@@ -25,6 +25,7 @@ pub struct ServerFile {
     pub watch_interval: Option<Spanned<String>>,
     pub access_log: Option<bool>,
     pub h2c: Option<bool>,
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `tls = { ... }` on the server or on a backend (validation says which keys go where).
@@ -88,6 +89,71 @@ pub struct RouteFile {
     pub compare: Option<Spanned<CompareFile>>,
     pub guard: Option<Spanned<GuardFile>>,
     pub upgrades: Option<Spanned<Vec<Spanned<String>>>>,
+    pub auth: Option<Spanned<RouteAuthFile>>,
+}
+
+/// `[auth.NAME]`: a JWT provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    pub issuer: Option<Spanned<String>>,
+    pub audiences: Option<Spanned<Vec<Spanned<String>>>>,
+    pub algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    pub jwks_url: Option<Spanned<String>>,
+    pub jwks_file: Option<Spanned<String>>,
+    /// CA bundle for an `https://` `jwks_url` (default: the system roots).
+    pub jwks_ca: Option<Spanned<String>>,
+    pub jwks_refresh: Option<Spanned<String>>,
+    pub jwks_timeout: Option<Spanned<String>>,
+    pub jwks_cooldown: Option<Spanned<String>>,
+    pub secret_env: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<String>>,
+    /// Never accepted: named so the error can say where secrets go instead.
+    pub secret: Option<Spanned<toml::Value>>,
+    pub clock_skew: Option<Spanned<String>>,
+    pub token_from: Option<Spanned<Vec<Spanned<String>>>>,
+    pub claims_to_headers: Option<Spanned<toml::Table>>,
+    pub forward_token: Option<bool>,
+    pub realm: Option<Spanned<String>>,
+}
+
+/// A route's `auth`: a provider's name, or `{ provider, mode, require }`.
+#[derive(Debug)]
+pub enum RouteAuthFile {
+    Name(String),
+    Table(RouteAuthTable),
+}
+
+/// `auth = { provider, mode, require }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuthTable {
+    pub provider: Spanned<String>,
+    pub mode: Option<Spanned<String>>,
+    pub require: Option<Spanned<toml::Table>>,
+}
+
+impl<'de> Deserialize<'de> for RouteAuthFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RouteAuthFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a provider name or { provider, mode, require }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RouteAuthFile, E> {
+                Ok(RouteAuthFile::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RouteAuthFile, A::Error> {
+                RouteAuthTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RouteAuthFile::Table)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `canary = { backend, percent, sticky }`.

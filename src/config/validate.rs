@@ -77,26 +77,28 @@ pub fn parse_at(src: &str, dir: &Path) -> Result<Parsed, Vec<Diagnostic>> {
         }
         return Err(cx.finish_errors());
     }
-    let (mut server, mut backends, mut routes) = (None, None, None);
+    let (mut server, mut backends, mut routes, mut auth) = (None, None, None, None);
     for (key, value) in root.into_inner() {
         match key.get_ref().as_ref() {
             "server" => server = cx.de::<ServerFile>(value, "[server]"),
             "backends" => backends = Some(value),
             "routes" => routes = Some(value),
+            "auth" => auth = Some(value),
             "version" => cx.version(value),
             other => cx.err(
                 key.span(),
-                format!("unknown key `{other}`; expected `server`, `backends` or `routes`"),
+                format!("unknown key `{other}`; expected `server`, `backends`, `auth` or `routes`"),
             ),
         }
     }
     let (server, tls) = cx.server(server.unwrap_or_default());
     let (backends, legacy) = cx.backends(backends);
-    let routes = cx.routes(routes, &backends, legacy);
+    let providers = cx.providers(auth);
+    let routes = cx.routes(routes, &backends, legacy, &providers);
     if !cx.errors.is_empty() {
         return Err(cx.finish_errors());
     }
-    let table = RouteTable::new(backends, routes, legacy);
+    let table = RouteTable::new(backends, routes, legacy, providers);
     cx.table_warnings(&table);
     let mut warnings = cx.warnings;
     warnings.sort_by_key(|d| (d.line, d.col));
@@ -279,6 +281,7 @@ impl Ctx {
     }
 }
 
+mod auth;
 mod entries;
 mod features;
 mod tls;

@@ -94,6 +94,7 @@ impl Ctx {
             access_log: f.access_log.unwrap_or(true),
             tls,
             h2c,
+            trusted_proxies: self.trusted_proxies(f.trusted_proxies.as_ref()),
         };
         (settings, loaded)
     }
@@ -219,7 +220,7 @@ impl Ctx {
         (backends, legacy)
     }
 
-    fn backend(&mut self, name: String, f: BackendFile) -> Option<Backend> {
+    pub(super) fn backend(&mut self, name: String, f: BackendFile) -> Option<Backend> {
         let connect_timeout = self.duration(
             f.connect_timeout.as_ref(),
             "connect_timeout",
@@ -299,6 +300,7 @@ impl Ctx {
         value: Option<Spanned<DeValue<'_>>>,
         backends: &[Backend],
         legacy: Option<BackendId>,
+        providers: &[crate::routes::Provider],
     ) -> Vec<Route> {
         let Some(value) = value else {
             self.err(
@@ -328,7 +330,7 @@ impl Ctx {
                 continue;
             };
             let prefix_span = f.prefix.span();
-            let Some(route) = self.route(f, &names, legacy) else {
+            let Some(route) = self.route(f, &names, legacy, providers) else {
                 continue;
             };
             if let Some(line) = seen.insert(route.route_key(), route.line) {
@@ -347,6 +349,7 @@ impl Ctx {
         f: RouteFile,
         names: &HashMap<String, BackendId>,
         legacy: Option<BackendId>,
+        providers: &[crate::routes::Provider],
     ) -> Option<Route> {
         let line = self.locate(f.prefix.span(), String::new()).line;
         let key = self.prefix(&f.prefix);
@@ -377,6 +380,16 @@ impl Ctx {
             .upgrades
             .as_ref()
             .map_or_else(Vec::new, |u| self.upgrades(u));
+        let auth = f.auth.as_ref().and_then(|a| self.route_auth(a, providers));
+        if let (Some(c), None) = (&canary, &f.auth) {
+            if let Sticky::Claim(claim) = &c.sticky {
+                let span = f.canary.as_ref().map_or(0..0, Spanned::span);
+                self.err(
+                    span,
+                    format!("`canary.sticky` \"claim:{claim}\" needs `auth` on the route: claims come from a verified token"),
+                );
+            }
+        }
         Some(Route {
             prefix: f.prefix.get_ref().clone(),
             key: key?,
@@ -389,6 +402,7 @@ impl Ctx {
             compare,
             guard,
             upgrades,
+            auth,
             line,
         })
     }

@@ -85,13 +85,14 @@ impl Ctx {
             Some(("cookie", name)) if !name.is_empty() && !name.contains([';', '=', ' ']) => {
                 Some(Sticky::Cookie(name.to_string()))
             }
+            Some(("claim", name)) if !name.is_empty() => Some(Sticky::Claim(name.to_string())),
             _ => None,
         };
         if sticky.is_none() {
             self.err(
                 s.span(),
                 format!(
-                    "`canary.sticky` {text:?}: expected \"header:NAME\", \"cookie:NAME\" or \"ip\""
+                    "`canary.sticky` {text:?}: expected \"header:NAME\", \"cookie:NAME\", \"claim:NAME\" or \"ip\""
                 ),
             );
         }
