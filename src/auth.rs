@@ -449,8 +449,10 @@ impl ProviderRuntime {
 
     /// One fetch of the key set; the caller holds the fetch lock. Returns whether it worked.
     async fn fetch(&self, f: &Fetcher) -> bool {
-        f.last_attempt
-            .store(f.born.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
+        f.last_attempt.store(
+            f.born.elapsed().as_millis().max(1) as u64,
+            Ordering::Relaxed,
+        );
         let result = tokio::time::timeout(f.timeout, f.get()).await;
         let (index, outcome) = match result {
             Err(_) => (2, Err("timed out".to_string())),
@@ -552,7 +554,10 @@ async fn refresh(runtime: Weak<ProviderRuntime>) {
 /// The token a request carries where the provider reads it: `Ok(None)` when there is none,
 /// `Err(Malformed)` for credentials that are not a well-formed token (two Authorization
 /// headers, `Bearer` with nothing or garbage after it, an oversized token).
-fn credentials<'a>(provider: &Provider, headers: &'a HeaderMap) -> Result<Option<&'a str>, Reason> {
+pub fn credentials<'a>(
+    provider: &Provider,
+    headers: &'a HeaderMap,
+) -> Result<Option<&'a str>, Reason> {
     for source in &provider.token_from {
         let found = match source {
             TokenSource::Bearer => bearer(headers)?,
@@ -605,7 +610,7 @@ fn is_token68(b: u8) -> bool {
 }
 
 /// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`.
-fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
+pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
     method == Method::OPTIONS
         && headers.contains_key(header::ORIGIN)
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
@@ -636,4 +641,3 @@ pub fn apply(provider: &Provider, claims: Option<&Claims>, headers: &mut HeaderM
         }
     }
 }
-

@@ -58,6 +58,15 @@ pub fn check_report(loaded: &Loaded) -> String {
             r.fallback.map_or_else(dash, |f| t.backend(f).name.clone()),
         ]);
     }
+    // The AUTH column only appears in files that use auth, so other output stays the same.
+    if t.routes().iter().any(|r| r.auth.is_some()) {
+        rows[0].push("AUTH".into());
+        for (row, r) in rows[1..].iter_mut().zip(t.routes()) {
+            row.push(r.auth.as_ref().map_or_else(dash, |a| {
+                format!("{} ({})", t.provider(a.provider).name, a.mode)
+            }));
+        }
+    }
     let mut out = columns(&rows);
     let legacy = t
         .legacy()
@@ -76,6 +85,31 @@ pub fn check_report(loaded: &Loaded) -> String {
         (None, false) => "cleartext HTTP/1.1".to_string(),
     };
     let _ = writeln!(out, "listener {}: {listener}", s.listen);
+    for p in t.providers() {
+        let algs: Vec<String> = p
+            .rules
+            .algorithms
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "auth {}: {}, issuer {}, audiences {}, algorithms {}",
+            p.name,
+            p.keys.describe(),
+            p.rules.issuer,
+            p.rules.audiences.join(","),
+            algs.join(",")
+        );
+    }
+    if !s.trusted_proxies.is_empty() {
+        let nets: Vec<String> = s.trusted_proxies.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "client address: X-Forwarded-For believed from {}",
+            nets.join(", ")
+        );
+    }
     out
 }
 
@@ -121,7 +155,8 @@ pub fn explain(
         r.line
     );
     let _ = writeln!(out, "stage:    {}", t.stage(id));
-    let answering = r.pick_backend(headers, client, None);
+    let claims = auth_line(&mut out, t, r, method, headers);
+    let answering = r.pick_backend(headers, client, claims.as_ref());
     let b = t.backend(answering);
     let _ = writeln!(
         out,
@@ -141,9 +176,109 @@ pub fn explain(
             |t| format!(", {}", t.describe())
         )
     );
-    canary_line(&mut out, t, r, headers, client);
+    canary_line(&mut out, t, r, headers, client, claims.as_ref());
     safety_lines(&mut out, t, r, method, answering);
     Ok(out)
+}
+
+/// The `auth:` line of `explain`: the provider and mode, and what the proxy would do with
+/// the request's token. Keys read at load (a JWKS file, a secret) verify it here; keys from a
+/// `jwks_url` are fetched at run time only. Returns the claims of a token that verified.
+fn auth_line(
+    out: &mut String,
+    t: &RouteTable,
+    r: &Route,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Option<crate::jwt::Claims> {
+    let Some(a) = &r.auth else {
+        out.push_str("auth:     none\n");
+        return None;
+    };
+    let p = t.provider(a.provider);
+    let require = a
+        .require
+        .iter()
+        .map(|(c, v)| format!(" requiring {c} = {}", v.join(" ")))
+        .collect::<String>();
+    let (verdict, claims) = explain_token(p, a, method, headers);
+    let _ = writeln!(
+        out,
+        "auth:     {} ({}, {}){require}; {verdict}",
+        p.name,
+        a.mode,
+        p.keys.describe()
+    );
+    claims
+}
+
+fn explain_token(
+    p: &crate::routes::Provider,
+    a: &crate::routes::RouteAuth,
+    method: &Method,
+    headers: &HeaderMap,
+) -> (String, Option<crate::jwt::Claims>) {
+    use crate::jwt::{self, Reason};
+    let token = match crate::auth::credentials(p, headers) {
+        Ok(Some(t)) => t,
+        Ok(None) if crate::auth::is_preflight(method, headers) => {
+            return ("a CORS preflight without credentials passes".into(), None)
+        }
+        Ok(None) => {
+            let what = match a.mode {
+                crate::routes::Mode::Optional => "passes anonymously",
+                crate::routes::Mode::Observe => "is forwarded (observe; would be refused: missing)",
+                crate::routes::Mode::Required => "is refused: 401 unauthorized",
+            };
+            return (format!("no token: the request {what}"), None);
+        }
+        Err(_) => {
+            return (
+                format!("malformed credentials: {}", refusal(a, Reason::Malformed)),
+                None,
+            )
+        }
+    };
+    let crate::routes::KeySource::Loaded { keys, .. } = &p.keys else {
+        return (
+            "the token's keys come from jwks_url at run time; explain does not fetch them".into(),
+            None,
+        );
+    };
+    let checked = jwt::head(token, &p.rules).and_then(|h| jwt::verify(token, &h, &p.rules, keys));
+    match checked {
+        Err(reason) => (
+            format!("the token is not valid ({reason}): {}", refusal(a, reason)),
+            None,
+        ),
+        Ok(claims) => match jwt::missing_requirement(&claims, &a.require) {
+            Some((claim, value)) => (
+                format!(
+                    "the token is valid but its {claim} lacks {value}: {}",
+                    refusal(a, Reason::InsufficientScope)
+                ),
+                Some(claims),
+            ),
+            None => {
+                let sub = jwt::claim_text(&claims, "sub").unwrap_or_else(|| "-".into());
+                (format!("the token is valid (sub {sub})"), Some(claims))
+            }
+        },
+    }
+}
+
+/// What the route does with a request refused for `reason`.
+fn refusal(a: &crate::routes::RouteAuth, reason: crate::jwt::Reason) -> String {
+    use crate::jwt::Reason;
+    if a.mode == crate::routes::Mode::Observe {
+        return format!("forwarded anyway (observe; counted as {reason})");
+    }
+    match reason {
+        Reason::Malformed => "refused: 400 bad_request".into(),
+        Reason::InsufficientScope => "refused: 403 forbidden".into(),
+        Reason::KeysUnavailable => "refused: 503 auth_unavailable".into(),
+        _ => "refused: 401 unauthorized".into(),
+    }
 }
 
 /// The `shadow:`, `fallback:` and `guard:` lines of `explain`.
@@ -185,7 +320,14 @@ fn safety_lines(out: &mut String, t: &RouteTable, r: &Route, method: &Method, an
 }
 
 /// The `canary:` line of `explain`: the sticky key, its bucket and which side it falls on.
-fn canary_line(out: &mut String, t: &RouteTable, r: &Route, headers: &HeaderMap, client: IpAddr) {
+fn canary_line(
+    out: &mut String,
+    t: &RouteTable,
+    r: &Route,
+    headers: &HeaderMap,
+    client: IpAddr,
+    claims: Option<&crate::jwt::Claims>,
+) {
     let name = |b: usize| t.backend(b).name.clone();
     match &r.canary {
         None => out.push_str("canary:   none\n"),
@@ -194,10 +336,10 @@ fn canary_line(out: &mut String, t: &RouteTable, r: &Route, headers: &HeaderMap,
                 Sticky::Header(h) => format!("header {h}"),
                 Sticky::Cookie(n) => format!("cookie {n}"),
                 Sticky::Ip => format!("client ip {client}"),
-                Sticky::Claim(c) => format!("claim {c} (of a verified token; explain has none)"),
+                Sticky::Claim(c) => format!("claim {c}"),
                 Sticky::Random => String::new(),
             };
-            let key = c.sticky_key(headers, client, None).map(|k| (what, k));
+            let key = c.sticky_key(headers, client, claims).map(|k| (what, k));
             let pct = format_percent(c.percent);
             let detail = match (&c.sticky, key) {
                 (Sticky::Random, _) => "random per request".to_string(),

@@ -8,7 +8,43 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
 use crate::config::Loaded;
+use crate::routes::{KeySource, Provider};
 use crate::RunError;
+
+/// The demo identity provider's signing key (Ed25519, PKCS#8), matching demo/jwks.json. It
+/// signs demo tokens only: anything it signs is trusted by no one but a route table that
+/// names demo/jwks.json.
+const DEMO_SIGNING_KEY: &str = "MC4CAQAwBQYDK2VwBCIEIJZfOjsbWGI2N6iSTusgEylAtRW68jzgPeppITEs5/Vv";
+/// The `kid` of the demo key in demo/jwks.json.
+pub const DEMO_KEY_ID: &str = "fittrack-demo-2026";
+
+/// A token for `sub` from the demo identity provider, valid for `ttl`, for `provider`'s
+/// issuer and first audience; `None` when the provider does not trust the demo key.
+pub fn demo_token(provider: &Provider, sub: &str, ttl: std::time::Duration) -> Option<String> {
+    use base64::Engine as _;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let KeySource::Loaded { keys, .. } = &provider.keys else {
+        return None;
+    };
+    if !keys.has(DEMO_KEY_ID) {
+        return None;
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(DEMO_SIGNING_KEY)
+        .ok()?;
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(DEMO_KEY_ID.to_string());
+    let now = crate::jwt::now();
+    let claims = serde_json::json!({
+        "iss": provider.rules.issuer,
+        "aud": provider.rules.audiences.first()?,
+        "sub": sub,
+        "scope": "social:read social:write",
+        "iat": now,
+        "exp": now + ttl.as_secs(),
+    });
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(&der)).ok()
+}
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +97,7 @@ pub async fn run(
     let legacy = listen_for(&loaded, "legacy").await?;
     let users = listen_for(&loaded, "users").await?;
     let (legacy_addr, users_addr) = (legacy.local_addr().ok(), users.local_addr().ok());
+    let loaded_table = loaded.parsed.table.clone();
     let server = crate::Server::bind(loaded).await?;
     let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -90,7 +127,26 @@ pub async fn run(
     println!("Try:");
     println!("  curl -s http://{proxy}/api/users/7");
     println!("  curl -s http://{proxy}/api/workouts?user_id=7");
-    println!("  curl -s http://{proxy}/api/social/feed");
+    let t = &loaded_table;
+    let token = t
+        .providers()
+        .iter()
+        .find_map(|p| demo_token(p, "7", std::time::Duration::from_secs(24 * 3600)));
+    match (token, t.routes().iter().find(|r| r.auth.is_some())) {
+        (Some(token), Some(r)) => {
+            let path = if r.prefix == "/api/social" {
+                "/api/social/feed".to_string()
+            } else {
+                r.prefix.clone()
+            };
+            println!("  curl -si http://{proxy}{path}   # 401: this route requires a token");
+            println!("  curl -s http://{proxy}{path} -H 'Authorization: Bearer {token}'");
+            println!(
+                "           # a demo token for user 7, valid 24 h; the backend sees x-user-id: 7"
+            );
+        }
+        _ => println!("  curl -s http://{proxy}/api/social/feed"),
+    }
     println!("  curl -s -X POST http://{proxy}/api/users -H 'content-type: application/json' -d '{{\"name\":\"Rosalind Franklin\",\"email\":\"rosalind@fittrack.example\"}}'");
     println!("  curl -s http://{admin}/routes   # stages, shadow comparisons, readiness");
     println!("  curl -s http://{admin}/diffs    # recent shadow mismatches (start the demo with --users-bug email-case to see one)");

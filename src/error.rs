@@ -138,7 +138,9 @@ impl ProxyError {
         let mut v = format!("Bearer realm=\"{realm}\"");
         match error {
             AuthError::Missing => {}
-            AuthError::Invalid => v.push_str(", error=\"invalid_token\", error_description=\"the access token is invalid\""),
+            AuthError::Invalid => v.push_str(
+                ", error=\"invalid_token\", error_description=\"the access token is invalid\"",
+            ),
             AuthError::Malformed => v.push_str(", error=\"invalid_request\""),
             AuthError::InsufficientScope { scope } => {
                 v.push_str(", error=\"insufficient_scope\"");

@@ -210,7 +210,8 @@ impl KeySet {
     /// with, and `"use": "enc"` keys, are skipped and counted; a document with no usable key
     /// is an error.
     pub fn from_jwks(bytes: &[u8]) -> Result<Self, String> {
-        let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let set: JwkSet =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
         let mut out = KeySet::empty();
         out.digest = Sha256::digest(bytes).into();
         for jwk in &set.keys {
@@ -268,7 +269,12 @@ impl KeySet {
     /// The keys a token with this header may be checked with.
     fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<&Key> {
         match kid {
-            Some(kid) => self.by_kid.get(kid).filter(|k| k.fits(alg)).into_iter().collect(),
+            Some(kid) => self
+                .by_kid
+                .get(kid)
+                .filter(|k| k.fits(alg))
+                .into_iter()
+                .collect(),
             None => self
                 .anonymous
                 .iter()
@@ -374,7 +380,11 @@ fn declares_none(token: &str) -> bool {
     };
     serde_json::from_slice::<Value>(&bytes)
         .ok()
-        .and_then(|v| v.get("alg")?.as_str().map(|a| a.eq_ignore_ascii_case("none")))
+        .and_then(|v| {
+            v.get("alg")?
+                .as_str()
+                .map(|a| a.eq_ignore_ascii_case("none"))
+        })
         .unwrap_or(false)
 }
 
@@ -417,13 +427,14 @@ fn reason_of(kind: &ErrorKind) -> Reason {
         ErrorKind::ImmatureSignature => Reason::NotYetValid,
         ErrorKind::InvalidIssuer => Reason::Issuer,
         ErrorKind::InvalidAudience => Reason::Audience,
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
-            Reason::Algorithm
-        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => Reason::Algorithm,
         ErrorKind::MissingRequiredClaim(_) => Reason::Claims,
-        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
-            Reason::BadToken
-        }
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => Reason::BadToken,
         _ => Reason::Signature,
     }
 }
@@ -521,4 +532,3 @@ pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
 pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
-

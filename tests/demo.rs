@@ -201,6 +201,13 @@ async fn the_demo_route_table_is_valid_and_flows_through_the_proxy() {
     assert_eq!(stage_of("/api/users").as_deref(), Some("shadowing"));
     assert_eq!(stage_of("/api/workouts").as_deref(), Some("legacy"));
     assert!(t.has_catch_all());
+    // The social routes require the demo provider's tokens.
+    let social = t
+        .routes()
+        .iter()
+        .find(|r| r.prefix == "/api/social")
+        .unwrap();
+    assert!(social.auth.is_some());
     // The same routes, pointed at port-0 instances of the demo services.
     let l = start_legacy(Default::default()).await;
     let u = start_users(None).await;
@@ -209,8 +216,12 @@ async fn the_demo_route_table_is_valid_and_flows_through_the_proxy() {
         .skip(1)
         .map(|r| format!("[[routes]]{r}"))
         .collect::<String>();
+    // The auth provider, with its key file where the test runs.
+    let auth = &demo[demo.find("[auth.fittrack]").unwrap()..demo.find("[[routes]]").unwrap()];
+    let jwks = concat!(env!("CARGO_MANIFEST_DIR"), "/demo/jwks.json");
+    let auth = auth.replace("\"demo/jwks.json\"", &format!("{jwks:?}"));
     let proxy = Proxy::start(&format!(
-        "{}[backends.users]\nurl = \"http://{}\"\n{routes}",
+        "{}[backends.users]\nurl = \"http://{}\"\n{auth}{routes}",
         legacy_at(l.addr),
         u.addr
     ))
@@ -219,9 +230,21 @@ async fn the_demo_route_table_is_valid_and_flows_through_the_proxy() {
         get(&proxy.url("/api/users/7")).await.json()["user"]["name"],
         "Margaret Hopper"
     );
-    assert_eq!(
-        get(&proxy.url("/api/social/feed")).await.json()["total"],
-        30
-    );
+    let anonymous = get(&proxy.url("/api/social/feed")).await;
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(anonymous.json()["code"], "unauthorized");
+    // The token `strangler demo` prints opens it.
+    let token =
+        strangler::demo::demo_token(&parsed.table.providers()[0], "7", Duration::from_secs(60))
+            .expect("the demo provider trusts the demo key");
+    let feed = send_with(
+        Method::GET,
+        &proxy.url("/api/social/feed"),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(feed.status, 200);
+    assert_eq!(feed.json()["total"], 30);
     assert_eq!(get(&proxy.url("/healthz")).await.status, 200);
 }

@@ -2,6 +2,7 @@
 //! when it was built as a `serde_json::Value` (whose objects sort their keys), so the bytes
 //! stay the same; fields that only some routes have are left out, not `null`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -14,6 +15,9 @@ use crate::traffic::TrafficView;
 
 #[derive(Serialize)]
 pub struct RoutesView {
+    /// `[auth.NAME]` providers (left out when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    auth_providers: Vec<ProviderView>,
     backends: Vec<BackendView>,
     coverage: CoverageView,
     generation: u64,
@@ -75,10 +79,40 @@ struct TlsView {
     server_name: String,
 }
 
+/// An auth provider with the live state of its keys and caches.
+#[derive(Serialize)]
+struct ProviderView {
+    algorithms: Vec<String>,
+    audiences: Vec<String>,
+    cached_tokens: usize,
+    claims_to_headers: BTreeMap<String, String>,
+    clock_skew: String,
+    forward_token: bool,
+    issuer: String,
+    /// The `kid`s of the keys in use (a `jwks_url` provider: as last fetched).
+    key_ids: Vec<String>,
+    keys: String,
+    keys_loaded: usize,
+    name: String,
+    realm: String,
+    token_from: Vec<String>,
+}
+
+/// A route's `auth`, with its outcome counts since start (carried across reloads).
+#[derive(Serialize)]
+struct RouteAuthView {
+    mode: String,
+    outcomes: BTreeMap<&'static str, u64>,
+    provider: String,
+    require: BTreeMap<String, Vec<String>>,
+}
+
 /// A route. The comparison figures (`compared` … `ready_to_cut_over`) are there for
 /// shadowed routes only.
 #[derive(Serialize)]
 struct RouteView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<RouteAuthView>,
     backend: String,
     canary: Option<CanaryView>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,6 +188,13 @@ impl RoutesView {
         let last = reloader.last();
         let (answered, by_new) = state.coverage();
         RoutesView {
+            auth_providers: active
+                .table
+                .providers()
+                .iter()
+                .zip(&active.providers)
+                .map(|(p, rt)| ProviderView::new(p, rt))
+                .collect(),
             backends: (0..active.table.backends().len())
                 .map(|id| BackendView::new(&active, id))
                 .collect(),
@@ -238,6 +279,16 @@ impl RouteView {
                 None => (None, None, None, None, None, None),
             };
         RouteView {
+            auth: r.auth.as_ref().map(|a| RouteAuthView {
+                mode: a.mode.to_string(),
+                outcomes: runtime
+                    .auth
+                    .as_ref()
+                    .map(|rt| rt.stats.counts().into_iter().collect())
+                    .unwrap_or_default(),
+                provider: t.provider(a.provider).name.clone(),
+                require: a.require.iter().cloned().collect(),
+            }),
             backend: name(r.backend),
             canary: r.canary.as_ref().map(|c| CanaryView {
                 backend: name(c.backend),
@@ -272,6 +323,36 @@ impl RouteView {
             stage: super::stage(active, id),
             traffic: runtime.traffic.view(),
             upgrades: r.upgrades.clone(),
+        }
+    }
+}
+
+impl ProviderView {
+    fn new(p: &crate::routes::Provider, rt: &crate::auth::ProviderRuntime) -> Self {
+        let keys = rt.keys();
+        ProviderView {
+            algorithms: p
+                .rules
+                .algorithms
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect(),
+            audiences: p.rules.audiences.clone(),
+            cached_tokens: rt.cached_tokens(),
+            claims_to_headers: p
+                .claims_to_headers
+                .iter()
+                .map(|(h, c)| (h.to_string(), c.clone()))
+                .collect(),
+            clock_skew: humantime::format_duration(p.rules.clock_skew).to_string(),
+            forward_token: p.forward_token,
+            issuer: p.rules.issuer.clone(),
+            key_ids: keys.kids(),
+            keys: p.keys.describe(),
+            keys_loaded: keys.len(),
+            name: p.name.clone(),
+            realm: p.realm.clone(),
+            token_from: p.token_from.iter().map(ToString::to_string).collect(),
         }
     }
 }

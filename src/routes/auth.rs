@@ -57,7 +57,10 @@ impl KeySource {
     /// One line for operators.
     pub fn describe(&self) -> String {
         match self {
-            KeySource::Loaded { origin, keys } => format!("{origin} ({} keys)", keys.len()),
+            KeySource::Loaded { origin, keys } => match keys.len() {
+                1 => format!("{origin} (1 key)"),
+                n => format!("{origin} ({n} keys)"),
+            },
             KeySource::Url { url, refresh, .. } => format!(
                 "jwks_url {url} (refreshed every {})",
                 humantime::format_duration(*refresh)

@@ -36,6 +36,24 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
             out.push(format!("backend {}: removed", o.name));
         }
     }
+    for p in new.providers() {
+        match old.providers().iter().find(|o| o.name == p.name) {
+            None => out.push(format!("auth {}: added ({})", p.name, p.keys.describe())),
+            Some(o) if o.keys != p.keys => out.push(format!(
+                "auth {}: keys {} -> {}",
+                p.name,
+                o.keys.describe(),
+                p.keys.describe()
+            )),
+            Some(o) if o != p => out.push(format!("auth {}: settings changed", p.name)),
+            Some(_) => {}
+        }
+    }
+    for o in old.providers() {
+        if !new.providers().iter().any(|p| p.name == o.name) {
+            out.push(format!("auth {}: removed", o.name));
+        }
+    }
     let old_ids: HashMap<String, usize> = old
         .routes()
         .iter()
@@ -137,6 +155,17 @@ fn field_changes(ot: &RouteTable, o: &Route, nt: &RouteTable, n: &Route) -> Vec<
         })
     };
     field("guard", guard(ot, o), guard(nt, n));
+    let auth = |t: &RouteTable, r: &Route| {
+        r.auth.as_ref().map_or("none".into(), |a| {
+            let require: String = a
+                .require
+                .iter()
+                .map(|(c, v)| format!(", require {c} = {}", v.join(" ")))
+                .collect();
+            format!("{} ({}{require})", t.provider(a.provider).name, a.mode)
+        })
+    };
+    field("auth", auth(ot, o), auth(nt, n));
     if o.compare != n.compare {
         out.push("compare settings changed".into());
     }

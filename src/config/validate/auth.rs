@@ -49,7 +49,10 @@ impl Ctx {
         let Some(value) = value else { return vec![] };
         let span = value.span();
         let DeValue::Table(entries) = value.into_inner() else {
-            self.err(span, "`auth` must be a table of `[auth.NAME]` sections".into());
+            self.err(
+                span,
+                "`auth` must be a table of `[auth.NAME]` sections".into(),
+            );
             return vec![];
         };
         let mut out = Vec::new();
@@ -111,7 +114,10 @@ impl Ctx {
                 .iter()
                 .filter_map(|v| {
                     if v.get_ref().is_empty() {
-                        self.err(v.span(), format!("{section} `audiences`: an empty audience"));
+                        self.err(
+                            v.span(),
+                            format!("{section} `audiences`: an empty audience"),
+                        );
                         None
                     } else {
                         Some(v.get_ref().clone())
@@ -159,7 +165,9 @@ impl Ctx {
             None => name.to_string(),
             Some(r) => {
                 let ok = !r.get_ref().is_empty()
-                    && r.get_ref().bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+                    && r.get_ref()
+                        .bytes()
+                        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
                 if !ok {
                     self.err(
                         r.span(),
@@ -268,7 +276,10 @@ impl Ctx {
             ("jwks_cooldown", f.jwks_cooldown.as_ref()),
         ] {
             if let (Some(v), false) = (v, *key == "jwks_url") {
-                self.err(v.span(), format!("{section} `{k}` applies to `jwks_url` only"));
+                self.err(
+                    v.span(),
+                    format!("{section} `{k}` applies to `jwks_url` only"),
+                );
             }
         }
         let text = value.get_ref();
@@ -296,7 +307,12 @@ impl Ctx {
             }
             "secret_env" => {
                 let secret = std::env::var(text).unwrap_or_default();
-                self.secret(section, value, format!("secret_env {text}"), secret.into_bytes())
+                self.secret(
+                    section,
+                    value,
+                    format!("secret_env {text}"),
+                    secret.into_bytes(),
+                )
             }
             _ => {
                 let path = self.dir.join(text);
@@ -327,9 +343,15 @@ impl Ctx {
             let what = if bytes.is_empty() {
                 "is empty or unset".to_string()
             } else {
-                format!("is {} bytes; HMAC secrets need at least {MIN_SECRET_BYTES}", bytes.len())
+                format!(
+                    "is {} bytes; HMAC secrets need at least {MIN_SECRET_BYTES}",
+                    bytes.len()
+                )
             };
-            self.err(at.span(), format!("{section} `{origin}`: the secret {what}"));
+            self.err(
+                at.span(),
+                format!("{section} `{origin}`: the secret {what}"),
+            );
             return None;
         }
         Some(KeySource::Loaded {
@@ -347,7 +369,11 @@ impl Ctx {
     ) -> Option<KeySource> {
         let text = url.get_ref();
         let uri = match text.parse::<Uri>() {
-            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => u,
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() =>
+            {
+                u
+            }
             _ => {
                 self.err(
                     url.span(),
@@ -401,12 +427,19 @@ impl Ctx {
             backend.timeout = DEFAULT_JWKS_TIMEOUT;
         }
         backend.connect_timeout = backend.connect_timeout.min(backend.timeout);
-        let refresh = self.duration(f.jwks_refresh.as_ref(), "jwks_refresh", DEFAULT_JWKS_REFRESH);
+        let refresh = self.duration(
+            f.jwks_refresh.as_ref(),
+            "jwks_refresh",
+            DEFAULT_JWKS_REFRESH,
+        );
         if refresh < MIN_JWKS_REFRESH {
             let span = f.jwks_refresh.as_ref().map_or(url.span(), Spanned::span);
             self.err(
                 span,
-                format!("{section} `jwks_refresh` must be at least {}", humantime::format_duration(MIN_JWKS_REFRESH)),
+                format!(
+                    "{section} `jwks_refresh` must be at least {}",
+                    humantime::format_duration(MIN_JWKS_REFRESH)
+                ),
             );
         }
         let cooldown = self.duration(
@@ -418,7 +451,10 @@ impl Ctx {
             let span = f.jwks_cooldown.as_ref().map_or(url.span(), Spanned::span);
             self.err(
                 span,
-                format!("{section} `jwks_cooldown` must be at least {}", humantime::format_duration(MIN_JWKS_COOLDOWN)),
+                format!(
+                    "{section} `jwks_cooldown` must be at least {}",
+                    humantime::format_duration(MIN_JWKS_COOLDOWN)
+                ),
             );
         }
         Some(KeySource::Url {
@@ -476,7 +512,9 @@ impl Ctx {
                     continue;
                 }
             };
-            if RESERVED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("x-forwarded-") {
+            if RESERVED_HEADERS.contains(&name.as_str())
+                || name.as_str().starts_with("x-forwarded-")
+            {
                 self.err(
                     table.span(),
                     format!("{section} `claims_to_headers`: {name} is set by the client or the proxy and cannot carry a claim"),
@@ -518,7 +556,10 @@ impl Ctx {
             } else {
                 known.join(", ")
             };
-            self.err(span, format!("`auth`: unknown provider {name:?} (declared: {declared})"));
+            self.err(
+                span,
+                format!("`auth`: unknown provider {name:?} (declared: {declared})"),
+            );
         }
         let mode = match mode.map(|m| m.get_ref().as_str()) {
             None | Some("required") => Mode::Required,
@@ -528,7 +569,9 @@ impl Ctx {
                 let span = mode.map_or(a.span(), Spanned::span);
                 self.err(
                     span,
-                    format!("`auth.mode` {other:?}: expected \"required\", \"optional\" or \"observe\""),
+                    format!(
+                        "`auth.mode` {other:?}: expected \"required\", \"optional\" or \"observe\""
+                    ),
                 );
                 Mode::Required
             }
@@ -536,7 +579,9 @@ impl Ctx {
         let mut required = Vec::new();
         for (claim, value) in require.map(Spanned::get_ref).into_iter().flatten() {
             let values: Option<Vec<String>> = match value {
-                toml::Value::String(s) => Some(s.split_ascii_whitespace().map(str::to_string).collect()),
+                toml::Value::String(s) => {
+                    Some(s.split_ascii_whitespace().map(str::to_string).collect())
+                }
                 toml::Value::Array(items) => items
                     .iter()
                     .map(|i| i.as_str().map(str::to_string))
@@ -570,10 +615,11 @@ impl Ctx {
         let mut out = Vec::new();
         for v in list.map(Spanned::get_ref).into_iter().flatten() {
             let text = v.get_ref().trim();
-            let net = text
-                .parse::<ipnet::IpNet>()
-                .ok()
-                .or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+            let net = text.parse::<ipnet::IpNet>().ok().or_else(|| {
+                text.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(ipnet::IpNet::from)
+            });
             match net {
                 Some(n) => out.push(n.trunc()),
                 None => self.err(
