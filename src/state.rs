@@ -226,7 +226,10 @@ impl State {
         let runtime = &active.routes[route];
         let Some(backend) = backend else {
             let none = active.table.backends().len();
-            if let Some(m) = runtime.metrics.for_backend(metrics, none, &r.prefix, NO_ROUTE) {
+            if let Some(m) = runtime
+                .metrics
+                .for_backend(metrics, none, &r.prefix, NO_ROUTE)
+            {
                 m.record(metrics, status.as_u16(), elapsed);
             }
             runtime
