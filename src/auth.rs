@@ -15,8 +15,9 @@
 //! `claims_to_headers` of the backend's and the shadow's copy. A refused request reaches no
 //! backend and no shadow.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -196,7 +197,14 @@ impl RouteAuthRuntime {
 pub struct Auth {
     providers: CarryOver<ProviderKey, ProviderRuntime>,
     routes: CarryOver<RouteKey, RouteAuthStats>,
+    /// The last key set each `jwks_url` gave. A reload that changes any of a provider's
+    /// settings makes a new runtime; it starts with these keys, so a reload while the
+    /// identity provider is down does not turn every request into a 503.
+    fetched: Fetched,
 }
+
+/// Key sets by JWKS URL, shared by the runtimes that fetch them.
+type Fetched = Arc<Mutex<HashMap<String, Arc<KeySet>>>>;
 
 /// A provider's identity across reloads: the whole of its settings (a changed issuer, key
 /// source or algorithm list starts fresh: cached verdicts were made under the old rules).
@@ -220,18 +228,32 @@ impl std::hash::Hash for ProviderKey {
 impl Auth {
     /// The runtimes of a new table's providers, parallel to `table.providers()`.
     pub fn providers(&self, table: &RouteTable, metrics: &Metrics) -> Vec<Arc<ProviderRuntime>> {
-        self.providers
+        let runtimes = self
+            .providers
             .renew(
                 table
                     .providers()
                     .iter()
                     .map(|p| Some(ProviderKey(p.clone()))),
-                |key| ProviderRuntime::new(&key.0, metrics),
+                |key| ProviderRuntime::new(&key.0, metrics, &self.fetched),
                 |_| {},
             )
             .into_iter()
             .flatten()
-            .collect()
+            .collect();
+        let urls: Vec<&str> = table
+            .providers()
+            .iter()
+            .filter_map(|p| match &p.keys {
+                KeySource::Url { url, .. } => Some(url.as_str()),
+                KeySource::Loaded { .. } => None,
+            })
+            .collect();
+        self.fetched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|url, _| urls.contains(&url.as_str()));
+        runtimes
     }
 
     /// The auth runtime of each route of a new table (`None` without `auth`).
@@ -278,6 +300,9 @@ struct Fetcher {
     last_failed: AtomicBool,
     /// `strangler_jwks_fetch_total` by outcome: ok, error, timeout, invalid.
     outcomes: [Counter; 4],
+    url: String,
+    /// Where the keys fetched are left for the runtime a reload may replace this one with.
+    fetched: Fetched,
 }
 
 /// A provider's state at run time.
@@ -291,10 +316,11 @@ pub struct ProviderRuntime {
 }
 
 impl ProviderRuntime {
-    fn new(p: &Provider, metrics: &Metrics) -> Self {
+    fn new(p: &Provider, metrics: &Metrics, fetched: &Fetched) -> Self {
         let (keys, fetcher) = match &p.keys {
-            KeySource::Loaded { keys, .. } => ((**keys).clone(), None),
+            KeySource::Loaded { keys, .. } => (keys.clone(), None),
             KeySource::Url {
+                url,
                 path,
                 backend,
                 refresh,
@@ -323,13 +349,21 @@ impl ProviderRuntime {
                     last_attempt: AtomicU64::new(0),
                     last_failed: AtomicBool::new(false),
                     outcomes: ["ok", "error", "timeout", "invalid"].map(counter),
+                    url: url.clone(),
+                    fetched: fetched.clone(),
                 };
-                (KeySet::empty(), Some(fetcher))
+                let keys = fetched
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(url)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(KeySet::empty()));
+                (keys, Some(fetcher))
             }
         };
         ProviderRuntime {
             name: p.name.clone(),
-            keys: ArcSwap::from_pointee(keys),
+            keys: ArcSwap::new(keys),
             fetcher,
             tokens: quick_cache::sync::Cache::new(TOKEN_CACHE),
             unknown_kids: quick_cache::sync::Cache::new(UNKNOWN_KID_CACHE),
@@ -468,7 +502,12 @@ impl ProviderRuntime {
                 f.last_failed.store(false, Ordering::Relaxed);
                 if *self.keys.load_full() != keys {
                     info!(provider = %self.name, keys = keys.len(), "JWKS loaded");
-                    self.keys.store(Arc::new(keys));
+                    let keys = Arc::new(keys);
+                    f.fetched
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(f.url.clone(), keys.clone());
+                    self.keys.store(keys);
                     // A key that left the set must not keep accepting its tokens.
                     self.tokens.clear();
                 }

@@ -269,12 +269,15 @@ impl KeySet {
     /// The keys a token with this header may be checked with.
     fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<&Key> {
         match kid {
-            Some(kid) => self
-                .by_kid
-                .get(kid)
-                .filter(|k| k.fits(alg))
-                .into_iter()
-                .collect(),
+            // An HMAC secret has no key id: whatever `kid` the issuer writes names it.
+            Some(kid) => match self.by_kid.get(kid) {
+                Some(key) => [key].into_iter().filter(|k| k.fits(alg)).collect(),
+                None => self
+                    .anonymous
+                    .iter()
+                    .filter(|k| k.family == Family::Hmac && k.fits(alg))
+                    .collect(),
+            },
             None => self
                 .anonymous
                 .iter()
@@ -407,6 +410,11 @@ pub fn verify(token: &str, head: &Head, rules: &Rules, keys: &KeySet) -> Result<
             Ok(data) => {
                 let claims = data.claims;
                 registered_claims_are_numbers(&claims)?;
+                // `iss` is one string (RFC 7519 §4.1.1); jsonwebtoken also passes an array
+                // that merely holds the issuer.
+                if claims.get("iss").and_then(Value::as_str) != Some(rules.issuer.as_str()) {
+                    return Err(Reason::Issuer);
+                }
                 return Ok(claims);
             }
             Err(e) => {
@@ -430,7 +438,8 @@ fn reason_of(kind: &ErrorKind) -> Reason {
         ErrorKind::InvalidAlgorithm
         | ErrorKind::InvalidAlgorithmName
         | ErrorKind::MissingAlgorithm => Reason::Algorithm,
-        ErrorKind::MissingRequiredClaim(_) => Reason::Claims,
+        // A string `nbf` is InvalidClaimFormat (a string `exp` is MissingRequiredClaim).
+        ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => Reason::Claims,
         ErrorKind::InvalidToken
         | ErrorKind::Base64(_)
         | ErrorKind::Json(_)

@@ -248,10 +248,21 @@ impl Ctx {
             .filter_map(|(k, v)| v.map(|v| (*k, v)))
             .collect();
         let [(key, value)] = given.as_slice() else {
-            let span = given.get(1).map_or(at.clone(), |(_, v)| v.span());
+            // Two or more: at the last of them in the file, naming them all.
+            let span = given
+                .iter()
+                .map(|(_, v)| v.span())
+                .max_by_key(|s| s.start)
+                .unwrap_or(at.clone());
+            let set = if given.is_empty() {
+                "none is set".to_string()
+            } else {
+                let names: Vec<String> = given.iter().map(|(k, _)| format!("`{k}`")).collect();
+                format!("set: {}", names.join(", "))
+            };
             self.err(
                 span,
-                format!("{section} needs exactly one key source: `jwks_url`, `jwks_file`, `secret_env` or `secret_file`"),
+                format!("{section} needs exactly one key source: `jwks_url`, `jwks_file`, `secret_env` or `secret_file` ({set})"),
             );
             return None;
         };

@@ -1,0 +1,1576 @@
+//! JWT authentication per route, end to end: real RSA, P-256 and Ed25519 keys made per run,
+//! real tokens signed with them, a real proxy and real backends on 127.0.0.1:0. What is
+//! checked: valid tokens of each key type pass; every forgery and every stale, misaddressed or
+//! malformed token is refused before any backend or shadow sees it; JWKS rotation from a file
+//! (on reload) and from a URL (single flight, cooldown, outage); observe, optional and required
+//! modes; claims as headers; trusted proxies and claim-sticky canaries; CORS preflights; and
+//! the config errors, each at its line and column.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
+};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use support::*;
+
+// ------------------------------------------------------------------------------------ keys
+
+const ISSUER: &str = "https://auth.test/";
+const AUDIENCE: &str = "fittrack-api";
+
+/// Signing keys, made once per run (RSA generation is the slow part).
+struct Keys {
+    /// `rsa-1`.
+    rsa: EncodingKey,
+    /// Another RSA key: a forger's, presented under `rsa-1`'s kid.
+    rsa_forger: EncodingKey,
+    /// DER SubjectPublicKeyInfo of `rsa-1`: the "secret" of an algorithm-confusion forgery.
+    rsa_public_der: Vec<u8>,
+    /// `ec-1`.
+    es: EncodingKey,
+    /// `ec-2`: the key rotated in.
+    es_next: EncodingKey,
+    /// `ed-1`.
+    ed: EncodingKey,
+}
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| {
+    let rsa_pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let rsa_public_der = rsa_pair.public_key().as_der().unwrap().as_ref().to_vec();
+    Keys {
+        rsa: rsa_key(&rsa_pair),
+        rsa_forger: rsa_key(&RsaKeyPair::generate(KeySize::Rsa2048).unwrap()),
+        rsa_public_der,
+        es: es256_key(),
+        es_next: es256_key(),
+        ed: EncodingKey::from_ed_der(
+            Ed25519KeyPair::generate()
+                .unwrap()
+                .to_pkcs8v1()
+                .unwrap()
+                .as_ref(),
+        ),
+    }
+});
+
+/// jsonwebtoken's aws-lc backend reads an RSA private key as PKCS#1; aws-lc exports PKCS#8.
+fn rsa_key(pair: &RsaKeyPair) -> EncodingKey {
+    let pkcs8 = AsDer::<Pkcs8V1Der>::as_der(pair).unwrap();
+    EncodingKey::from_rsa_der(&pkcs8_to_pkcs1(pkcs8.as_ref()))
+}
+
+fn es256_key() -> EncodingKey {
+    let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    EncodingKey::from_ec_der(pair.to_pkcs8v1().unwrap().as_ref())
+}
+
+/// The PKCS#1 RSAPrivateKey inside a PKCS#8 v1 PrivateKeyInfo
+/// (SEQUENCE { INTEGER 0, SEQUENCE algorithm, OCTET STRING pkcs1 }).
+fn pkcs8_to_pkcs1(pkcs8: &[u8]) -> Vec<u8> {
+    fn tlv(b: &[u8]) -> (u8, &[u8], &[u8]) {
+        let (len, head) = if b[1] < 0x80 {
+            (usize::from(b[1]), 2)
+        } else {
+            let n = usize::from(b[1] & 0x7f);
+            let len = b[2..2 + n]
+                .iter()
+                .fold(0usize, |a, &x| (a << 8) | usize::from(x));
+            (len, 2 + n)
+        };
+        (b[0], &b[head..head + len], &b[head + len..])
+    }
+    let (tag, seq, _) = tlv(pkcs8);
+    assert_eq!(tag, 0x30);
+    let (tag, _, rest) = tlv(seq);
+    assert_eq!(tag, 0x02);
+    let (tag, _, rest) = tlv(rest);
+    assert_eq!(tag, 0x30);
+    let (tag, pkcs1, _) = tlv(rest);
+    assert_eq!(tag, 0x04);
+    pkcs1.to_vec()
+}
+
+/// A JWKS document with the public halves of `keys` (`alg` set by jsonwebtoken).
+fn jwks(keys: &[(&EncodingKey, Algorithm, &str)]) -> String {
+    let keys = keys
+        .iter()
+        .map(|(key, alg, kid)| {
+            let mut jwk = Jwk::from_encoding_key(key, *alg).unwrap();
+            jwk.common.key_id = Some(kid.to_string());
+            jwk
+        })
+        .collect();
+    serde_json::to_string(&JwkSet { keys }).unwrap()
+}
+
+/// `rsa-1`, `ec-1` and `ed-1`.
+fn standard_jwks() -> String {
+    let k = &*KEYS;
+    jwks(&[
+        (&k.rsa, Algorithm::RS256, "rsa-1"),
+        (&k.es, Algorithm::ES256, "ec-1"),
+        (&k.ed, Algorithm::EdDSA, "ed-1"),
+    ])
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Claims that pass the test providers' rules, with `changes` applied (`null` removes).
+fn claims(changes: Value) -> Value {
+    let n = now();
+    let mut c = json!({
+        "iss": ISSUER,
+        "aud": [AUDIENCE, "another-api"],
+        "sub": "user-7",
+        "scope": "users:read profile",
+        "iat": n,
+        "exp": n + 600,
+    });
+    for (k, v) in changes.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+fn rs256(claims: &Value) -> String {
+    sign(Algorithm::RS256, "rsa-1", &KEYS.rsa, claims)
+}
+
+fn es256(kid: &str, claims: &Value) -> String {
+    sign(Algorithm::ES256, kid, &KEYS.es, claims)
+}
+
+/// A token put together by hand: any header, any signature bytes.
+fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
+    format!(
+        "{}.{}.{}",
+        B64.encode(serde_json::to_vec(header).unwrap()),
+        B64.encode(serde_json::to_vec(claims).unwrap()),
+        B64.encode(signature)
+    )
+}
+
+// -------------------------------------------------------------------------------- backends
+
+/// A backend that counts what reaches it, keeps the request headers, and answers
+/// `{"backend", "headers": {name: [values]}}`.
+struct Counted {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    _running: Running,
+}
+
+impl Counted {
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn last_headers(&self) -> HeaderMap {
+        self.seen.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+async fn counted(name: &'static str) -> Counted {
+    let (l, addr) = listener().await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (h, s) = (hits.clone(), seen.clone());
+    tokio::spawn(legacy_stub::http::serve(
+        l,
+        move |req: Request<hyper::body::Incoming>, _| {
+            let (hits, seen) = (h.clone(), s.clone());
+            async move {
+                seen.lock().unwrap().push(req.headers().clone());
+                hits.fetch_add(1, Ordering::SeqCst);
+                legacy_stub::http::json(
+                    StatusCode::OK,
+                    &json!({"backend": name, "headers": headers_json(req.headers())}),
+                )
+            }
+        },
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Counted {
+        addr,
+        hits,
+        seen,
+        _running: Running {
+            addr,
+            stop: Some(tx),
+        },
+    }
+}
+
+fn headers_json(headers: &HeaderMap) -> Value {
+    let mut out = serde_json::Map::new();
+    for (k, v) in headers {
+        out.entry(k.as_str())
+            .or_insert_with(|| json!([]))
+            .as_array_mut()
+            .unwrap()
+            .push(json!(String::from_utf8_lossy(v.as_bytes())));
+    }
+    Value::Object(out)
+}
+
+/// A JWKS URL: serves `doc` at any path, counts fetches, closes every connection after its
+/// answer (so a stopped server is unreachable, not reachable over a pooled connection).
+struct JwksServer {
+    addr: SocketAddr,
+    fetches: Arc<AtomicUsize>,
+    doc: Arc<Mutex<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(doc: String) -> JwksServer {
+        let (l, addr) = listener().await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let doc = Arc::new(Mutex::new(doc));
+        let (f, d) = (fetches.clone(), doc.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = l.accept().await {
+                let (f, d) = (f.clone(), d.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        let body = d.lock().unwrap().clone();
+                        async move {
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            fetches,
+            doc,
+            task,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener: fetches are refused from now on.
+    async fn stop(&self) {
+        self.task.abort();
+        eventually(Duration::from_secs(5), || async {
+            tokio::net::TcpStream::connect(self.addr)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------- config
+
+const SERVER: &str =
+    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n";
+
+/// An `[auth.NAME]` section with the test issuer and audience, and `rest` lines.
+fn provider(name: &str, algorithms: &str, rest: &str) -> String {
+    format!("[auth.{name}]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\nalgorithms = {algorithms}\n{rest}\n")
+}
+
+fn backend(name: &str, addr: SocketAddr) -> String {
+    let legacy = if name == "legacy" {
+        "legacy = true\n"
+    } else {
+        ""
+    };
+    format!("[backends.{name}]\nurl = \"http://{addr}\"\n{legacy}")
+}
+
+fn route(prefix: &str, backend: &str, rest: &str) -> String {
+    format!("[[routes]]\nprefix = \"{prefix}\"\nbackend = \"{backend}\"\n{rest}\n")
+}
+
+/// A temp dir holding `jwks.json` with the standard keys.
+fn dir_with_jwks() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), standard_jwks()).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------------- calls
+
+/// GET `path` with `Authorization: Bearer token` (when given) and `extra` headers.
+async fn call(proxy: &Proxy, path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Reply {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = extra.to_vec();
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b));
+    }
+    send_with(Method::GET, &proxy.url(path), &headers, Bytes::new()).await
+}
+
+async fn send_on(client: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
+    let resp = client.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+fn www_authenticate(r: &Reply) -> String {
+    r.headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// A refusal in the contract's shape: status, `code`, a request id, nothing of the token.
+fn assert_refusal(what: &str, r: &Reply, status: u16, code: &str) {
+    assert_eq!(r.status.as_u16(), status, "{what}: {}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], code, "{what}: {body}");
+    assert!(body["error"].is_string(), "{what}: {body}");
+    assert!(
+        body["request_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{what}: {body}"
+    );
+    assert_eq!(
+        r.headers.get("x-request-id").map(|v| v.to_str().unwrap()),
+        body["request_id"].as_str(),
+        "{what}"
+    );
+}
+
+fn auth_count(m: &str, route: &str, outcome: &str) -> f64 {
+    metric(
+        m,
+        "strangler_auth_total",
+        &[("route", route), ("outcome", outcome)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn fetch_count(m: &str, provider: &str, outcome: &str) -> f64 {
+    metric(
+        m,
+        "strangler_jwks_fetch_total",
+        &[("provider", provider), ("outcome", outcome)],
+    )
+    .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------- 1
+
+#[tokio::test]
+async fn tokens_of_each_key_type_pass_and_every_bad_token_is_refused_before_the_backend() {
+    let legacy = counted("legacy").await;
+    let dir = dir_with_jwks();
+    let text = format!(
+        "{SERVER}{}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "fittrack",
+            r#"["RS256", "ES256", "EdDSA"]"#,
+            "jwks_file = \"jwks.json\"\nclock_skew = \"60s\""
+        ),
+        provider("rsonly", r#"["RS256"]"#, "jwks_file = \"jwks.json\""),
+        route("/api/users", "legacy", "auth = \"fittrack\""),
+        route("/rs", "legacy", "auth = \"rsonly\""),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    let k = &*KEYS;
+    let n = now();
+
+    // Valid: one token per key type, and the clock skew on both ends.
+    let valid = [
+        ("RS256", rs256(&claims(json!({})))),
+        ("ES256", es256("ec-1", &claims(json!({})))),
+        (
+            "EdDSA",
+            sign(Algorithm::EdDSA, "ed-1", &k.ed, &claims(json!({}))),
+        ),
+        (
+            "expired 30 s ago, inside the 60 s skew",
+            rs256(&claims(json!({"exp": n - 30}))),
+        ),
+        (
+            "nbf 30 s ahead, inside the 60 s skew",
+            rs256(&claims(json!({"nbf": n + 30}))),
+        ),
+        ("aud as a string", rs256(&claims(json!({"aud": AUDIENCE})))),
+    ];
+    for (what, token) in &valid {
+        let r = call(&proxy, "/api/users/7", Some(token), &[]).await;
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        assert_eq!(r.backend(), "legacy");
+    }
+    assert_eq!(legacy.hits(), valid.len());
+
+    // No token: 401 with the challenge and no error code (RFC 6750 §3.1).
+    let r = call(&proxy, "/api/users/7", None, &[]).await;
+    assert_refusal("no token", &r, 401, "unauthorized");
+    assert_eq!(www_authenticate(&r), r#"Bearer realm="fittrack""#);
+    // Another scheme is no bearer token: missing, not malformed.
+    let r = call(
+        &proxy,
+        "/api/users/7",
+        None,
+        &[("authorization", "Basic dXNlcjpwYXNz")],
+    )
+    .await;
+    assert_refusal("Basic", &r, 401, "unauthorized");
+    assert_eq!(www_authenticate(&r), r#"Bearer realm="fittrack""#);
+
+    let mut jku = Header::new(Algorithm::RS256);
+    jku.kid = Some("rsa-1".into());
+    jku.jku = Some(format!("http://{}/evil-jwks.json", legacy.addr));
+    let mut embedded = Header::new(Algorithm::RS256);
+    embedded.kid = Some("rsa-1".into());
+    embedded.jwk = Some(Jwk::from_encoding_key(&k.rsa_forger, Algorithm::RS256).unwrap());
+    let mut x5u = Header::new(Algorithm::RS256);
+    x5u.kid = Some("rsa-1".into());
+    x5u.x5u = Some(format!("http://{}/evil.pem", legacy.addr));
+    let mut crit = Header::new(Algorithm::RS256);
+    crit.kid = Some("rsa-1".into());
+    crit.crit = Some(vec!["exp".into()]);
+    let hs_confusion = {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("rsa-1".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims(json!({})),
+            &EncodingKey::from_secret(&k.rsa_public_der),
+        )
+        .unwrap()
+    };
+    let invalid: Vec<(&str, &str, String, &str)> = vec![
+        (
+            "expired beyond the skew",
+            "/api/users/7",
+            rs256(&claims(json!({"exp": n - 120}))),
+            "expired",
+        ),
+        (
+            "nbf beyond the skew",
+            "/api/users/7",
+            rs256(&claims(json!({"nbf": n + 300}))),
+            "not_yet_valid",
+        ),
+        (
+            "wrong issuer",
+            "/api/users/7",
+            rs256(&claims(json!({"iss": "https://evil.test/"}))),
+            "bad_issuer",
+        ),
+        (
+            "issuer without its trailing slash",
+            "/api/users/7",
+            rs256(&claims(json!({"iss": "https://auth.test"}))),
+            "bad_issuer",
+        ),
+        (
+            "wrong audience",
+            "/api/users/7",
+            rs256(&claims(json!({"aud": ["billing-api"]}))),
+            "bad_audience",
+        ),
+        (
+            "no exp",
+            "/api/users/7",
+            rs256(&claims(json!({"exp": null}))),
+            "bad_claims",
+        ),
+        (
+            "a string exp",
+            "/api/users/7",
+            rs256(&claims(json!({"exp": (n + 600).to_string()}))),
+            "bad_claims",
+        ),
+        (
+            "a string nbf",
+            "/api/users/7",
+            rs256(&claims(json!({"nbf": (n - 10).to_string()}))),
+            "bad_claims",
+        ),
+        (
+            "a string iat",
+            "/api/users/7",
+            rs256(&claims(json!({"iat": n.to_string()}))),
+            "bad_claims",
+        ),
+        (
+            "iss as an array holding the issuer",
+            "/api/users/7",
+            rs256(&claims(json!({"iss": ["https://evil.test/", ISSUER]}))),
+            "bad_issuer",
+        ),
+        (
+            "signed by another key under the same kid",
+            "/api/users/7",
+            sign(Algorithm::RS256, "rsa-1", &k.rsa_forger, &claims(json!({}))),
+            "bad_signature",
+        ),
+        (
+            "claims changed after signing",
+            "/api/users/7",
+            {
+                let good = rs256(&claims(json!({})));
+                let parts: Vec<&str> = good.split('.').collect();
+                let forged =
+                    B64.encode(serde_json::to_vec(&claims(json!({"sub": "admin"}))).unwrap());
+                format!("{}.{forged}.{}", parts[0], parts[2])
+            },
+            "bad_signature",
+        ),
+        (
+            "alg none, unsigned",
+            "/api/users/7",
+            raw_token(
+                &json!({"alg": "none", "typ": "JWT", "kid": "rsa-1"}),
+                &claims(json!({})),
+                b"",
+            ),
+            "bad_algorithm",
+        ),
+        (
+            "HS256 signed with the RSA public key as the secret",
+            "/api/users/7",
+            hs_confusion,
+            "bad_algorithm",
+        ),
+        (
+            "RS384, not in the allow-list",
+            "/api/users/7",
+            sign(Algorithm::RS384, "rsa-1", &k.rsa, &claims(json!({}))),
+            "bad_algorithm",
+        ),
+        (
+            "ES256 where only RS256 is allowed",
+            "/rs",
+            es256("ec-1", &claims(json!({}))),
+            "bad_algorithm",
+        ),
+        (
+            "a jku header",
+            "/api/users/7",
+            jsonwebtoken::encode(&jku, &claims(json!({})), &k.rsa).unwrap(),
+            "forbidden_header",
+        ),
+        (
+            "an embedded jwk, signed by its own key",
+            "/api/users/7",
+            jsonwebtoken::encode(&embedded, &claims(json!({})), &k.rsa_forger).unwrap(),
+            "forbidden_header",
+        ),
+        (
+            "an x5u header",
+            "/api/users/7",
+            jsonwebtoken::encode(&x5u, &claims(json!({})), &k.rsa).unwrap(),
+            "forbidden_header",
+        ),
+        (
+            "a crit header",
+            "/api/users/7",
+            jsonwebtoken::encode(&crit, &claims(json!({})), &k.rsa).unwrap(),
+            "forbidden_header",
+        ),
+        (
+            "an unknown kid",
+            "/api/users/7",
+            es256("ec-404", &claims(json!({}))),
+            "unknown_key",
+        ),
+        (
+            "a kid naming a key of another type",
+            "/api/users/7",
+            es256("rsa-1", &claims(json!({}))),
+            "unknown_key",
+        ),
+        ("not a JWT", "/api/users/7", "not-a-jwt".into(), "bad_token"),
+    ];
+    for (what, path, token, _) in &invalid {
+        let r = call(&proxy, path, Some(token), &[]).await;
+        assert_refusal(what, &r, 401, "unauthorized");
+        let challenge = www_authenticate(&r);
+        assert!(
+            challenge.starts_with("Bearer realm=")
+                && challenge.contains(r#"error="invalid_token""#),
+            "{what}: {challenge}"
+        );
+        assert!(
+            !r.text().contains(token.as_str()),
+            "{what}: the answer echoes the token"
+        );
+    }
+
+    // Malformed credentials: 400 invalid_request.
+    let good = rs256(&claims(json!({})));
+    let two = format!("Bearer {good}");
+    let malformed: [(&str, Vec<(&str, &str)>); 4] = [
+        (
+            "two Authorization headers",
+            vec![
+                ("authorization", two.as_str()),
+                ("authorization", two.as_str()),
+            ],
+        ),
+        ("Bearer with nothing", vec![("authorization", "Bearer")]),
+        ("Bearer with spaces", vec![("authorization", "Bearer   ")]),
+        (
+            "characters outside token68",
+            vec![("authorization", "Bearer abc$def.ghi")],
+        ),
+    ];
+    for (what, headers) in &malformed {
+        let r = send_with(
+            Method::GET,
+            &proxy.url("/api/users/7"),
+            headers,
+            Bytes::new(),
+        )
+        .await;
+        assert_refusal(what, &r, 400, "bad_request");
+        assert!(
+            www_authenticate(&r).contains(r#"error="invalid_request""#),
+            "{what}: {}",
+            www_authenticate(&r)
+        );
+    }
+
+    assert_eq!(
+        legacy.hits(),
+        valid.len(),
+        "a refused request reached the backend"
+    );
+
+    let m = metrics_text(&proxy).await;
+    let mut want: std::collections::BTreeMap<(&str, &str), f64> = Default::default();
+    for (_, path, _, outcome) in &invalid {
+        let route = if *path == "/rs" { "/rs" } else { "/api/users" };
+        *want.entry((route, outcome)).or_default() += 1.0;
+    }
+    want.insert(("/api/users", "ok"), valid.len() as f64);
+    want.insert(("/api/users", "missing"), 2.0);
+    want.insert(("/api/users", "malformed"), malformed.len() as f64);
+    for ((route, outcome), n) in &want {
+        assert_eq!(auth_count(&m, route, outcome), *n, "{route} {outcome}\n{m}");
+    }
+    let refused_401 = (invalid.len() - 1 + 2) as f64;
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_requests_total",
+            &[
+                ("route", "/api/users"),
+                ("backend", "none"),
+                ("status", "401")
+            ]
+        ),
+        Some(refused_401),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_requests_total",
+            &[
+                ("route", "/api/users"),
+                ("backend", "none"),
+                ("status", "400")
+            ]
+        ),
+        Some(malformed.len() as f64),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn an_hmac_secret_from_a_file_verifies_hs256_only() {
+    let legacy = counted("legacy").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "0123456789abcdef0123456789abcdef-test-secret";
+    std::fs::write(dir.path().join("secret"), format!("{secret}\n")).unwrap();
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider("internal", r#"["HS256"]"#, "secret_file = \"secret\""),
+        route("/", "legacy", "auth = \"internal\""),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    let hs = |key: &[u8]| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(json!({})),
+            &EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    };
+    let r = call(&proxy, "/x", Some(&hs(secret.as_bytes())), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A secret has no key id: whatever kid the issuer puts in the header names it.
+    let mut with_kid = Header::new(Algorithm::HS256);
+    with_kid.kid = Some("hs-2026".into());
+    let token = jsonwebtoken::encode(
+        &with_kid,
+        &claims(json!({})),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let r = call(&proxy, "/x", Some(&token), &[]).await;
+    assert_eq!(r.status, 200, "an HS256 token with a kid: {}", r.text());
+    let r = call(
+        &proxy,
+        "/x",
+        Some(&hs(b"another-secret-another-secret-!!")),
+        &[],
+    )
+    .await;
+    assert_refusal("wrong secret", &r, 401, "unauthorized");
+    let r = call(&proxy, "/x", Some(&rs256(&claims(json!({})))), &[]).await;
+    assert_refusal("RS256 at an HS256 provider", &r, 401, "unauthorized");
+    assert_eq!(legacy.hits(), 2);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(auth_count(&m, "/", "bad_signature"), 1.0, "{m}");
+    assert_eq!(auth_count(&m, "/", "bad_algorithm"), 1.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 2
+
+#[tokio::test]
+async fn a_jwks_file_rotation_takes_effect_on_reload_without_a_restart() {
+    let legacy = counted("legacy").await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = &*KEYS;
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).unwrap();
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider("fittrack", r#"["ES256"]"#, "jwks_file = \"jwks.json\""),
+        route("/", "legacy", "auth = \"fittrack\""),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    let old = es256("ec-1", &claims(json!({})));
+    let new = sign(Algorithm::ES256, "ec-2", &k.es_next, &claims(json!({})));
+    assert_eq!(call(&proxy, "/x", Some(&old), &[]).await.status, 200);
+    let r = call(&proxy, "/x", Some(&new), &[]).await;
+    assert_refusal("kid not yet published", &r, 401, "unauthorized");
+
+    let reload = || async {
+        let r = send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["changed"], true, "{}", r.text());
+    };
+    // The identity provider publishes ec-2 next to ec-1.
+    std::fs::write(
+        &jwks_path,
+        jwks(&[
+            (&k.es, Algorithm::ES256, "ec-1"),
+            (&k.es_next, Algorithm::ES256, "ec-2"),
+        ]),
+    )
+    .unwrap();
+    reload().await;
+    assert_eq!(call(&proxy, "/x", Some(&new), &[]).await.status, 200);
+    assert_eq!(call(&proxy, "/x", Some(&old), &[]).await.status, 200);
+    // Then retires ec-1: its tokens stop working, cached verdicts included.
+    std::fs::write(&jwks_path, jwks(&[(&k.es_next, Algorithm::ES256, "ec-2")])).unwrap();
+    reload().await;
+    let r = call(&proxy, "/x", Some(&old), &[]).await;
+    assert_refusal("retired key", &r, 401, "unauthorized");
+    assert_eq!(call(&proxy, "/x", Some(&new), &[]).await.status, 200);
+    assert_eq!(legacy.hits(), 4);
+    // A broken file keeps the keys that worked.
+    std::fs::write(&jwks_path, "{ not json").unwrap();
+    let r = send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("jwks_file"), "{}", r.text());
+    assert_eq!(call(&proxy, "/x", Some(&new), &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_rotates_with_single_flight_fetches_and_survives_an_outage() {
+    let legacy = counted("legacy").await;
+    let k = &*KEYS;
+    let server = JwksServer::start(jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).await;
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "fittrack",
+            r#"["ES256"]"#,
+            &format!(
+                "jwks_url = \"http://{}/.well-known/jwks.json\"\njwks_cooldown = \"1s\"\njwks_timeout = \"2s\"",
+                server.addr
+            )
+        ),
+        route("/", "legacy", "auth = \"fittrack\""),
+    );
+    let proxy = Proxy::start(&text).await;
+    // The fetch at start.
+    eventually(Duration::from_secs(5), || async {
+        (server.fetches() >= 1).then_some(())
+    })
+    .await;
+    let old = es256("ec-1", &claims(json!({})));
+    let new = |sub: &str| {
+        sign(
+            Algorithm::ES256,
+            "ec-2",
+            &k.es_next,
+            &claims(json!({"sub": sub})),
+        )
+    };
+    let r = eventually(Duration::from_secs(5), || async {
+        let r = call(&proxy, "/x", Some(&old), &[]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.backend(), "legacy");
+    let r = call(&proxy, "/x", Some(&new("a")), &[]).await;
+    assert_refusal("kid not yet published", &r, 401, "unauthorized");
+
+    // The identity provider publishes ec-2; after one cooldown a token with it forces a fetch.
+    *server.doc.lock().unwrap() = jwks(&[
+        (&k.es, Algorithm::ES256, "ec-1"),
+        (&k.es_next, Algorithm::ES256, "ec-2"),
+    ]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = server.fetches();
+    let r = call(&proxy, "/x", Some(&new("b")), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.fetches(), before + 1);
+
+    // A flood of random kids, 50 at a time, right after the cooldown ran out: one forced
+    // fetch, shared by every request waiting for it, and no more within one cooldown.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let tokens: Vec<String> = (0..1000)
+        .map(|i| {
+            raw_token(
+                &json!({"alg": "ES256", "typ": "JWT", "kid": format!("random-{i}-{}", fastrand::u64(..))}),
+                &claims(json!({})),
+                &[7u8; 64],
+            )
+        })
+        .collect();
+    let hits = legacy.hits();
+    let before = server.fetches();
+    let client = client();
+    let url = proxy.url("/x");
+    let started = Instant::now();
+    let statuses: Vec<StatusCode> = futures_util::stream::iter(tokens)
+        .map(|t| {
+            let req = Request::get(&url)
+                .header("authorization", format!("Bearer {t}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let client = &client;
+            async move { send_on(client, req).await.status }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    let during = server.fetches() - before;
+    eprintln!("1000 random kids took {took:?} and caused {during} JWKS fetch(es)");
+    assert!(during >= 1, "the flood never forced a fetch");
+    // At most one forced fetch per cooldown (1 s) the flood lasted.
+    assert!(
+        during <= 1 + took.as_secs() as usize,
+        "{during} fetches in {took:?} with a 1 s cooldown"
+    );
+    assert_eq!(legacy.hits(), hits);
+
+    // The identity provider goes away: known keys keep working...
+    server.stop().await;
+    let r = call(&proxy, "/x", Some(&new("c")), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // ...and once a fetch may be forced again, an unknown kid is a server-side outage (503
+    // with Retry-After), not the client's fault.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = call(&proxy, "/x", Some(&es256("ec-3", &claims(json!({})))), &[]).await;
+    assert_refusal("unknown kid, JWKS down", &r, 503, "auth_unavailable");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry, 1, "Retry-After");
+    // Within the cooldown, another unknown kid gets the same answer without a fetch.
+    let r = call(&proxy, "/x", Some(&es256("ec-4", &claims(json!({})))), &[]).await;
+    assert_refusal(
+        "unknown kid, JWKS down, in cooldown",
+        &r,
+        503,
+        "auth_unavailable",
+    );
+    let r = call(&proxy, "/x", Some(&new("d")), &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "known keys survive a failed fetch: {}",
+        r.text()
+    );
+
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        fetch_count(&m, "fittrack", "ok"),
+        server.fetches() as f64,
+        "{m}"
+    );
+    // One failed forced fetch (two if the machine took over a cooldown between the 503s).
+    let failed = fetch_count(&m, "fittrack", "error");
+    assert!((1.0..=2.0).contains(&failed), "{m}");
+    assert_eq!(auth_count(&m, "/", "keys_unavailable"), 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_reload_while_the_jwks_url_is_down_keeps_the_keys_it_gave() {
+    let legacy = counted("legacy").await;
+    let server = JwksServer::start(jwks(&[(&KEYS.es, Algorithm::ES256, "ec-1")])).await;
+    let text = |realm: &str| {
+        format!(
+            "{SERVER}{}{}{}",
+            backend("legacy", legacy.addr),
+            provider(
+                "fittrack",
+                r#"["ES256"]"#,
+                &format!(
+                    "jwks_url = \"http://{}/jwks.json\"\njwks_cooldown = \"1s\"\nrealm = \"{realm}\"",
+                    server.addr
+                )
+            ),
+            route("/", "legacy", "auth = \"fittrack\""),
+        )
+    };
+    let proxy = Proxy::start(&text("fittrack")).await;
+    let token = es256("ec-1", &claims(json!({})));
+    eventually(Duration::from_secs(5), || async {
+        (call(&proxy, "/x", Some(&token), &[]).await.status == 200).then_some(())
+    })
+    .await;
+    // The identity provider goes down, then the provider's settings change.
+    server.stop().await;
+    reload_with(&proxy, &text("fittrack-2")).await;
+    let r = call(
+        &proxy,
+        "/x",
+        Some(&es256("ec-1", &claims(json!({"sub": "other"})))),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        200,
+        "the keys fetched before the reload still verify: {}",
+        r.text()
+    );
+    let r = call(&proxy, "/x", None, &[]).await;
+    assert_eq!(www_authenticate(&r), r#"Bearer realm="fittrack-2""#);
+}
+
+// ---------------------------------------------------------------------------------- 3
+
+#[tokio::test]
+async fn observe_forwards_everything_and_counts_while_required_refuses_before_backend_and_shadow() {
+    let legacy = counted("legacy").await;
+    let users = counted("users").await;
+    let text = format!(
+        "{SERVER}{}{}{}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        backend("users", users.addr),
+        provider(
+            "fittrack",
+            r#"["RS256", "ES256"]"#,
+            "jwks_file = \"jwks.json\""
+        ),
+        route(
+            "/observe",
+            "legacy",
+            "auth = { provider = \"fittrack\", mode = \"observe\" }"
+        ),
+        route(
+            "/optional",
+            "legacy",
+            "auth = { provider = \"fittrack\", mode = \"optional\" }"
+        ),
+        route(
+            "/write",
+            "legacy",
+            "auth = { provider = \"fittrack\", require = { scope = \"users:write\" } }"
+        ),
+        route(
+            "/required",
+            "legacy",
+            "auth = \"fittrack\"\nshadow = \"users\""
+        ),
+    );
+    let proxy = Proxy::start_in(dir_with_jwks(), &text).await;
+    let valid = es256("ec-1", &claims(json!({})));
+    let expired = es256("ec-1", &claims(json!({"exp": now() - 3600})));
+
+    // Observe: everything reaches the backend; what would have been refused is counted.
+    for token in [None, Some(expired.as_str()), Some(valid.as_str())] {
+        let r = call(&proxy, "/observe/x", token, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.backend(), "legacy");
+    }
+    assert_eq!(legacy.hits(), 3);
+    let m = metrics_text(&proxy).await;
+    for outcome in ["missing", "expired", "ok"] {
+        assert_eq!(auth_count(&m, "/observe", outcome), 1.0, "{outcome}\n{m}");
+    }
+
+    // Optional: no token passes anonymously; a bad token does not.
+    assert_eq!(call(&proxy, "/optional", None, &[]).await.status, 200);
+    let r = call(&proxy, "/optional", Some(&expired), &[]).await;
+    assert_refusal("optional, expired", &r, 401, "unauthorized");
+    assert_eq!(
+        call(&proxy, "/optional", Some(&valid), &[]).await.status,
+        200
+    );
+    assert_eq!(legacy.hits(), 5);
+
+    // Required claims: 403 naming the missing scope.
+    let r = call(&proxy, "/write", Some(&valid), &[]).await;
+    assert_refusal("no users:write", &r, 403, "forbidden");
+    let challenge = www_authenticate(&r);
+    assert!(
+        challenge.contains(r#"error="insufficient_scope""#)
+            && challenge.contains(r#"scope="users:write""#),
+        "{challenge}"
+    );
+    let writer = es256("ec-1", &claims(json!({"scope": "users:read users:write"})));
+    assert_eq!(call(&proxy, "/write", Some(&writer), &[]).await.status, 200);
+    assert_eq!(legacy.hits(), 6);
+
+    // Required with a shadow: refused requests reach neither.
+    let forged = sign(
+        Algorithm::RS256,
+        "rsa-1",
+        &KEYS.rsa_forger,
+        &claims(json!({})),
+    );
+    for (what, token) in [
+        ("no token", None),
+        ("expired", Some(expired.as_str())),
+        ("forged", Some(forged.as_str())),
+    ] {
+        let r = call(&proxy, "/required", token, &[]).await;
+        assert_refusal(what, &r, 401, "unauthorized");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(legacy.hits(), 6, "a refused request reached the backend");
+    assert_eq!(users.hits(), 0, "a refused request reached the shadow");
+    let r = call(&proxy, "/required", Some(&valid), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(legacy.hits(), 7);
+    eventually(Duration::from_secs(5), || async {
+        (users.hits() == 1).then_some(())
+    })
+    .await;
+    let m = metrics_text(&proxy).await;
+    assert_eq!(auth_count(&m, "/required", "missing"), 1.0, "{m}");
+    assert_eq!(auth_count(&m, "/required", "expired"), 1.0, "{m}");
+    assert_eq!(auth_count(&m, "/required", "bad_signature"), 1.0, "{m}");
+    assert_eq!(auth_count(&m, "/required", "ok"), 1.0, "{m}");
+    assert_eq!(auth_count(&m, "/optional", "anonymous"), 1.0, "{m}");
+    assert_eq!(auth_count(&m, "/write", "insufficient_scope"), 1.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 4
+
+#[tokio::test]
+async fn claims_become_headers_for_backend_and_shadow_and_client_copies_never_pass() {
+    let legacy = counted("legacy").await;
+    let users = counted("users").await;
+    let text = format!(
+        "{SERVER}{}{}{}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        backend("users", users.addr),
+        provider(
+            "fittrack",
+            r#"["ES256"]"#,
+            "jwks_file = \"jwks.json\"\nclaims_to_headers = { \"x-user-id\" = \"sub\", \"x-scope\" = \"scope\" }\nforward_token = true"
+        ),
+        provider(
+            "bare",
+            r#"["ES256"]"#,
+            "jwks_file = \"jwks.json\"\nforward_token = false\ntoken_from = [\"header:authorization\", \"cookie:session\"]"
+        ),
+        route("/api", "legacy", "auth = \"fittrack\"\nshadow = \"users\""),
+        route("/bare", "legacy", "auth = \"bare\""),
+        route("/open", "legacy", ""),
+    );
+    let proxy = Proxy::start_in(dir_with_jwks(), &text).await;
+    let token = es256("ec-1", &claims(json!({"sub": "user-42"})));
+    let seen = |r: &Reply, name: &str| -> Vec<String> {
+        r.json()["headers"][name]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+
+    // The client's own x-user-id never passes; the verified sub does.
+    let r = call(
+        &proxy,
+        "/api/me",
+        Some(&token),
+        &[("x-user-id", "admin"), ("x-scope", "users:write")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen(&r, "x-user-id"), ["user-42"]);
+    assert_eq!(seen(&r, "x-scope"), ["users:read profile"]);
+    assert_eq!(
+        seen(&r, "authorization"),
+        [format!("Bearer {token}")],
+        "forward_token = true"
+    );
+    // The shadow gets the same identity.
+    eventually(Duration::from_secs(5), || async {
+        (users.hits() == 1).then_some(())
+    })
+    .await;
+    let shadow = users.last_headers();
+    let ids: Vec<_> = shadow.get_all("x-user-id").iter().collect();
+    assert_eq!(ids, ["user-42"], "{shadow:?}");
+
+    // A token without the claim: the header is absent, not the client's.
+    let no_sub = es256("ec-1", &claims(json!({"sub": null})));
+    let r = call(&proxy, "/api/me", Some(&no_sub), &[("x-user-id", "admin")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen(&r, "x-user-id"), Vec::<String>::new());
+
+    // A route without auth strips it too: the name belongs to a provider of this file.
+    let r = call(
+        &proxy,
+        "/open",
+        None,
+        &[("x-user-id", "admin"), ("X-User-Id", "root")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen(&r, "x-user-id"), Vec::<String>::new());
+    assert_eq!(seen(&r, "x-scope"), Vec::<String>::new());
+    // And so does a route of another provider.
+    let r = call(&proxy, "/bare", Some(&token), &[("x-user-id", "admin")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen(&r, "x-user-id"), Vec::<String>::new());
+    // forward_token = false: the credential stops at the proxy, other cookies pass.
+    assert_eq!(seen(&r, "authorization"), Vec::<String>::new());
+    let r = call(
+        &proxy,
+        "/bare",
+        None,
+        &[("cookie", &format!("theme=dark; session={token}; lang=en"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen(&r, "cookie"), ["theme=dark; lang=en"]);
+    assert_eq!(legacy.hits(), 5);
+}
+
+// ---------------------------------------------------------------------------------- 5
+
+/// Two client addresses on opposite sides of a 50% canary (`users` below 5000).
+fn two_sides() -> (String, String) {
+    let addrs: Vec<String> = (1..=254).map(|i| format!("203.0.113.{i}")).collect();
+    let side = |a: &String| {
+        strangler::routes::in_canary(strangler::routes::canary_bucket(a.as_bytes()), 50.0)
+    };
+    let inside = addrs.iter().find(|a| side(a)).unwrap().clone();
+    let outside = addrs.iter().find(|a| !side(a)).unwrap().clone();
+    (inside, outside)
+}
+
+#[tokio::test]
+async fn x_forwarded_for_decides_an_ip_canary_only_from_trusted_proxies() {
+    let legacy = counted("legacy").await;
+    let users = counted("users").await;
+    let text = |trusted: &str| {
+        format!(
+            "{SERVER}trusted_proxies = {trusted}\n{}{}{}",
+            backend("legacy", legacy.addr),
+            backend("users", users.addr),
+            route(
+                "/",
+                "legacy",
+                "canary = { backend = \"users\", percent = 50, sticky = \"ip\" }"
+            ),
+        )
+    };
+    let (inside, outside) = two_sides();
+    let this_side =
+        if strangler::routes::in_canary(strangler::routes::canary_bucket(b"127.0.0.1"), 50.0) {
+            "users"
+        } else {
+            "legacy"
+        };
+
+    // 127.0.0.1 is no trusted proxy: a spoofed X-Forwarded-For changes nothing.
+    let untrusted = Proxy::start(&text(r#"["10.0.0.0/8"]"#)).await;
+    for xff in [
+        inside.as_str(),
+        outside.as_str(),
+        &format!("{inside}, 10.1.2.3"),
+    ] {
+        for _ in 0..5 {
+            let r = call(&untrusted, "/x", None, &[("x-forwarded-for", xff)]).await;
+            assert_eq!(r.backend(), this_side, "X-Forwarded-For: {xff}");
+        }
+    }
+
+    // 127.0.0.1 trusted: the address it forwards for decides.
+    let trusted = Proxy::start(&text(r#"["127.0.0.1/32", "10.0.0.0/8"]"#)).await;
+    let cases = [
+        (inside.clone(), "users"),
+        (outside.clone(), "legacy"),
+        (format!("{outside}, {inside}"), "users"),
+        (format!("{inside}, 10.9.9.9"), "users"),
+        (format!("{outside}, 10.9.9.9, 10.1.1.1"), "legacy"),
+    ];
+    for (xff, want) in &cases {
+        for _ in 0..5 {
+            let r = call(&trusted, "/x", None, &[("x-forwarded-for", xff)]).await;
+            assert_eq!(r.backend(), *want, "X-Forwarded-For: {xff}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------- 6
+
+#[tokio::test]
+async fn a_claim_sticky_canary_keeps_each_subject_on_its_side() {
+    let legacy = counted("legacy").await;
+    let users = counted("users").await;
+    let text = format!(
+        "{SERVER}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        backend("users", users.addr),
+        provider("fittrack", r#"["ES256"]"#, "jwks_file = \"jwks.json\""),
+        route(
+            "/",
+            "legacy",
+            "auth = \"fittrack\"\ncanary = { backend = \"users\", percent = 50, sticky = \"claim:sub\" }"
+        ),
+    );
+    let proxy = Proxy::start_in(dir_with_jwks(), &text).await;
+    let subs: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let side = |s: &String| {
+        strangler::routes::in_canary(strangler::routes::canary_bucket(s.as_bytes()), 50.0)
+    };
+    let inside = subs.iter().find(|s| side(s)).unwrap();
+    let outside = subs.iter().find(|s| !side(s)).unwrap();
+    for (sub, want) in [(inside, "users"), (outside, "legacy")] {
+        for i in 0..20 {
+            // A fresh token each time (another jti): the subject, not the token, decides.
+            let token = es256(
+                "ec-1",
+                &claims(json!({"sub": sub, "jti": format!("{sub}-{i}")})),
+            );
+            let r = call(&proxy, "/x", Some(&token), &[]).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.backend(), want, "sub {sub}, request {i}");
+        }
+    }
+    assert_eq!(users.hits(), 20);
+    assert_eq!(legacy.hits(), 20);
+}
+
+// ---------------------------------------------------------------------------------- 7
+
+#[tokio::test]
+async fn a_cors_preflight_without_credentials_passes_a_required_route() {
+    let legacy = counted("legacy").await;
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider("fittrack", r#"["ES256"]"#, "jwks_file = \"jwks.json\""),
+        route("/api", "legacy", "auth = \"fittrack\""),
+    );
+    let proxy = Proxy::start_in(dir_with_jwks(), &text).await;
+    let preflight = [
+        ("origin", "https://app.fittrack.test"),
+        ("access-control-request-method", "DELETE"),
+        ("access-control-request-headers", "authorization"),
+    ];
+    let r = send_with(
+        Method::OPTIONS,
+        &proxy.url("/api/users/7"),
+        &preflight,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.backend(), "legacy");
+    // OPTIONS without the preflight headers is an ordinary request.
+    let r = send_with(
+        Method::OPTIONS,
+        &proxy.url("/api/users/7"),
+        &[("origin", "https://app.fittrack.test")],
+        Bytes::new(),
+    )
+    .await;
+    assert_refusal("OPTIONS, not a preflight", &r, 401, "unauthorized");
+    // A preflight that carries a bad token is checked like any request.
+    let mut with_token = preflight.to_vec();
+    with_token.push(("authorization", "Bearer not-a-jwt"));
+    let r = send_with(
+        Method::OPTIONS,
+        &proxy.url("/api/users/7"),
+        &with_token,
+        Bytes::new(),
+    )
+    .await;
+    assert_refusal("preflight with a bad token", &r, 401, "unauthorized");
+    // The actual request still needs its token.
+    let r = send_with(
+        Method::DELETE,
+        &proxy.url("/api/users/7"),
+        &preflight[..1],
+        Bytes::new(),
+    )
+    .await;
+    assert_refusal("DELETE without a token", &r, 401, "unauthorized");
+    assert_eq!(legacy.hits(), 1);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(auth_count(&m, "/api", "preflight"), 1.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 8
+
+/// Line and column (1-based, in characters) where `needle` first starts in `text`.
+fn position(text: &str, needle: &str) -> (usize, usize) {
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in\n{text}"));
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
+    (line, col)
+}
+
+fn garbage_config(server_extra: &str, provider_body: &str, route_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{server_extra}\n\
+         [backends.legacy]\nurl = \"http://127.0.0.1:9\"\nlegacy = true\n\
+         [backends.users]\nurl = \"http://127.0.0.1:9\"\n\n\
+         [auth.fittrack]\n{provider_body}\n\
+         [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n{route_extra}\n"
+    )
+}
+
+fn load_errors(dir: &Path, text: &str) -> Result<(), Vec<String>> {
+    let path = dir.join("routes.toml");
+    std::fs::write(&path, text).unwrap();
+    strangler::config::load(&path)
+        .map(|_| ())
+        .map_err(|e| e.lines())
+}
+
+#[test]
+fn config_mistakes_are_reported_at_their_line_and_column() {
+    let dir = dir_with_jwks();
+    std::fs::write(dir.path().join("not-json.json"), "keys: [rsa-1]").unwrap();
+    const ISS: &str = "issuer = \"https://auth.test/\"\n";
+    const AUD: &str = "audiences = [\"fittrack-api\"]\n";
+    const ALG: &str = "algorithms = [\"RS256\"]\n";
+    const KEYS_FILE: &str = "jwks_file = \"jwks.json\"\n";
+    let good = format!("{ISS}{AUD}{ALG}{KEYS_FILE}");
+    // The harness itself: the good provider on a route with auth loads.
+    let ok = garbage_config("", &good, "auth = \"fittrack\"");
+    assert_eq!(load_errors(dir.path(), &ok), Ok(()), "{ok}");
+
+    let unset = "STRANGLER_AUTH_TEST_NEVER_SET_7F3A";
+    assert!(std::env::var_os(unset).is_none());
+    // (server extra, provider body, route extra, where the error points, what it names)
+    let cases: Vec<(String, String, String, String, &str)> = vec![
+        (
+            "".into(),
+            format!("{good}secret = \"hunter2-hunter2-hunter2-hunter2-hunter2\"\n"),
+            "".into(),
+            "\"hunter2".into(),
+            "`secret`",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}algorithms = [\"HS256\", \"RS256\"]\n{KEYS_FILE}"),
+            "".into(),
+            "[\"HS256\"".into(),
+            "`algorithms` mixes HMAC",
+        ),
+        (
+            "".into(),
+            format!("{AUD}{ALG}{KEYS_FILE}"),
+            "".into(),
+            "fittrack]".into(),
+            "needs `issuer`",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{ALG}{KEYS_FILE}"),
+            "".into(),
+            "fittrack]".into(),
+            "needs `audiences`",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}algorithms = [\"RS256\", \"none\"]\n{KEYS_FILE}"),
+            "".into(),
+            "\"none\"".into(),
+            "`algorithms`: \"none\" is not a signing algorithm",
+        ),
+        (
+            "".into(),
+            format!("{good}secret_file = \"secret\"\n"),
+            "".into(),
+            "\"secret\"".into(),
+            "exactly one key source: `jwks_url`, `jwks_file`, `secret_env` or `secret_file` (set: `jwks_file`, `secret_file`)",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}{ALG}{KEYS_FILE}jwks_url = \"https://idp.test/jwks.json\"\n"),
+            "".into(),
+            "\"https://idp.test/jwks.json\"".into(),
+            "(set: `jwks_url`, `jwks_file`)",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}{ALG}"),
+            "".into(),
+            "fittrack]".into(),
+            "exactly one key source: `jwks_url`, `jwks_file`, `secret_env` or `secret_file` (none is set)",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}algorithms = [\"HS256\"]\nsecret_env = \"{unset}\"\n"),
+            "".into(),
+            format!("\"{unset}\""),
+            "`secret_env",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}{ALG}jwks_file = \"missing.json\"\n"),
+            "".into(),
+            "\"missing.json\"".into(),
+            "`jwks_file`",
+        ),
+        (
+            "".into(),
+            format!("{ISS}{AUD}{ALG}jwks_file = \"not-json.json\"\n"),
+            "".into(),
+            "\"not-json.json\"".into(),
+            "`jwks_file`",
+        ),
+        (
+            "".into(),
+            good.clone(),
+            "auth = \"fitrack\"".into(),
+            "\"fitrack\"".into(),
+            "`auth`: unknown provider \"fitrack\"",
+        ),
+        (
+            "".into(),
+            good.clone(),
+            "auth = { provider = \"fittrack\", mode = \"enforce\" }".into(),
+            "\"enforce\"".into(),
+            "`auth.mode` \"enforce\"",
+        ),
+        (
+            "".into(),
+            good.clone(),
+            "canary = { backend = \"users\", percent = 10, sticky = \"claim:sub\" }".into(),
+            "{ backend = \"users\"".into(),
+            "`canary.sticky` \"claim:sub\" needs `auth`",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]".into(),
+            good.clone(),
+            "".into(),
+            "\"10.0.0.0/33\"".into(),
+            "`trusted_proxies`: \"10.0.0.0/33\"",
+        ),
+        (
+            "".into(),
+            format!("{good}token_from = [\"header:authorization\", \"query:access_token\"]\n"),
+            "".into(),
+            "\"query:access_token\"".into(),
+            "`token_from` \"query:access_token\"",
+        ),
+        (
+            "".into(),
+            format!("{good}claims_to_headers = {{ \"x-user-id\" = \"sub\", \"authorization\" = \"sub\" }}\n"),
+            "".into(),
+            "{ \"x-user-id\"".into(),
+            "`claims_to_headers`: authorization",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (server_extra, body, route_extra, at, names) in &cases {
+        let text = garbage_config(server_extra, body, route_extra);
+        let (line, col) = position(&text, at);
+        let want = format!("routes.toml:{line}:{col}: ");
+        match load_errors(dir.path(), &text) {
+            Ok(()) => failures.push(format!("{names}: loaded\n{text}")),
+            Err(lines) => {
+                if !lines.iter().any(|l| l.contains(&want) && l.contains(names)) {
+                    failures.push(format!(
+                        "{names}: want {want}... in\n  {}",
+                        lines.join("\n  ")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
