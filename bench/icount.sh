@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # strangler instruction-count benchmark: userspace instructions per request, counted by
-# callgrind, for strangler (plain, shadowed, canary and 64 KiB routes) and nginx as a
+# callgrind, for strangler (plain, shadowed, canary, auth and 64 KiB routes) and nginx as a
 # reverse proxy (plain and 64 KiB), side by side in one run.
 #
 #   bench/icount.sh                  full run: every target, N=4000 requests each
@@ -40,7 +40,7 @@ if (( SMOKE )); then N=200; WARMUP=200; fi
 BUDGET=${BUDGET:-}
 
 source bench/lib.sh
-install_missing "valgrind callgrind_control nginx h2load" "valgrind nginx nghttp2-client"
+install_missing "valgrind callgrind_control nginx h2load openssl" "valgrind nginx nghttp2-client openssl"
 
 if [[ -z ${BIN:-} ]]; then
   cargo build --release -q --bin strangler
@@ -106,6 +106,17 @@ $(nginx_proxy_location)
   }
 }
 CONF
+# A bearer token for the /auth route: an Ed25519 key, its JWKS and one token signed with it
+# (openssl; the proxy caches the verified token, so this measures the cache-hit path).
+b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+openssl genpkey -algorithm ed25519 -out "$WORK/jwt.pem" 2>/dev/null
+JWK_X=$(openssl pkey -in "$WORK/jwt.pem" -pubout -outform DER | tail -c 32 | b64url)
+printf '{"keys":[{"kty":"OKP","crv":"Ed25519","alg":"EdDSA","kid":"bench","x":"%s"}]}' "$JWK_X" >"$WORK/jwks.json"
+JWT_HEAD=$(printf '{"alg":"EdDSA","kid":"bench","typ":"JWT"}' | b64url)
+JWT_BODY=$(printf '{"iss":"https://issuer.bench/","aud":"bench","sub":"7","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
+printf '%s.%s' "$JWT_HEAD" "$JWT_BODY" >"$WORK/jwt.msg"
+TOKEN="$JWT_HEAD.$JWT_BODY.$(openssl pkeyutl -sign -inkey "$WORK/jwt.pem" -rawin -in "$WORK/jwt.msg" | b64url)"
+
 cat > "$WORK/routes.toml" <<CONF
 [server]
 listen = "127.0.0.1:$STRANGLER"
@@ -133,6 +144,16 @@ canary = { backend = "users", percent = 50, sticky = "header:x-user-id" }
 [[routes]]
 prefix = "/big"
 backend = "legacy"
+[auth.bench]
+issuer = "https://issuer.bench/"
+audiences = ["bench"]
+algorithms = ["EdDSA"]
+jwks_file = "jwks.json"
+claims_to_headers = { "x-user-id" = "sub" }
+[[routes]]
+prefix = "/auth"
+backend = "legacy"
+auth = "bench"
 CONF
 
 # h2load sends one header set on every request, so a sticky canary puts all of them on one side.
@@ -164,8 +185,9 @@ done
 
 # h2load; fails unless every request got a 2xx.
 load() { # $1 port, $2 path, $3 requests
-  local out
-  out=$(h2load --h1 -n "$3" -c "$C" -H "x-user-id: $USER_ID" "http://127.0.0.1:$1$2" 2>&1) || { echo "$out" >&2; return 1; }
+  local out extra=()
+  [[ $2 == /auth ]] && extra=(-H "authorization: Bearer $TOKEN")
+  out=$(h2load --h1 -n "$3" -c "$C" -H "x-user-id: $USER_ID" "${extra[@]}" "http://127.0.0.1:$1$2" 2>&1) || { echo "$out" >&2; return 1; }
   grep -Eq "^requests: $3 total, $3 started, $3 done, $3 succeeded, 0 failed, 0 errored" <<<"$out" &&
     grep -Eq "^status codes: $3 2xx" <<<"$out" || { echo "h2load on $2: not every request succeeded" >&2; echo "$out" >&2; return 1; }
 }
@@ -218,10 +240,11 @@ if (( SMOKE )); then
   TARGETS=("strangler plain")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
 else
-  TARGETS=("strangler plain" "nginx plain" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary")
+  TARGETS=("strangler plain" "nginx plain" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
   measure "strangler shadow" "$STRANGLER_PID" "$STRANGLER" /shadow strangler
   measure "strangler canary" "$STRANGLER_PID" "$STRANGLER" /canary strangler
+  measure "strangler auth" "$STRANGLER_PID" "$STRANGLER" /auth strangler
   measure "strangler 64 KiB" "$STRANGLER_PID" "$STRANGLER" /big strangler
   measure "nginx plain" "$NGINX_PID" "$NGINX_PROXY" /plain nginx
   measure "nginx 64 KiB" "$NGINX_PID" "$NGINX_PROXY" /big nginx
@@ -239,7 +262,7 @@ for t in "${TARGETS[@]}"; do
   case $t in
     "strangler plain") r=$([[ -n ${PER[nginx plain]:-} ]] && echo "$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain" || echo "-") ;;
     "strangler 64 KiB") r="$(ratio "${PER[$t]}" "${PER[nginx 64 KiB]}") × nginx 64 KiB" ;;
-    "strangler shadow"|"strangler canary") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
+    "strangler shadow"|"strangler canary"|"strangler auth") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
     nginx*) r="1.00 (reference)" ;;
   esac
   printf '| %s | %d | %s |\n' "$t" "${PER[$t]}" "$r"

@@ -541,3 +541,6 @@ pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
 pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
+
+#[cfg(test)]
+mod tests;

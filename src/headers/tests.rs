@@ -273,3 +273,112 @@ fn te_trailers_is_recognized_and_garbage_is_not() {
     );
     assert!(!accepts_trailers(&h));
 }
+
+#[test]
+fn the_client_address_walks_x_forwarded_for_only_from_trusted_peers() {
+    let nets =
+        |list: &[&str]| -> Vec<ipnet::IpNet> { list.iter().map(|n| n.parse().unwrap()).collect() };
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let lb = ip("10.0.0.5");
+    let trusted = nets(&["10.0.0.0/8", "192.168.1.0/24"]);
+    let cases: &[(&str, Pairs, &str)] = &[
+        // No trusted proxies: the peer, whatever the header says.
+        ("none", &[("x-forwarded-for", "203.0.113.9")], "10.0.0.5"),
+        // From a trusted peer: the rightmost untrusted address.
+        (
+            "one hop",
+            &[("x-forwarded-for", "203.0.113.9")],
+            "203.0.113.9",
+        ),
+        (
+            "spoofed left",
+            &[("x-forwarded-for", "1.2.3.4, 203.0.113.9")],
+            "203.0.113.9",
+        ),
+        (
+            "trusted hops skipped",
+            &[("x-forwarded-for", "203.0.113.9, 192.168.1.7, 10.1.1.1")],
+            "203.0.113.9",
+        ),
+        (
+            "two headers",
+            &[
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-for", "203.0.113.9, 10.9.9.9"),
+            ],
+            "203.0.113.9",
+        ),
+        (
+            "port and brackets",
+            &[("x-forwarded-for", "[2001:db8::1]")],
+            "2001:db8::1",
+        ),
+        (
+            "with a port",
+            &[("x-forwarded-for", "203.0.113.9:4711")],
+            "203.0.113.9",
+        ),
+        // Garbage ends the walk at the last trusted hop.
+        (
+            "garbage",
+            &[("x-forwarded-for", "203.0.113.9, nonsense, 10.2.2.2")],
+            "10.2.2.2",
+        ),
+        (
+            "empty entry",
+            &[("x-forwarded-for", "203.0.113.9,,")],
+            "10.0.0.5",
+        ),
+        (
+            "only trusted",
+            &[("x-forwarded-for", "10.3.3.3, 10.4.4.4")],
+            "10.3.3.3",
+        ),
+        ("no header", &[], "10.0.0.5"),
+    ];
+    for (what, pairs, want) in cases {
+        let list = if *what == "none" {
+            vec![]
+        } else {
+            trusted.clone()
+        };
+        assert_eq!(client_address(&map(pairs), lb, &list), ip(want), "{what}");
+    }
+    // From an untrusted peer the header is ignored.
+    let h = map(&[("x-forwarded-for", "203.0.113.9")]);
+    assert_eq!(
+        client_address(&h, ip("198.51.100.1"), &trusted),
+        ip("198.51.100.1")
+    );
+    // A header that is not text ends the walk at once.
+    let mut h = HeaderMap::new();
+    h.insert(
+        X_FORWARDED_FOR,
+        HeaderValue::from_bytes(b"\xff1.2.3.4").unwrap(),
+    );
+    assert_eq!(client_address(&h, lb, &trusted), lb);
+}
+
+#[test]
+fn removing_a_cookie_keeps_the_others() {
+    let cases: &[(Pairs, Option<&str>)] = &[
+        (&[("cookie", "a=1; session=tok; b=2")], Some("a=1; b=2")),
+        (&[("cookie", "session=tok")], None),
+        (&[("cookie", "a=1"), ("cookie", "session=tok")], Some("a=1")),
+        (&[("cookie", "sessionx=1; a=2")], Some("sessionx=1; a=2")),
+        (&[], None),
+    ];
+    for (pairs, want) in cases {
+        let mut h = map(pairs);
+        remove_cookie(&mut h, "session");
+        let got: Vec<&str> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        match want {
+            Some(w) => assert_eq!(got.join("; "), *w, "{pairs:?}"),
+            None => assert!(got.is_empty(), "{pairs:?}: {got:?}"),
+        }
+    }
+}
