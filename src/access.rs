@@ -19,6 +19,9 @@ pub struct AccessLog {
     pub status: u16,
     /// The client's address (after `trusted_proxies`).
     pub client: std::net::IpAddr,
+    /// The auth outcome on a route with `auth` (`ok`, or why the token was, or in observe
+    /// mode would have been, refused).
+    pub auth: Option<&'static str>,
     pub request_id: String,
     pub shadowed: bool,
     pub start: Instant,
@@ -43,6 +46,7 @@ impl AccessLog {
             backend = self.backend.as_deref().unwrap_or("none"),
             status = self.status,
             client = %self.client,
+            auth = self.auth.unwrap_or("none"),
             duration_ms = (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             bytes = self.bytes,
             request_id = %self.request_id,

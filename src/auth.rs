@@ -44,6 +44,8 @@ pub const MAX_JWKS_BYTES: usize = 256 << 10;
 /// After a failed background fetch, the next comes this soon (or at `jwks_refresh`, if
 /// sooner).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// The soonest a background refresh follows a fetch, whatever the JWKS's `max-age` says.
+const REFRESH_FLOOR: Duration = Duration::from_secs(30);
 /// The longest token read from a request.
 const MAX_TOKEN_BYTES: usize = 16 << 10;
 
@@ -96,6 +98,8 @@ impl Outcome {
 /// A request the auth phase let through, with the claims of its verified token (if any).
 pub struct Passed {
     pub claims: Option<Arc<Claims>>,
+    /// The `strangler_auth_total` outcome (in observe mode, maybe a refusal reason).
+    pub outcome: &'static str,
 }
 
 /// A request the auth phase refuses.
@@ -176,12 +180,20 @@ impl RouteAuthRuntime {
         self.stats.record(metrics, route, outcome);
         let reason = match outcome {
             Outcome::Refused(r) => r,
-            _ => return Ok(Passed { claims }),
+            _ => {
+                return Ok(Passed {
+                    claims,
+                    outcome: outcome.as_str(),
+                })
+            }
         };
         if route_auth.mode == Mode::Observe {
             debug!(provider = %rt.name, %route, %reason, "auth (observe): would refuse");
             // A token that verified but lacks a required value still says who the caller is.
-            return Ok(Passed { claims });
+            return Ok(Passed {
+                claims,
+                outcome: outcome.as_str(),
+            });
         }
         Err(Refusal {
             reason,
@@ -300,6 +312,8 @@ struct Fetcher {
     last_failed: AtomicBool,
     /// `strangler_jwks_fetch_total` by outcome: ok, error, timeout, invalid.
     outcomes: [Counter; 4],
+    /// The last answer's `Cache-Control: max-age`, in seconds (0: none).
+    max_age: AtomicU64,
     url: String,
     /// Where the keys fetched are left for the runtime a reload may replace this one with.
     fetched: Fetched,
@@ -349,6 +363,7 @@ impl ProviderRuntime {
                     last_attempt: AtomicU64::new(0),
                     last_failed: AtomicBool::new(false),
                     outcomes: ["ok", "error", "timeout", "invalid"].map(counter),
+                    max_age: AtomicU64::new(0),
                     url: url.clone(),
                     fetched: fetched.clone(),
                 };
@@ -491,10 +506,14 @@ impl ProviderRuntime {
         let (index, outcome) = match result {
             Err(_) => (2, Err("timed out".to_string())),
             Ok(Err(e)) => (1, Err(e)),
-            Ok(Ok(bytes)) => match KeySet::from_jwks(&bytes) {
-                Ok(keys) => (0, Ok(keys)),
-                Err(e) => (3, Err(e)),
-            },
+            Ok(Ok((bytes, max_age))) => {
+                f.max_age
+                    .store(max_age.map_or(0, |d| d.as_secs()), Ordering::Relaxed);
+                match KeySet::from_jwks(&bytes) {
+                    Ok(keys) => (0, Ok(keys)),
+                    Err(e) => (3, Err(e)),
+                }
+            }
         };
         f.outcomes[index].increment(1);
         match outcome {
@@ -546,8 +565,20 @@ impl Fetcher {
         self.since_last_attempt() >= self.cooldown
     }
 
-    /// GET the JWKS document, at most [`MAX_JWKS_BYTES`].
-    async fn get(&self) -> Result<Bytes, String> {
+    /// When the background refresh fetches next: `jwks_refresh`, or sooner when the last
+    /// answer's `max-age` runs out first (refreshed at three quarters of it, not before
+    /// [`REFRESH_FLOOR`]), so keys are fetched ahead of their expiry.
+    fn next_refresh(&self) -> Duration {
+        match self.max_age.load(Ordering::Relaxed) {
+            0 => self.refresh,
+            secs => (Duration::from_secs(secs) * 3 / 4)
+                .max(REFRESH_FLOOR)
+                .min(self.refresh),
+        }
+    }
+
+    /// GET the JWKS document, at most [`MAX_JWKS_BYTES`], with its `max-age`.
+    async fn get(&self) -> Result<(Bytes, Option<Duration>), String> {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, self.authority.clone());
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
@@ -564,13 +595,35 @@ impl Fetcher {
         if !resp.status().is_success() {
             return Err(format!("the JWKS URL answered {}", resp.status()));
         }
+        let max_age = max_age(resp.headers());
         let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
             .map_err(|e| format!("reading the JWKS document: {e}"))?;
         lease.release();
-        Ok(body.to_bytes())
+        Ok((body.to_bytes(), max_age))
     }
+}
+
+/// `Cache-Control: max-age=N` of an answer (`None` with `no-cache` or `no-store`).
+fn max_age(headers: &HeaderMap) -> Option<Duration> {
+    let mut age = None;
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        for directive in value.to_str().ok()?.split(',') {
+            let d = directive.trim().to_ascii_lowercase();
+            if d == "no-cache" || d == "no-store" {
+                return None;
+            }
+            if let Some(n) = d.strip_prefix("max-age=") {
+                age = n
+                    .trim_matches('"')
+                    .parse::<u64>()
+                    .ok()
+                    .map(Duration::from_secs);
+            }
+        }
+    }
+    age
 }
 
 /// The background refresh of one `jwks_url` provider, until its runtime is dropped.
@@ -581,7 +634,7 @@ async fn refresh(runtime: Weak<ProviderRuntime>) {
             let Some(f) = &rt.fetcher else { return };
             let _flight = f.lock.lock().await;
             if rt.fetch(f).await {
-                f.refresh
+                f.next_refresh()
             } else {
                 f.refresh.min(RETRY_AFTER_FAILURE)
             }
@@ -680,3 +733,6 @@ pub fn apply(provider: &Provider, claims: Option<&Claims>, headers: &mut HeaderM
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

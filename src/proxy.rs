@@ -38,6 +38,8 @@ struct Trace {
     backend: Option<BackendId>,
     /// Whether a shadow copy was sent.
     shadowed: bool,
+    /// The auth outcome of a route with `auth`.
+    auth: Option<&'static str>,
 }
 
 /// What every phase of one request may read.
@@ -122,7 +124,7 @@ async fn exchange(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let id = route(cx, &req)?;
     trace.route = Some(id);
-    let claims = authenticate(cx, id, &req).await?;
+    let claims = authenticate(cx, id, &req, trace).await?;
     let routed = choose(cx, id, &req, claims.as_deref());
     trace.backend = Some(routed.backend);
     admit(cx, &req)?;
@@ -195,6 +197,7 @@ async fn authenticate(
     cx: &Context<'_>,
     id: RouteId,
     req: &Request<Incoming>,
+    trace: &mut Trace,
 ) -> Result<Option<Arc<Claims>>, ProxyError> {
     let route = cx.active.table.route(id);
     let (Some(auth), Some(rt)) = (&route.auth, &cx.active.routes[id].auth) else {
@@ -211,8 +214,12 @@ async fn authenticate(
     ))
     .await;
     match checked {
-        Ok(passed) => Ok(passed.claims),
+        Ok(passed) => {
+            trace.auth = Some(passed.outcome);
+            Ok(passed.claims)
+        }
         Err(refusal) => {
+            trace.auth = Some(refusal.reason.as_str());
             let error = match refusal.reason {
                 Reason::Missing => AuthError::Missing,
                 Reason::Malformed => AuthError::Malformed,
@@ -442,6 +449,7 @@ fn access_entry(
         backend: trace.backend.map(|id| table.backend(id).name.clone()),
         status: status.as_u16(),
         client: cx.client,
+        auth: trace.auth,
         request_id: cx.request_id.to_str().unwrap_or_default().to_string(),
         shadowed: trace.shadowed,
         start: cx.start,
