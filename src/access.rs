@@ -22,6 +22,9 @@ pub struct AccessLog {
     /// The auth outcome on a route with `auth` (`ok`, or why the token was, or in observe
     /// mode would have been, refused).
     pub auth: Option<&'static str>,
+    /// The rate-limit outcome on a route with `rate_limit` (`allowed`, `limited`,
+    /// `would_limit`).
+    pub limit: Option<&'static str>,
     pub request_id: String,
     pub shadowed: bool,
     pub start: Instant,
@@ -47,6 +50,7 @@ impl AccessLog {
             status = self.status,
             client = %self.client,
             auth = self.auth.unwrap_or("none"),
+            ratelimit = self.limit.unwrap_or("none"),
             duration_ms = (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             bytes = self.bytes,
             request_id = %self.request_id,

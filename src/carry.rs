@@ -57,6 +57,16 @@ impl<K: Eq + Hash, V> CarryOver<K, V> {
         values
     }
 
+    /// The values kept now.
+    pub fn values(&self) -> Vec<Arc<V>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// How many values are kept (for tests and `/routes`).
     pub fn len(&self) -> usize {
         self.kept

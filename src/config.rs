@@ -37,6 +37,54 @@ pub struct ServerSettings {
     pub h2c: bool,
     /// Peers whose `X-Forwarded-For` is believed when finding the client's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Bytes of stored answers for `stale_if_error`, all routes together.
+    pub stale_store_size: u64,
+    /// `[ratelimit_store]`: where `scope = "global"` rate limits count.
+    pub ratelimit_store: Option<RateLimitStore>,
+}
+
+/// `[ratelimit_store]`, read at start like `[server]`.
+#[derive(Clone, PartialEq)]
+pub struct RateLimitStore {
+    /// `redis://` or `rediss://`, from the environment variable `url_env` names.
+    pub url: String,
+    /// The variable it came from, for messages (the URL may hold a password).
+    pub url_env: String,
+    /// A request's budget for its round trip to the store.
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
+}
+
+/// Never prints the URL: it may hold a password.
+impl std::fmt::Debug for RateLimitStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitStore")
+            .field("url_env", &self.url_env)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
+}
+
+/// What a global limit does when the store cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Count on this replica instead (the default).
+    Local,
+    /// Let the request through.
+    Allow,
+    /// Refuse it (429).
+    Deny,
+}
+
+impl std::fmt::Display for OnStoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnStoreError::Local => "local",
+            OnStoreError::Allow => "allow",
+            OnStoreError::Deny => "deny",
+        })
+    }
 }
 
 /// How the proxy notices that routes.toml changed (SIGHUP and `POST /reload` always work).

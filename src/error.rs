@@ -71,6 +71,8 @@ pub enum ProxyError {
     },
     #[error("upstream {backend} did not answer within {}", humantime::format_duration(*after))]
     UpstreamTimeout { backend: String, after: Duration },
+    #[error("too many requests: try again in {} s", retry_after_secs(*retry_after))]
+    RateLimited { retry_after: Duration },
     #[error("{}", auth_message(error))]
     Auth {
         realm: String,
@@ -78,6 +80,11 @@ pub enum ProxyError {
         /// The `strangler_auth_total` outcome, for the log.
         reason: &'static str,
     },
+}
+
+/// Whole seconds, rounded up, at least 1: `Retry-After` cannot say less.
+fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 fn auth_message(error: &AuthError) -> String {
@@ -103,6 +110,7 @@ impl ProxyError {
             ProxyError::LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Auth { error, .. } => match error {
                 AuthError::Missing | AuthError::Invalid => StatusCode::UNAUTHORIZED,
                 AuthError::Malformed => StatusCode::BAD_REQUEST,
@@ -120,6 +128,7 @@ impl ProxyError {
             ProxyError::LoopDetected { .. } => "loop_detected",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Auth { error, .. } => match error {
                 AuthError::Missing | AuthError::Invalid => "unauthorized",
                 AuthError::Malformed => "bad_request",
@@ -160,6 +169,7 @@ impl ProxyError {
                 error: AuthError::Unavailable { retry_after },
                 ..
             } => Some(retry_after.as_secs().max(1)),
+            ProxyError::RateLimited { retry_after } => Some(retry_after_secs(*retry_after)),
             _ => None,
         }
     }

@@ -30,6 +30,7 @@ pub mod error;
 pub mod guard;
 pub mod headers;
 pub mod jwt;
+pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -37,6 +37,14 @@ pub const AUTH_TOTAL: &str = "strangler_auth_total";
 /// Fetches of a provider's `jwks_url`, by outcome (`ok`, `error`, `timeout`, `invalid`).
 pub const JWKS_FETCH_TOTAL: &str = "strangler_jwks_fetch_total";
 
+/// Rate-limit decisions, by route, policy and outcome (`allowed`, `limited`, `would_limit`).
+pub const RATELIMIT_TOTAL: &str = "strangler_ratelimit_total";
+/// Keys a route's windows track on this replica (set by the periodic sweep).
+pub const RATELIMIT_KEYS: &str = "strangler_ratelimit_keys";
+/// Round trips to `[ratelimit_store]` that failed or timed out (global windows then follow
+/// `on_error`).
+pub const RATELIMIT_STORE_ERRORS_TOTAL: &str = "strangler_ratelimit_store_errors_total";
+
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
 
@@ -116,6 +124,21 @@ impl Metrics {
             JWKS_FETCH_TOTAL,
             Unit::Count,
             "JWKS fetches of a provider's jwks_url, by provider and outcome.",
+        );
+        describe(
+            RATELIMIT_TOTAL,
+            Unit::Count,
+            "Rate-limit decisions, by route, policy and outcome.",
+        );
+        describe(
+            RATELIMIT_STORE_ERRORS_TOTAL,
+            Unit::Count,
+            "Round trips to the rate limit store that failed or timed out.",
+        );
+        recorder.describe_gauge(
+            RATELIMIT_KEYS.into(),
+            None,
+            "Keys the route's rate-limit windows track on this replica.".into(),
         );
         describe(
             CONFIG_RELOADS_TOTAL,

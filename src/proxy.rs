@@ -40,6 +40,10 @@ struct Trace {
     shadowed: bool,
     /// The auth outcome of a route with `auth`.
     auth: Option<&'static str>,
+    /// The rate-limit outcome of a route with `rate_limit`, and its answer's headers
+    /// (`RateLimit-Policy`, `RateLimit`).
+    limit: Option<&'static str>,
+    limit_headers: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
 }
 
 /// What every phase of one request may read.
@@ -112,9 +116,22 @@ pub async fn handle(
         let entry = access_entry(&cx, &trace, method, path, resp.status());
         resp.body_mut().log(entry);
     }
+    if let Some((policy, state)) = trace.limit_headers.take() {
+        let h = resp.headers_mut();
+        if let Some(p) = policy {
+            h.insert(RATELIMIT_POLICY, p);
+        }
+        if let Some(s) = state {
+            h.insert(RATELIMIT, s);
+        }
+    }
     resp.headers_mut().insert(X_REQUEST_ID, request_id);
     resp
 }
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 /// The phases, in order.
 async fn exchange(
@@ -125,6 +142,7 @@ async fn exchange(
     let id = route(cx, &req)?;
     trace.route = Some(id);
     let claims = authenticate(cx, id, &req, trace).await?;
+    rate_limit(cx, id, &req, claims.as_deref(), trace).await?;
     let routed = choose(cx, id, &req, claims.as_deref());
     trace.backend = Some(routed.backend);
     admit(cx, &req)?;
@@ -240,7 +258,38 @@ async fn authenticate(
     }
 }
 
-/// Phase 3: who answers. A tripped guard sends the route's traffic where it says (looked up
+/// Phase 3: a route's `rate_limit` windows (a key may be a verified claim). A limited
+/// request is refused at once: it reaches no backend and no shadow, and is no error for the
+/// guard. Boxed, so routes without limits carry none of its state.
+async fn rate_limit(
+    cx: &Context<'_>,
+    id: RouteId,
+    req: &Request<Incoming>,
+    claims: Option<&Claims>,
+    trace: &mut Trace,
+) -> Result<(), ProxyError> {
+    let Some(limits) = &cx.active.routes[id].limits else {
+        return Ok(());
+    };
+    let route = cx.active.table.route(id);
+    let checked = Box::pin(cx.state.registries.limits.check(
+        cx.state.metrics(),
+        route,
+        limits,
+        req.headers(),
+        cx.client,
+        claims,
+    ))
+    .await;
+    trace.limit = checked.outcome;
+    trace.limit_headers = Some((checked.policy, checked.state));
+    match checked.limited {
+        Some(retry_after) => Err(ProxyError::RateLimited { retry_after }),
+        None => Ok(()),
+    }
+}
+
+/// Phase 4: who answers. A tripped guard sends the route's traffic where it says (looked up
 /// in this generation's table: backend indices move when backends come and go); otherwise
 /// the canary decides.
 #[inline]
@@ -263,7 +312,7 @@ fn choose<'a>(
     }
 }
 
-/// Phase 4: checks that may refuse a routed request before anything is sent upstream.
+/// Phase 5: checks that may refuse a routed request before anything is sent upstream.
 #[inline]
 fn admit(cx: &Context<'_>, req: &Request<Incoming>) -> Result<(), ProxyError> {
     let limit = cx.state.settings.max_request_body;
@@ -291,7 +340,7 @@ fn tunnels(routed: &Routed<'_>, req: &Request<Incoming>) -> bool {
         )
 }
 
-/// Phase 5: the request as the backend gets it: clean headers, its target, its deadline.
+/// Phase 6: the request as the backend gets it: clean headers, its target, its deadline.
 #[inline]
 fn prepare(
     cx: &Context<'_>,
@@ -360,7 +409,7 @@ fn clean_request(cx: &Context<'_>, parts: &mut http::request::Parts, upgrade: bo
     parts.version = Version::HTTP_11;
 }
 
-/// Phase 6: the shadow leg of a request chosen for mirroring.
+/// Phase 7: the shadow leg of a request chosen for mirroring.
 fn start_shadow(
     cx: &Context<'_>,
     routed: &Routed<'_>,
@@ -379,7 +428,7 @@ fn start_shadow(
     shadow::start(cx.state.shadows(), plan, shadow, primary)
 }
 
-/// Phase 8: the backend's answer, streamed back to the client (its copy teed to the shadow
+/// Phase 9: the backend's answer, streamed back to the client (its copy teed to the shadow
 /// leg), or the tunnel when it switched protocols.
 #[inline]
 fn respond(
@@ -450,6 +499,7 @@ fn access_entry(
         status: status.as_u16(),
         client: cx.client,
         auth: trace.auth,
+        limit: trace.limit,
         request_id: cx.request_id.to_str().unwrap_or_default().to_string(),
         shadowed: trace.shadowed,
         start: cx.start,

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod diff;
+pub mod limits;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use crate::headers::cookie;
 use crate::jwt::Claims;
 
 pub use auth::{KeySource, Mode, Provider, ProviderId, RouteAuth, TokenSource};
+pub use limits::{LimitKey, RateLimit, Stale};
 
 /// Index of a backend in [`RouteTable::backends`].
 pub type BackendId = usize;
@@ -198,6 +200,10 @@ pub struct Route {
     pub upgrades: Vec<String>,
     /// Who may call this route (`auth = ...`).
     pub auth: Option<RouteAuth>,
+    /// `rate_limit` windows, each checked (empty: no limit).
+    pub rate_limits: Vec<RateLimit>,
+    /// `stale_if_error`: answers kept to serve when the backends fail.
+    pub stale: Option<Stale>,
     /// Line of the entry in the file, for messages.
     pub line: usize,
 }

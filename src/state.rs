@@ -17,6 +17,7 @@ use crate::auth::{Auth, ProviderRuntime, RouteAuthRuntime};
 use crate::config::{Loaded, ServerSettings};
 use crate::guard::{GuardState, Guards};
 use crate::headers::RequestIds;
+use crate::limit::{Limits, RouteLimits};
 use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
 use crate::routes::{BackendId, RouteId, RouteTable};
 use crate::shadow::{self, Shadows};
@@ -35,6 +36,8 @@ pub struct RouteRuntime {
     pub traffic: Arc<RouteTraffic>,
     /// The provider and outcome counts of a route with `auth`.
     pub auth: Option<RouteAuthRuntime>,
+    /// The buckets of a route with `rate_limit`.
+    pub limits: Option<RouteLimits>,
 }
 
 /// Everything a request needs from one generation of routes.toml, swapped as one.
@@ -81,18 +84,23 @@ impl Active {
             p.start();
         }
         let auth = state.auth.routes(&table, &providers);
+        let limits = state.limits.routes(&table);
         let routes = shadows
             .into_iter()
             .zip(guards)
             .zip(traffic)
             .zip(auth)
-            .map(|(((shadow, guard), traffic), auth)| RouteRuntime {
-                metrics: RouteMetrics::new(table.backends().len()),
-                shadow,
-                guard,
-                traffic,
-                auth,
-            })
+            .zip(limits)
+            .map(
+                |((((shadow, guard), traffic), auth), limits)| RouteRuntime {
+                    metrics: RouteMetrics::new(table.backends().len()),
+                    shadow,
+                    guard,
+                    traffic,
+                    auth,
+                    limits,
+                },
+            )
             .collect();
         Active {
             generation,
@@ -124,6 +132,8 @@ pub struct Registries {
     pub traffic: Traffic,
     /// Auth providers (keys, caches) and per-route auth outcomes, outside the route table.
     pub auth: Auth,
+    /// Rate-limit buckets and the global store, outside the route table.
+    pub limits: Arc<Limits>,
 }
 
 /// Shared state of one proxy instance.
@@ -149,12 +159,14 @@ impl State {
         let settings = loaded.parsed.server.clone();
         let via = HeaderValue::from_str(&format!("1.1 {}", settings.via))
             .unwrap_or(HeaderValue::from_static("1.1 strangler"));
+        let limits = Arc::new(Limits::new(settings.ratelimit_store.as_ref(), &metrics));
         let registries = Registries {
             metrics,
             shadows: Arc::new(Shadows::default()),
             guards: Guards::default(),
             traffic: Traffic::default(),
             auth: Auth::default(),
+            limits,
         };
         let active = Active::build(loaded, 1, None, &registries);
         Arc::new(State {

@@ -26,6 +26,18 @@ pub struct ServerFile {
     pub access_log: Option<bool>,
     pub h2c: Option<bool>,
     pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub stale_store_size: Option<Spanned<String>>,
+}
+
+/// `[ratelimit_store]`: where `scope = "global"` limits keep their counts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitStoreFile {
+    pub url_env: Option<Spanned<String>>,
+    /// Never accepted: named so the error can say where the URL goes instead.
+    pub url: Option<Spanned<toml::Value>>,
+    pub timeout: Option<Spanned<String>>,
+    pub on_error: Option<Spanned<String>>,
 }
 
 /// `tls = { ... }` on the server or on a backend (validation says which keys go where).
@@ -90,6 +102,69 @@ pub struct RouteFile {
     pub guard: Option<Spanned<GuardFile>>,
     pub upgrades: Option<Spanned<Vec<Spanned<String>>>>,
     pub auth: Option<Spanned<RouteAuthFile>>,
+    pub rate_limit: Option<Spanned<RateLimitsFile>>,
+    pub stale_if_error: Option<Spanned<StaleFile>>,
+}
+
+/// `rate_limit = { ... }`, or several windows as `[[routes.rate_limit]]`.
+#[derive(Debug)]
+pub enum RateLimitsFile {
+    One(Box<RateLimitFile>),
+    Many(Vec<Spanned<RateLimitFile>>),
+}
+
+/// One rate-limit window.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub name: Option<Spanned<String>>,
+    pub limit: Spanned<i64>,
+    pub per: Spanned<String>,
+    pub burst: Option<Spanned<i64>>,
+    pub key: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub max_keys: Option<Spanned<i64>>,
+    pub scope: Option<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for RateLimitsFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RateLimitsFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("{ limit, per, ... } or [[routes.rate_limit]] tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RateLimitsFile, A::Error> {
+                RateLimitFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|w| RateLimitsFile::One(Box::new(w)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RateLimitsFile, A::Error> {
+                Vec::<Spanned<RateLimitFile>>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )
+                .map(RateLimitsFile::Many)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `stale_if_error = { ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaleFile {
+    pub max_stale: Spanned<String>,
+    pub max_entry: Option<Spanned<String>>,
+    pub on: Option<Spanned<Vec<Spanned<String>>>>,
+    pub vary: Option<Spanned<Vec<Spanned<String>>>>,
+    pub per_user: Option<Spanned<String>>,
 }
 
 /// `[auth.NAME]`: a JWT provider.

@@ -78,23 +78,32 @@ pub fn parse_at(src: &str, dir: &Path) -> Result<Parsed, Vec<Diagnostic>> {
         return Err(cx.finish_errors());
     }
     let (mut server, mut backends, mut routes, mut auth) = (None, None, None, None);
+    let mut store = None;
     for (key, value) in root.into_inner() {
         match key.get_ref().as_ref() {
             "server" => server = cx.de::<ServerFile>(value, "[server]"),
             "backends" => backends = Some(value),
             "routes" => routes = Some(value),
             "auth" => auth = Some(value),
+            "ratelimit_store" => {
+                let span = value.span();
+                store = cx
+                    .de::<super::file::RateLimitStoreFile>(value, "[ratelimit_store]")
+                    .map(|f| (f, span));
+            }
             "version" => cx.version(value),
             other => cx.err(
                 key.span(),
-                format!("unknown key `{other}`; expected `server`, `backends`, `auth` or `routes`"),
+                format!("unknown key `{other}`; expected `server`, `backends`, `auth`, `ratelimit_store` or `routes`"),
             ),
         }
     }
-    let (server, tls) = cx.server(server.unwrap_or_default());
+    let (mut server, tls) = cx.server(server.unwrap_or_default());
+    server.ratelimit_store = store.and_then(|(f, span)| cx.ratelimit_store(f, span));
     let (backends, legacy) = cx.backends(backends);
     let providers = cx.providers(auth);
-    let routes = cx.routes(routes, &backends, legacy, &providers);
+    let has_store = server.ratelimit_store.is_some();
+    let routes = cx.routes(routes, &backends, legacy, &providers, has_store);
     if !cx.errors.is_empty() {
         return Err(cx.finish_errors());
     }
@@ -284,4 +293,5 @@ impl Ctx {
 mod auth;
 mod entries;
 mod features;
+mod limits;
 mod tls;

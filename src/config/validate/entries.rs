@@ -95,6 +95,12 @@ impl Ctx {
             tls,
             h2c,
             trusted_proxies: self.trusted_proxies(f.trusted_proxies.as_ref()),
+            stale_store_size: self.size(
+                f.stale_store_size.as_ref(),
+                "stale_store_size",
+                super::limits::DEFAULT_STALE_STORE_SIZE,
+            ),
+            ratelimit_store: None,
         };
         (settings, loaded)
     }
@@ -301,6 +307,7 @@ impl Ctx {
         backends: &[Backend],
         legacy: Option<BackendId>,
         providers: &[crate::routes::Provider],
+        store: bool,
     ) -> Vec<Route> {
         let Some(value) = value else {
             self.err(
@@ -330,7 +337,7 @@ impl Ctx {
                 continue;
             };
             let prefix_span = f.prefix.span();
-            let Some(route) = self.route(f, &names, legacy, providers) else {
+            let Some(route) = self.route(f, &names, legacy, providers, store) else {
                 continue;
             };
             if let Some(line) = seen.insert(route.route_key(), route.line) {
@@ -350,6 +357,7 @@ impl Ctx {
         names: &HashMap<String, BackendId>,
         legacy: Option<BackendId>,
         providers: &[crate::routes::Provider],
+        store: bool,
     ) -> Option<Route> {
         let line = self.locate(f.prefix.span(), String::new()).line;
         let key = self.prefix(&f.prefix);
@@ -381,6 +389,14 @@ impl Ctx {
             .as_ref()
             .map_or_else(Vec::new, |u| self.upgrades(u));
         let auth = f.auth.as_ref().and_then(|a| self.route_auth(a, providers));
+        let rate_limits = f
+            .rate_limit
+            .as_ref()
+            .map_or_else(Vec::new, |r| self.rate_limits(r, f.auth.is_some(), store));
+        let stale = f
+            .stale_if_error
+            .as_ref()
+            .and_then(|s| self.stale(s, f.auth.is_some()));
         if let (Some(c), None) = (&canary, &f.auth) {
             if let Sticky::Claim(claim) = &c.sticky {
                 let span = f.canary.as_ref().map_or(0..0, Spanned::span);
@@ -403,6 +419,8 @@ impl Ctx {
             guard,
             upgrades,
             auth,
+            rate_limits,
+            stale,
             line,
         })
     }

@@ -1,0 +1,564 @@
+//! Rate limits on the request path: a route's `rate_limit` windows, checked after `auth` (a
+//! key may be a verified claim) and before a backend is chosen. A limited request is refused
+//! at once with 429 (no queueing: delaying holds connections open under attack), reaches no
+//! backend and no shadow, and is no error for the guard.
+//!
+//! Each window is GCRA (the generic cell rate algorithm: one "theoretical arrival time" per
+//! key, as governor and Redis's redis-cell keep it). Per replica, the times live in a bounded
+//! concurrent map (`max_keys`, the least useful evicted first) of atomics updated by
+//! compare-and-swap, so a key costs one lookup and no lock of ours; a periodic sweep drops
+//! keys whose bucket is full again, which are indistinguishable from absent ones. Buckets
+//! outlive reloads that keep the route's window as it was. With `scope = "global"` the time is
+//! kept in Redis by one Lua script on Redis's clock (one round trip), through one pooled,
+//! self-reconnecting connection; when Redis cannot answer within the store's `timeout`, the
+//! window follows `on_error` and Redis is left alone for a second.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::{HeaderMap, HeaderValue};
+use metrics::{Counter, Label};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::carry::CarryOver;
+use crate::config::{OnStoreError, RateLimitStore};
+use crate::headers::cookie;
+use crate::jwt::Claims;
+use crate::metrics::{Metrics, RATELIMIT_KEYS, RATELIMIT_STORE_ERRORS_TOTAL, RATELIMIT_TOTAL};
+use crate::routes::{LimitKey, RateLimit, Route, RouteKey, RouteTable};
+
+/// How often idle keys are swept and `strangler_ratelimit_keys` is set.
+const SWEEP: Duration = Duration::from_secs(10);
+/// After a failed store round trip, global windows skip the store this long.
+const STORE_BACKOFF: Duration = Duration::from_secs(1);
+/// Key material longer than this is hashed before it names a Redis key.
+const MAX_STORE_KEY: usize = 200;
+
+/// GCRA on Redis's clock. KEYS[1]: the bucket; ARGV[1]: the emission interval and ARGV[2] the
+/// burst tolerance, both in microseconds. Returns {allowed, retry_after_us, reset_us}.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > tolerance then
+  return {0, new_tat - now - tolerance, tat - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, 0, new_tat - now}
+";
+
+/// One window's answer for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed {
+        /// Requests that may still pass at once.
+        remaining: u64,
+        /// Until the bucket is full again.
+        reset: Duration,
+    },
+    Limited {
+        retry_after: Duration,
+        reset: Duration,
+    },
+    /// A global window whose store failed, with `on_error = "allow"`: nothing is known.
+    Unknown,
+}
+
+/// The outcome labels of `strangler_ratelimit_total`.
+const ALLOWED: usize = 0;
+const LIMITED: usize = 1;
+const WOULD_LIMIT: usize = 2;
+const OUTCOMES: [&str; 3] = ["allowed", "limited", "would_limit"];
+
+/// One window's buckets (per replica) and counters.
+pub struct Window {
+    route: String,
+    policy: String,
+    buckets: quick_cache::sync::Cache<u64, Arc<AtomicU64>>,
+    /// Bucket times are nanoseconds since this.
+    base: Instant,
+    hasher: std::hash::RandomState,
+    counters: [OnceLock<Counter>; 3],
+}
+
+impl Window {
+    fn new(route: &str, w: &RateLimit) -> Self {
+        Window {
+            route: route.to_string(),
+            policy: w.name.clone(),
+            buckets: quick_cache::sync::Cache::new(w.max_keys.max(1)),
+            base: Instant::now(),
+            hasher: std::hash::RandomState::new(),
+            counters: Default::default(),
+        }
+    }
+
+    /// Keys tracked now.
+    pub fn keys(&self) -> usize {
+        self.buckets.len()
+    }
+
+    fn count(&self, metrics: &Metrics, outcome: usize) {
+        self.counters[outcome]
+            .get_or_init(|| {
+                metrics.counter(
+                    RATELIMIT_TOTAL,
+                    vec![
+                        Label::new("route", self.route.clone()),
+                        Label::new("policy", self.policy.clone()),
+                        Label::new("outcome", OUTCOMES[outcome]),
+                    ],
+                )
+            })
+            .increment(1);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    /// GCRA on this replica for the key `material`, at `now`.
+    pub fn check(&self, w: &RateLimit, material: &[u8], now: Instant) -> Verdict {
+        let mut h = self.hasher.build_hasher();
+        h.write(material);
+        let key = h.finish();
+        let cell = match self.buckets.get(&key) {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(AtomicU64::new(0));
+                self.buckets.insert(key, c.clone());
+                c
+            }
+        };
+        let t = self.nanos(now);
+        let interval = w.interval().as_nanos() as u64;
+        let tolerance = interval.saturating_mul(w.burst);
+        let mut tat = cell.load(Ordering::Acquire);
+        loop {
+            let start = tat.max(t);
+            let next = start + interval;
+            if next - t > tolerance {
+                return Verdict::Limited {
+                    retry_after: Duration::from_nanos(next - t - tolerance),
+                    reset: Duration::from_nanos(start - t),
+                };
+            }
+            match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    return Verdict::Allowed {
+                        remaining: (tolerance - (next - t)) / interval.max(1),
+                        reset: Duration::from_nanos(next - t),
+                    }
+                }
+                Err(now_there) => tat = now_there,
+            }
+        }
+    }
+
+    /// Drops keys whose bucket is full again (no different from an absent key).
+    fn sweep(&self, now: Instant) {
+        let t = self.nanos(now);
+        self.buckets
+            .retain(|_, cell| cell.load(Ordering::Relaxed) > t);
+    }
+}
+
+/// What a route with `rate_limit` has at run time: a window state per window, and the
+/// `RateLimit-Policy` value of its enforced windows.
+pub struct RouteLimits {
+    pub windows: Vec<Arc<Window>>,
+    policy: Option<HeaderValue>,
+}
+
+/// Windows across reloads, and the global store.
+pub struct Limits {
+    /// By the route's prefix as written (the metric label), what it matches, and the window.
+    windows: CarryOver<(String, RouteKey, RateLimit), Window>,
+    store: Option<Arc<Store>>,
+    swept: std::sync::atomic::AtomicBool,
+    metrics: Arc<Metrics>,
+    errors: Counter,
+}
+
+impl Limits {
+    pub fn new(store: Option<&RateLimitStore>, metrics: &Arc<Metrics>) -> Self {
+        Limits {
+            windows: CarryOver::default(),
+            store: store.and_then(Store::new).map(Arc::new),
+            swept: Default::default(),
+            metrics: metrics.clone(),
+            errors: metrics.counter(RATELIMIT_STORE_ERRORS_TOTAL, vec![]),
+        }
+    }
+
+    /// Whether a global store is configured, and its state, for `/routes`.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    /// Each route's windows in a new table (`None` for routes without `rate_limit`). A window
+    /// that is the same in the same route keeps its buckets.
+    pub fn routes(self: &Arc<Self>, table: &RouteTable) -> Vec<Option<RouteLimits>> {
+        let keys = table.routes().iter().flat_map(|r| {
+            let key = r.route_key();
+            r.rate_limits
+                .iter()
+                .map(move |w| Some((r.prefix.clone(), key.clone(), w.clone())))
+        });
+        let mut states = self
+            .windows
+            .renew(keys, |(prefix, _, w)| Window::new(prefix, w), |_| {})
+            .into_iter()
+            .flatten();
+        let out = table
+            .routes()
+            .iter()
+            .map(|r| {
+                let windows: Vec<Arc<Window>> = states.by_ref().take(r.rate_limits.len()).collect();
+                (!r.rate_limits.is_empty()).then(|| RouteLimits {
+                    policy: policy_header(&r.rate_limits),
+                    windows,
+                })
+            })
+            .collect();
+        self.start_sweep();
+        if let Some(store) = &self.store {
+            store.start();
+        }
+        out
+    }
+
+    fn start_sweep(self: &Arc<Self>) {
+        if self.swept.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+
+    /// Checks every window of a route for this request, in order; the first enforced window
+    /// that limits refuses it.
+    pub async fn check(
+        &self,
+        metrics: &Metrics,
+        route: &Route,
+        limits: &RouteLimits,
+        headers: &HeaderMap,
+        client: std::net::IpAddr,
+        claims: Option<&Claims>,
+    ) -> Checked {
+        let now = Instant::now();
+        let mut tightest: Option<(&RateLimit, u64, Duration)> = None;
+        let mut outcome = None;
+        for (w, state) in route.rate_limits.iter().zip(&limits.windows) {
+            let material = key_material(&w.key, headers, client, claims);
+            let verdict = if w.global {
+                self.check_global(w, &route.prefix, &material, state, now)
+                    .await
+            } else {
+                state.check(w, &material, now)
+            };
+            match verdict {
+                Verdict::Allowed { remaining, reset } => {
+                    state.count(metrics, ALLOWED);
+                    if !w.dry_run && tightest.is_none_or(|(_, r, _)| remaining < r) {
+                        tightest = Some((w, remaining, reset));
+                    }
+                }
+                Verdict::Unknown => state.count(metrics, ALLOWED),
+                Verdict::Limited { retry_after, reset } if !w.dry_run => {
+                    state.count(metrics, LIMITED);
+                    debug!(route = %route.prefix, policy = %w.name, "rate limited");
+                    return Checked {
+                        limited: Some(retry_after),
+                        policy: limits.policy.clone(),
+                        state: state_header(w, 0, reset),
+                        outcome: Some("limited"),
+                    };
+                }
+                Verdict::Limited { .. } => {
+                    state.count(metrics, WOULD_LIMIT);
+                    debug!(route = %route.prefix, policy = %w.name, "rate limit (dry run): would limit");
+                    outcome = Some("would_limit");
+                }
+            }
+        }
+        Checked {
+            limited: None,
+            policy: limits.policy.clone(),
+            state: tightest.and_then(|(w, r, reset)| state_header(w, r, reset)),
+            outcome: outcome.or(Some("allowed")),
+        }
+    }
+
+    async fn check_global(
+        &self,
+        w: &RateLimit,
+        route: &str,
+        material: &[u8],
+        local: &Window,
+        now: Instant,
+    ) -> Verdict {
+        let Some(store) = &self.store else {
+            return local.check(w, material, now);
+        };
+        match store.check(w, route, material).await {
+            Ok(v) => v,
+            Err(error) => {
+                self.errors.increment(1);
+                debug!(%error, "rate limit store unavailable");
+                match store.settings.on_error {
+                    OnStoreError::Local => local.check(w, material, now),
+                    OnStoreError::Allow => Verdict::Unknown,
+                    OnStoreError::Deny => Verdict::Limited {
+                        retry_after: STORE_BACKOFF,
+                        reset: STORE_BACKOFF,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// What the rate-limit phase decided, and the headers for the answer.
+pub struct Checked {
+    /// `Some(retry after)` when an enforced window refuses the request.
+    pub limited: Option<Duration>,
+    /// `RateLimit-Policy` of the route's enforced windows.
+    pub policy: Option<HeaderValue>,
+    /// `RateLimit` of the tightest enforced window.
+    pub state: Option<HeaderValue>,
+    /// For the access log: `allowed`, `limited` or `would_limit`.
+    pub outcome: Option<&'static str>,
+}
+
+/// `"default";q=100;w=60, "burst";q=20;w=1` (draft-ietf-httpapi-ratelimit-headers).
+fn policy_header(windows: &[RateLimit]) -> Option<HeaderValue> {
+    let parts: Vec<String> = windows
+        .iter()
+        .filter(|w| !w.dry_run)
+        .map(|w| format!("\"{}\";q={};w={}", w.name, w.limit, w.per.as_secs().max(1)))
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&parts.join(", ")).ok()
+}
+
+/// `"default";r=REMAINING;t=SECONDS` (seconds until the bucket is full again, rounded up).
+fn state_header(w: &RateLimit, remaining: u64, reset: Duration) -> Option<HeaderValue> {
+    if w.dry_run {
+        return None;
+    }
+    let t = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+    HeaderValue::from_str(&format!("\"{}\";r={remaining};t={t}", w.name)).ok()
+}
+
+/// What a window counts by, for this request: the key's value, or the client's address when
+/// the request has none (never unlimited). Kinds are tagged so values never collide.
+fn key_material(
+    key: &LimitKey,
+    headers: &HeaderMap,
+    client: std::net::IpAddr,
+    claims: Option<&Claims>,
+) -> Vec<u8> {
+    let tagged = |tag: u8, value: &[u8]| {
+        let mut v = Vec::with_capacity(value.len() + 1);
+        v.push(tag);
+        v.extend_from_slice(value);
+        v
+    };
+    let found = match key {
+        LimitKey::Route => return vec![b'r'],
+        LimitKey::Ip => None,
+        LimitKey::Header(name) => headers
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| tagged(b'h', v.as_bytes())),
+        LimitKey::Cookie(name) => cookie(headers, name)
+            .filter(|v| !v.is_empty())
+            .map(|v| tagged(b'c', v.as_bytes())),
+        LimitKey::Claim(name) => claims
+            .and_then(|c| crate::jwt::claim_text(c, name))
+            .map(|v| tagged(b'j', v.as_bytes())),
+    };
+    found.unwrap_or_else(|| tagged(b'i', client.to_string().as_bytes()))
+}
+
+/// Sweeps idle keys and sets `strangler_ratelimit_keys{route}`, until the registry is gone.
+async fn sweep(limits: Weak<Limits>) {
+    let mut gauges: HashMap<String, metrics::Gauge> = HashMap::new();
+    loop {
+        tokio::time::sleep(SWEEP).await;
+        let Some(limits) = limits.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut by_route: HashMap<String, usize> = HashMap::new();
+        for w in limits.windows.values() {
+            w.sweep(now);
+            *by_route.entry(w.route.clone()).or_default() += w.keys();
+        }
+        for (route, keys) in by_route {
+            gauges
+                .entry(route.clone())
+                .or_insert_with(|| {
+                    limits
+                        .metrics
+                        .gauge(RATELIMIT_KEYS, vec![Label::new("route", route)])
+                })
+                .set(keys as f64);
+        }
+    }
+}
+
+/// The Redis behind `scope = "global"` windows: one multiplexed, self-reconnecting
+/// connection, made in the background (a Redis that is down at start delays nothing).
+pub struct Store {
+    settings: RateLimitStore,
+    client: redis::Client,
+    conn: ArcSwapOption<redis::aio::ConnectionManager>,
+    script: redis::Script,
+    started: std::sync::atomic::AtomicBool,
+    born: Instant,
+    /// Milliseconds since `born` before which the store is not asked (after a failure).
+    skip_until: AtomicU64,
+}
+
+impl Store {
+    fn new(settings: &RateLimitStore) -> Option<Self> {
+        let client = match redis::Client::open(settings.url.as_str()) {
+            Ok(c) => c,
+            Err(error) => {
+                warn!(%error, url_env = %settings.url_env, "[ratelimit_store]: not a usable Redis URL; global rate limits follow on_error");
+                return None;
+            }
+        };
+        Some(Store {
+            settings: settings.clone(),
+            client,
+            conn: ArcSwapOption::empty(),
+            script: redis::Script::new(GCRA),
+            started: Default::default(),
+            born: Instant::now(),
+            skip_until: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether the connection is made.
+    pub fn connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(connect(Arc::downgrade(self)));
+        }
+    }
+
+    fn millis(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// One GCRA step in Redis, within the store's timeout.
+    async fn check(&self, w: &RateLimit, route: &str, material: &[u8]) -> Result<Verdict, String> {
+        if self.millis() < self.skip_until.load(Ordering::Relaxed) {
+            return Err("skipped after a recent failure".into());
+        }
+        let Some(conn) = self.conn.load_full() else {
+            return Err("not connected".into());
+        };
+        let mut conn = (*conn).clone();
+        let interval = w.interval().as_micros() as u64;
+        let key = store_key(route, &w.name, material);
+        let call = async {
+            self.script
+                .key(key)
+                .arg(interval.max(1))
+                .arg(interval.max(1).saturating_mul(w.burst))
+                .invoke_async::<(i64, i64, i64)>(&mut conn)
+                .await
+        };
+        let result = match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(self.settings.timeout)
+            )),
+        };
+        let (allowed, retry_us, reset_us) = result.inspect_err(|_| {
+            self.skip_until.store(
+                self.millis() + STORE_BACKOFF.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        })?;
+        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        Ok(if allowed == 1 {
+            let tolerance = interval.saturating_mul(w.burst) as i64;
+            Verdict::Allowed {
+                remaining: ((tolerance - reset_us).max(0) as u64) / interval.max(1),
+                reset: us(reset_us),
+            }
+        } else {
+            Verdict::Limited {
+                retry_after: us(retry_us),
+                reset: us(reset_us),
+            }
+        })
+    }
+}
+
+/// The Redis key of a bucket: `strangler:rl:ROUTE:POLICY:` and the key's tagged value (its
+/// SHA-256 when long). The same on every replica.
+fn store_key(route: &str, policy: &str, material: &[u8]) -> Vec<u8> {
+    let mut k = format!("strangler:rl:{route}:{policy}:").into_bytes();
+    if material.len() > MAX_STORE_KEY {
+        k.extend_from_slice(crate::tls::sha256_hex(material).as_bytes());
+    } else {
+        k.extend_from_slice(material);
+    }
+    k
+}
+
+/// Connects to the store, retrying every second, until it works or the store is gone.
+async fn connect(store: Weak<Store>) {
+    let mut logged = false;
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(s.settings.timeout.max(Duration::from_millis(500))))
+            .set_response_timeout(Some(s.settings.timeout));
+        match redis::aio::ConnectionManager::new_with_config(s.client.clone(), config).await {
+            Ok(conn) => {
+                s.conn.store(Some(Arc::new(conn)));
+                info!(url_env = %s.settings.url_env, "rate limit store connected");
+                return;
+            }
+            Err(error) => {
+                if !logged {
+                    warn!(%error, url_env = %s.settings.url_env, on_error = %s.settings.on_error, "rate limit store unreachable; global windows follow on_error until it answers");
+                    logged = true;
+                }
+            }
+        }
+        drop(s);
+        tokio::time::sleep(STORE_BACKOFF).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,78 @@
+//! Rate limits and stale-if-error in the table: a route's `rate_limit` windows and its
+//! `stale_if_error` settings. Pure data: buckets and stored answers live in `crate::limit`
+//! and `crate::stale`.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::header::HeaderName;
+
+/// One rate-limit window of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    /// The policy's name in `RateLimit-Policy` and the `policy` metric label.
+    pub name: String,
+    /// Requests per `per`: the sustained rate.
+    pub limit: u64,
+    pub per: Duration,
+    /// How many may pass at once (the bucket's size; default `limit`).
+    pub burst: u64,
+    pub key: LimitKey,
+    /// Count and log what would be limited, and forward it.
+    pub dry_run: bool,
+    /// Keys tracked at most (per replica).
+    pub max_keys: usize,
+    /// Counts kept in `[ratelimit_store]` (Redis), shared by every replica.
+    pub global: bool,
+}
+
+impl RateLimit {
+    /// The time one request's worth of the bucket takes to refill.
+    pub fn interval(&self) -> Duration {
+        self.per / self.limit.max(1) as u32
+    }
+}
+
+/// What a rate limit counts by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    /// The client's address (after `trusted_proxies`).
+    Ip,
+    Header(HeaderName),
+    Cookie(String),
+    /// A verified JWT claim (the route needs `auth`).
+    Claim(String),
+    /// One bucket for the whole route.
+    Route,
+}
+
+/// As in routes.toml's `key`: `ip`, `header:NAME`, `cookie:NAME`, `claim:NAME`, `route`.
+impl fmt::Display for LimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitKey::Ip => f.write_str("ip"),
+            LimitKey::Header(h) => write!(f, "header:{h}"),
+            LimitKey::Cookie(c) => write!(f, "cookie:{c}"),
+            LimitKey::Claim(c) => write!(f, "claim:{c}"),
+            LimitKey::Route => f.write_str("route"),
+        }
+    }
+}
+
+/// A route's `stale_if_error`: a last-known-good store, served only after the backend (and
+/// the route's fallback) failed in one of the `on` ways.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stale {
+    /// How long past storing a copy may be served (the origin's `stale-if-error` overrides).
+    pub max_stale: Duration,
+    /// Larger answers are not stored.
+    pub max_entry: u64,
+    pub on_connect: bool,
+    pub on_timeout: bool,
+    /// 5xx statuses that trigger it.
+    pub on_status: Vec<u16>,
+    /// Request headers an answer may vary on (lower case); `Vary` on any other is not stored.
+    pub vary: Vec<HeaderName>,
+    /// A verified claim that keys copies of requests with credentials (`claim:sub` -> `sub`).
+    pub per_user: Option<String>,
+}
