@@ -25,6 +25,8 @@ pub struct AccessLog {
     /// The rate-limit outcome on a route with `rate_limit` (`allowed`, `limited`,
     /// `would_limit`).
     pub limit: Option<&'static str>,
+    /// Answered from the stale-if-error store after the backends failed.
+    pub stale: bool,
     pub request_id: String,
     pub shadowed: bool,
     pub start: Instant,
@@ -51,6 +53,7 @@ impl AccessLog {
             client = %self.client,
             auth = self.auth.unwrap_or("none"),
             ratelimit = self.limit.unwrap_or("none"),
+            stale = self.stale,
             duration_ms = (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             bytes = self.bytes,
             request_id = %self.request_id,

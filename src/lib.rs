@@ -38,6 +38,7 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod shadow;
+pub mod stale;
 pub mod state;
 pub mod tls;
 pub mod traffic;

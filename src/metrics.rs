@@ -45,6 +45,12 @@ pub const RATELIMIT_KEYS: &str = "strangler_ratelimit_keys";
 /// `on_error`).
 pub const RATELIMIT_STORE_ERRORS_TOTAL: &str = "strangler_ratelimit_store_errors_total";
 
+/// Stale-if-error, by route and outcome (stored, served, expired, evicted, and every reason
+/// an answer was not stored).
+pub const STALE_TOTAL: &str = "strangler_stale_total";
+/// Bytes held by the stale-if-error store (all routes).
+pub const STALE_BYTES: &str = "strangler_stale_bytes";
+
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
 
@@ -139,6 +145,16 @@ impl Metrics {
             RATELIMIT_KEYS.into(),
             None,
             "Keys the route's rate-limit windows track on this replica.".into(),
+        );
+        describe(
+            STALE_TOTAL,
+            Unit::Count,
+            "Stale-if-error copies by route and outcome.",
+        );
+        recorder.describe_gauge(
+            STALE_BYTES.into(),
+            Some(Unit::Bytes),
+            "Bytes held by the stale-if-error store.".into(),
         );
         describe(
             CONFIG_RELOADS_TOTAL,

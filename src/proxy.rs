@@ -26,6 +26,7 @@ use crate::headers::*;
 use crate::jwt::{Claims, Reason};
 use crate::routes::{BackendId, Route, RouteId};
 use crate::shadow;
+use crate::stale;
 use crate::state::{Active, RouteRuntime, State};
 use crate::upstream::body::ResponseBody;
 pub use crate::upstream::idempotent;
@@ -44,6 +45,8 @@ struct Trace {
     /// (`RateLimit-Policy`, `RateLimit`).
     limit: Option<&'static str>,
     limit_headers: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
+    /// The failure a stored copy answered for (`stale_if_error`): counted as that status.
+    degraded: Option<StatusCode>,
 }
 
 /// What every phase of one request may read.
@@ -111,7 +114,13 @@ pub async fn handle(
     };
     let mut resp = result.unwrap_or_else(|error| refused(&cx, &trace, &error));
     let answered = trace.route.map(|r| (r, trace.backend));
-    state.record(&active, answered, resp.status(), start);
+    // A stale answer counts as the failure it replaced: a degraded route must look degraded.
+    state.record(
+        &active,
+        answered,
+        trace.degraded.unwrap_or(resp.status()),
+        start,
+    );
     if let Some((method, path)) = log_head {
         let entry = access_entry(&cx, &trace, method, path, resp.status());
         resp.body_mut().log(entry);
@@ -155,6 +164,10 @@ async fn exchange(
             .plan(slot, routed.backend, req.method(), req.headers(), upgrade)
     });
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let stale = routed.runtime.stale.as_ref().and_then(|counters| {
+        let host = request_host(req.headers(), req.uri()).ok().flatten();
+        stale::Plan::new(routed.route, counters, &req, host, claims.as_deref())
+    });
     let out = prepare(cx, &routed, req, upgrade, claims.as_deref())?;
     trace.shadowed = plan.is_some();
     let mut feed = plan.map(|plan| start_shadow(cx, &routed, plan, &out));
@@ -170,14 +183,55 @@ async fn exchange(
     match outcome {
         Ok(answered) => {
             trace.backend = Some(answered.backend);
-            respond(cx, answered, client_upgrade, feed)
+            let status = answered.resp.status();
+            if let Some(plan) = &stale {
+                if status.is_server_error() && plan.triggered(status, false, false) {
+                    if let Some(copy) = serve_stale(cx, plan, status, trace) {
+                        return Ok(copy);
+                    }
+                }
+            }
+            let store = &cx.state.registries.stale;
+            let keep = stale.and_then(|p| p.answered(store, status, answered.resp.headers()));
+            respond(cx, answered, client_upgrade, feed, keep)
         }
         // Counted against the backend tried last.
         Err(unanswered) => {
             trace.backend = Some(unanswered.backend);
+            if let Some(plan) = &stale {
+                let status = unanswered.error.status();
+                let (connect, timeout) = match &unanswered.error {
+                    ProxyError::UpstreamUnavailable { kind, .. } => {
+                        (*kind == crate::error::UpstreamErrorKind::Connect, false)
+                    }
+                    ProxyError::UpstreamTimeout { .. } => (false, true),
+                    _ => (false, false),
+                };
+                if plan.triggered(status, connect, timeout) {
+                    if let Some(copy) = serve_stale(cx, plan, status, trace) {
+                        debug!(error = %unanswered.error, "answered from the stale store");
+                        return Ok(copy);
+                    }
+                }
+            }
             Err(unanswered.error)
         }
     }
+}
+
+/// The stored copy of a request whose backends failed with `status`, if the store has one
+/// young enough.
+fn serve_stale(
+    cx: &Context<'_>,
+    plan: &stale::Plan,
+    status: StatusCode,
+    trace: &mut Trace,
+) -> Option<Response<ResponseBody>> {
+    let copy = plan.serve(&cx.state.registries.stale)?;
+    trace.degraded = Some(status);
+    let (mut parts, body) = copy.into_parts();
+    append_via(&mut parts.headers, &cx.state.via);
+    Some(Response::from_parts(parts, ResponseBody::full(body)))
 }
 
 /// Phase 1: request checks that come before routing, then the route lookup.
@@ -436,6 +490,7 @@ fn respond(
     answered: Answered,
     client_upgrade: Option<OnUpgrade>,
     feed: Option<shadow::Feed>,
+    keep: Option<crate::upstream::tee::Tee>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let Answered {
         resp,
@@ -464,7 +519,14 @@ fn respond(
     let tee = feed.and_then(|f| f.primary_answered(&parts, cx.start.elapsed()));
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body, deadline, upstream.timeout_counter(), tee, lease),
+        ResponseBody::upstream_kept(
+            body,
+            deadline,
+            upstream.timeout_counter(),
+            tee,
+            keep,
+            lease,
+        ),
     ))
 }
 
@@ -500,6 +562,7 @@ fn access_entry(
         client: cx.client,
         auth: trace.auth,
         limit: trace.limit,
+        stale: trace.degraded.is_some(),
         request_id: cx.request_id.to_str().unwrap_or_default().to_string(),
         shadowed: trace.shadowed,
         start: cx.start,

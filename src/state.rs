@@ -18,6 +18,7 @@ use crate::config::{Loaded, ServerSettings};
 use crate::guard::{GuardState, Guards};
 use crate::headers::RequestIds;
 use crate::limit::{Limits, RouteLimits};
+use crate::stale::{RouteStale, StaleStore};
 use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
 use crate::routes::{BackendId, RouteId, RouteTable};
 use crate::shadow::{self, Shadows};
@@ -38,6 +39,8 @@ pub struct RouteRuntime {
     pub auth: Option<RouteAuthRuntime>,
     /// The buckets of a route with `rate_limit`.
     pub limits: Option<RouteLimits>,
+    /// The stale-if-error counters of a route with `stale_if_error`.
+    pub stale: Option<Arc<RouteStale>>,
 }
 
 /// Everything a request needs from one generation of routes.toml, swapped as one.
@@ -85,20 +88,23 @@ impl Active {
         }
         let auth = state.auth.routes(&table, &providers);
         let limits = state.limits.routes(&table);
+        let stale = state.stale.routes(&table);
         let routes = shadows
             .into_iter()
             .zip(guards)
             .zip(traffic)
             .zip(auth)
             .zip(limits)
+            .zip(stale)
             .map(
-                |((((shadow, guard), traffic), auth), limits)| RouteRuntime {
+                |(((((shadow, guard), traffic), auth), limits), stale)| RouteRuntime {
                     metrics: RouteMetrics::new(table.backends().len()),
                     shadow,
                     guard,
                     traffic,
                     auth,
                     limits,
+                    stale,
                 },
             )
             .collect();
@@ -134,6 +140,8 @@ pub struct Registries {
     pub auth: Auth,
     /// Rate-limit buckets and the global store, outside the route table.
     pub limits: Arc<Limits>,
+    /// Stale-if-error copies of every route, outside the route table.
+    pub stale: Arc<StaleStore>,
 }
 
 /// Shared state of one proxy instance.
@@ -160,6 +168,7 @@ impl State {
         let via = HeaderValue::from_str(&format!("1.1 {}", settings.via))
             .unwrap_or(HeaderValue::from_static("1.1 strangler"));
         let limits = Arc::new(Limits::new(settings.ratelimit_store.as_ref(), &metrics));
+        let stale = Arc::new(StaleStore::new(settings.stale_store_size, &metrics));
         let registries = Registries {
             metrics,
             shadows: Arc::new(Shadows::default()),
@@ -167,6 +176,7 @@ impl State {
             traffic: Traffic::default(),
             auth: Auth::default(),
             limits,
+            stale,
         };
         let active = Active::build(loaded, 1, None, &registries);
         Arc::new(State {

@@ -148,6 +148,8 @@ pub enum ResponseBody {
         timer: Option<Pin<Box<Sleep>>>,
         on_timeout: Option<metrics::Counter>,
         tee: Option<Tee>,
+        /// A second copy, for the stale store (boxed: rare).
+        keep: Option<Box<Tee>>,
         /// The connection, given back once the body is complete.
         lease: Option<Lease>,
         /// The access log entry, emitted when the body ends or is dropped.
@@ -156,9 +158,12 @@ pub enum ResponseBody {
     Full(Full<Bytes>),
 }
 
-/// The upstream body is complete: hand the copy over and the connection back.
-fn completed(tee: &mut Option<Tee>, lease: &mut Option<Lease>) {
+/// The upstream body is complete: hand the copies over and the connection back.
+fn completed(tee: &mut Option<Tee>, keep: &mut Option<Box<Tee>>, lease: &mut Option<Lease>) {
     if let Some(t) = tee.as_mut() {
+        t.finish();
+    }
+    if let Some(t) = keep.as_mut() {
         t.finish();
     }
     if let Some(l) = lease.take() {
@@ -180,9 +185,21 @@ impl ResponseBody {
         tee: Option<Tee>,
         lease: Lease,
     ) -> Self {
-        let (mut tee, mut lease) = (tee, Some(lease));
+        ResponseBody::upstream_kept(inner, deadline, on_timeout, tee, None, lease)
+    }
+
+    /// [`ResponseBody::upstream`] with a second copy for the stale store.
+    pub fn upstream_kept(
+        inner: Incoming,
+        deadline: Instant,
+        on_timeout: metrics::Counter,
+        tee: Option<Tee>,
+        keep: Option<Tee>,
+        lease: Lease,
+    ) -> Self {
+        let (mut tee, mut keep, mut lease) = (tee, keep.map(Box::new), Some(lease));
         if inner.is_end_stream() {
-            completed(&mut tee, &mut lease);
+            completed(&mut tee, &mut keep, &mut lease);
         }
         ResponseBody::Upstream {
             inner,
@@ -190,6 +207,7 @@ impl ResponseBody {
             timer: None,
             on_timeout: Some(on_timeout),
             tee,
+            keep,
             lease,
             log: None,
         }
@@ -239,6 +257,7 @@ impl Body for ResponseBody {
                 timer,
                 on_timeout,
                 tee,
+                keep,
                 lease,
                 log,
             } => {
@@ -248,25 +267,29 @@ impl Body for ResponseBody {
                             if let Some(t) = tee.as_mut() {
                                 t.frame(f);
                             }
+                            if let Some(t) = keep.as_mut() {
+                                t.frame(f);
+                            }
                             if let (Some(data), Some(l)) = (f.data_ref(), log.as_mut()) {
                                 l.bytes += data.len() as u64;
                             }
                             // hyper stops polling once a sized body is complete.
                             if inner.is_end_stream() {
-                                completed(tee, lease);
+                                completed(tee, keep, lease);
                                 if let Some(l) = log.take() {
                                     l.emit("complete");
                                 }
                             }
                         }
                         None => {
-                            completed(tee, lease);
+                            completed(tee, keep, lease);
                             if let Some(l) = log.take() {
                                 l.emit("complete");
                             }
                         }
                         Some(Err(_)) => {
                             *tee = None;
+                            *keep = None;
                             *lease = None;
                         }
                     }
@@ -280,6 +303,7 @@ impl Body for ResponseBody {
                     counter.increment(1);
                 }
                 *tee = None;
+                *keep = None;
                 *lease = None;
                 Poll::Ready(Some(Err(Box::new(BodyTimeout))))
             }

@@ -83,6 +83,26 @@ pub enum Captured {
     TooLarge,
 }
 
+/// Where a tee's copy goes.
+enum Deliver {
+    /// To a waiting shadow leg.
+    Channel(oneshot::Sender<Captured>),
+    /// To a function, called once: with the copy, or `None` when the body ended early (a
+    /// tee dropped before its end). For the stale store, which nothing waits on.
+    Call(Box<dyn FnOnce(Option<Captured>) + Send>),
+}
+
+impl Deliver {
+    fn send(self, c: Captured) {
+        match self {
+            Deliver::Channel(tx) => {
+                let _ = tx.send(c);
+            }
+            Deliver::Call(f) => f(Some(c)),
+        }
+    }
+}
+
 /// The capturing side, carried by a body.
 pub struct Tee {
     parts: Vec<Bytes>,
@@ -91,27 +111,44 @@ pub struct Tee {
     len: usize,
     max: usize,
     held: Reservation,
-    tx: Option<oneshot::Sender<Captured>>,
+    tx: Option<Deliver>,
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        if let Some(Deliver::Call(f)) = self.tx.take() {
+            f(None);
+        }
+    }
 }
 
 impl Tee {
     pub fn new(max: usize, budget: &Arc<Budget>) -> (Tee, oneshot::Receiver<Captured>) {
         let (tx, rx) = oneshot::channel();
-        let held = Reservation {
-            budget: budget.clone(),
-            bytes: 0,
-        };
-        (
-            Tee {
-                parts: Vec::new(),
-                trailers: None,
-                len: 0,
-                max,
-                held,
-                tx: Some(tx),
+        (Tee::to(max, budget, Deliver::Channel(tx)), rx)
+    }
+
+    /// A tee whose copy is handed to `f` (once; `None` when the body ends early).
+    pub fn calling(
+        max: usize,
+        budget: &Arc<Budget>,
+        f: impl FnOnce(Option<Captured>) + Send + 'static,
+    ) -> Tee {
+        Tee::to(max, budget, Deliver::Call(Box::new(f)))
+    }
+
+    fn to(max: usize, budget: &Arc<Budget>, tx: Deliver) -> Tee {
+        Tee {
+            parts: Vec::new(),
+            trailers: None,
+            len: 0,
+            max,
+            held: Reservation {
+                budget: budget.clone(),
+                bytes: 0,
             },
-            rx,
-        )
+            tx: Some(tx),
+        }
     }
 
     /// Records a frame's data.
@@ -123,7 +160,7 @@ impl Tee {
         if self.len + data.len() > self.max || !budget.reserve(data.len(), &mut self.held) {
             self.parts = Vec::new();
             if let Some(tx) = self.tx.take() {
-                let _ = tx.send(Captured::TooLarge);
+                tx.send(Captured::TooLarge);
             }
             return;
         }
@@ -172,7 +209,7 @@ impl Tee {
             bytes: 0,
         };
         let held = std::mem::replace(&mut self.held, empty);
-        let _ = tx.send(Captured::Body(Held {
+        tx.send(Captured::Body(Held {
             bytes,
             trailers: self.trailers.take().map(|t| *t),
             _reservation: held,
