@@ -177,6 +177,22 @@ pub fn explain(
         )
     );
     canary_line(&mut out, t, r, headers, client, claims.as_ref());
+    let _ = writeln!(
+        out,
+        "limits:   {}",
+        crate::routes::limits::describe_windows(&r.rate_limits)
+    );
+    let _ = writeln!(
+        out,
+        "stale:    {}",
+        r.stale.as_ref().map_or_else(
+            || "none".to_string(),
+            |s| format!(
+                "{} (served only after the backend and fallback failed)",
+                s.describe()
+            )
+        )
+    );
     safety_lines(&mut out, t, r, method, answering);
     Ok(out)
 }

@@ -519,14 +519,7 @@ fn respond(
     let tee = feed.and_then(|f| f.primary_answered(&parts, cx.start.elapsed()));
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream_kept(
-            body,
-            deadline,
-            upstream.timeout_counter(),
-            tee,
-            keep,
-            lease,
-        ),
+        ResponseBody::upstream_kept(body, deadline, upstream.timeout_counter(), tee, keep, lease),
     ))
 }
 

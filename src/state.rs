@@ -18,10 +18,10 @@ use crate::config::{Loaded, ServerSettings};
 use crate::guard::{GuardState, Guards};
 use crate::headers::RequestIds;
 use crate::limit::{Limits, RouteLimits};
-use crate::stale::{RouteStale, StaleStore};
 use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
 use crate::routes::{BackendId, RouteId, RouteTable};
 use crate::shadow::{self, Shadows};
+use crate::stale::{RouteStale, StaleStore};
 use crate::traffic::{RouteTraffic, Traffic};
 use crate::upstream::Upstream;
 

@@ -249,3 +249,96 @@ fn workers_sets_the_runtime_thread_count() {
     child.wait().unwrap();
     assert_eq!(workers, 3);
 }
+
+const GATEWAY: &str = r#"[backends.legacy]
+url = "http://127.0.0.1:3000"
+[auth.fittrack]
+issuer = "https://auth.test/"
+audiences = ["api"]
+algorithms = ["HS256"]
+secret_file = "secret.txt"
+
+[[routes]]
+prefix = "/api/users"
+backend = "legacy"
+auth = { provider = "fittrack", require = { scope = "users:read" } }
+rate_limit = { limit = 100, per = "1m", burst = 20, key = "claim:sub" }
+stale_if_error = { max_stale = "1h", vary = ["accept-encoding"] }
+
+[[routes]]
+prefix = "/"
+backend = "legacy"
+"#;
+
+#[test]
+fn check_explain_and_diff_speak_of_auth_limits_and_stale_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.path().join("secret.txt"), secret).unwrap();
+    std::fs::write(dir.path().join("routes.toml"), GATEWAY).unwrap();
+    let out = run(&["check"], dir.path());
+    let s = text(&out.stdout);
+    assert!(out.status.success(), "{s}{}", text(&out.stderr));
+    assert!(s.contains("AUTH"), "{s}");
+    assert!(s.contains("fittrack (required)"), "{s}");
+    assert!(
+        s.contains("auth fittrack: secret_file secret.txt (1 key), issuer https://auth.test/"),
+        "{s}"
+    );
+    // explain verifies a token against the provider's secret.
+    let token = |scope: &str| {
+        let claims = serde_json::json!({
+            "iss": "https://auth.test/", "aud": "api", "sub": "u7", "scope": scope,
+            "exp": strangler::jwt::now() + 600,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let explain = |extra: &[&str]| {
+        let mut args = vec!["explain", "GET", "/api/users/7"];
+        args.extend_from_slice(extra);
+        text(&run(&args, dir.path()).stdout)
+    };
+    let s = explain(&[]);
+    assert!(
+        s.contains("auth:     fittrack (required, secret_file secret.txt (1 key)) requiring scope = users:read; no token: the request is refused: 401 unauthorized"),
+        "{s}"
+    );
+    assert!(
+        s.contains("limits:   default 100/1m burst 20 by claim:sub"),
+        "{s}"
+    );
+    assert!(
+        s.contains(
+            "stale:    max_stale 1h on connect,timeout,500,502,503,504, vary accept-encoding"
+        ),
+        "{s}"
+    );
+    let good = format!("authorization: Bearer {}", token("users:read"));
+    assert!(explain(&["-H", &good]).contains("the token is valid (sub u7)"));
+    let weak = format!("authorization: Bearer {}", token("users:write"));
+    assert!(explain(&["-H", &weak])
+        .contains("the token is valid but its scope lacks users:read: refused: 403 forbidden"));
+    assert!(explain(&["-H", "authorization: Bearer a.b.c"]).contains("refused: 401 unauthorized"));
+    // diff names each change.
+    let new = GATEWAY
+        .replace("burst = 20", "burst = 40")
+        .replace("max_stale = \"1h\"", "max_stale = \"2h\"")
+        .replace(
+            "auth = { provider = \"fittrack\", require = { scope = \"users:read\" } }",
+            "auth = { provider = \"fittrack\", mode = \"observe\" }",
+        );
+    std::fs::write(dir.path().join("new.toml"), new).unwrap();
+    let out = run(&["diff", "routes.toml", "new.toml"], dir.path());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("/api/users: auth fittrack (required, require scope = users:read) -> fittrack (observe)"),
+        "{s}"
+    );
+    assert!(s.contains("/api/users: rate_limit default 100/1m burst 20 by claim:sub -> default 100/1m burst 40 by claim:sub"), "{s}");
+    assert!(s.contains("/api/users: stale_if_error max_stale 1h"), "{s}");
+}

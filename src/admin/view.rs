@@ -24,9 +24,55 @@ pub struct RoutesView {
     last_reload: ReloadView,
     latency_bounds_ms: &'static [f64],
     loaded_at: String,
+    /// `[ratelimit_store]`, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratelimit_store: Option<StoreView>,
     routes: Vec<RouteView>,
     source: String,
     source_sha256: String,
+    /// The stale-if-error store, when some route keeps copies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale_store: Option<StaleStoreView>,
+}
+
+#[derive(Serialize)]
+struct StoreView {
+    connected: bool,
+    on_error: String,
+    timeout: String,
+    url_env: String,
+}
+
+#[derive(Serialize)]
+struct StaleStoreView {
+    bytes: u64,
+    capacity: u64,
+}
+
+/// One `rate_limit` window of a route.
+#[derive(Serialize)]
+struct WindowView {
+    burst: u64,
+    key: String,
+    /// Keys tracked on this replica now.
+    keys: usize,
+    limit: u64,
+    max_keys: usize,
+    mode: &'static str,
+    name: String,
+    per: String,
+    scope: &'static str,
+}
+
+/// A route's `stale_if_error`, with its outcome counts since start.
+#[derive(Serialize)]
+struct StaleView {
+    max_entry: u64,
+    max_stale: String,
+    on: Vec<String>,
+    outcomes: BTreeMap<&'static str, u64>,
+    per_user: Option<String>,
+    vary: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -133,6 +179,8 @@ struct RouteView {
     #[serde(skip_serializing_if = "Option::is_none")]
     mismatched: Option<u64>,
     prefix: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rate_limits: Vec<WindowView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ready_to_cut_over: Option<bool>,
     shadow: Option<String>,
@@ -141,6 +189,8 @@ struct RouteView {
     #[serde(skip_serializing_if = "Option::is_none")]
     shadow_percent: Option<f64>,
     stage: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale: Option<StaleView>,
     traffic: TrafficView,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     upgrades: Vec<String>,
@@ -211,11 +261,30 @@ impl RoutesView {
             },
             latency_bounds_ms: &crate::traffic::LATENCY_BOUNDS_MS,
             loaded_at: rfc3339(active.loaded_at),
+            ratelimit_store: state.settings.ratelimit_store.as_ref().map(|s| StoreView {
+                connected: state
+                    .registries
+                    .limits
+                    .store()
+                    .is_some_and(|st| st.connected()),
+                on_error: s.on_error.to_string(),
+                timeout: humantime::format_duration(s.timeout).to_string(),
+                url_env: s.url_env.clone(),
+            }),
             routes: (0..active.table.routes().len())
                 .map(|id| RouteView::new(&active, id))
                 .collect(),
             source: state.path.display().to_string(),
             source_sha256: active.sha256.clone(),
+            stale_store: active
+                .table
+                .routes()
+                .iter()
+                .any(|r| r.stale.is_some())
+                .then(|| StaleStoreView {
+                    bytes: state.registries.stale.bytes(),
+                    capacity: state.registries.stale.capacity(),
+                }),
         }
     }
 }
@@ -312,6 +381,26 @@ impl RouteView {
             mismatch_rate,
             mismatched,
             prefix: r.prefix.clone(),
+            rate_limits: r
+                .rate_limits
+                .iter()
+                .enumerate()
+                .map(|(i, w)| WindowView {
+                    burst: w.burst,
+                    key: w.key.to_string(),
+                    keys: runtime
+                        .limits
+                        .as_ref()
+                        .and_then(|l| l.windows.get(i))
+                        .map_or(0, |s| s.keys()),
+                    limit: w.limit,
+                    max_keys: w.max_keys,
+                    mode: if w.dry_run { "dry_run" } else { "enforce" },
+                    name: w.name.clone(),
+                    per: humantime::format_duration(w.per).to_string(),
+                    scope: if w.global { "global" } else { "replica" },
+                })
+                .collect(),
             ready_to_cut_over,
             shadow: r.shadow.as_ref().map(|s| name(s.backend)),
             shadow_methods: r.shadow.as_ref().map(|s| names(&s.methods)),
@@ -321,6 +410,28 @@ impl RouteView {
                     .unwrap_or(s.percent)
             }),
             stage: super::stage(active, id),
+            stale: r.stale.as_ref().map(|st| {
+                let mut on: Vec<String> = Vec::new();
+                if st.on_connect {
+                    on.push("connect".into());
+                }
+                if st.on_timeout {
+                    on.push("timeout".into());
+                }
+                on.extend(st.on_status.iter().map(u16::to_string));
+                StaleView {
+                    max_entry: st.max_entry,
+                    max_stale: humantime::format_duration(st.max_stale).to_string(),
+                    on,
+                    outcomes: runtime
+                        .stale
+                        .as_ref()
+                        .map(|c| c.counts().into_iter().collect())
+                        .unwrap_or_default(),
+                    per_user: st.per_user.as_ref().map(|c| format!("claim:{c}")),
+                    vary: st.vary.iter().map(ToString::to_string).collect(),
+                }
+            }),
             traffic: runtime.traffic.view(),
             upgrades: r.upgrades.clone(),
         }

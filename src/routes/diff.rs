@@ -166,6 +166,17 @@ fn field_changes(ot: &RouteTable, o: &Route, nt: &RouteTable, n: &Route) -> Vec<
         })
     };
     field("auth", auth(ot, o), auth(nt, n));
+    field(
+        "rate_limit",
+        super::limits::describe_windows(&o.rate_limits),
+        super::limits::describe_windows(&n.rate_limits),
+    );
+    let stale = |r: &Route| {
+        r.stale
+            .as_ref()
+            .map_or_else(|| "none".to_string(), super::limits::Stale::describe)
+    };
+    field("stale_if_error", stale(o), stale(n));
     if o.compare != n.compare {
         out.push("compare settings changed".into());
     }

@@ -76,3 +76,54 @@ pub struct Stale {
     /// A verified claim that keys copies of requests with credentials (`claim:sub` -> `sub`).
     pub per_user: Option<String>,
 }
+
+/// Windows in one line, for `diff` and `explain`: `default 100/1m burst 20 by ip`.
+pub fn describe_windows(windows: &[RateLimit]) -> String {
+    if windows.is_empty() {
+        return "none".into();
+    }
+    windows
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {}/{} burst {} by {}{}{}",
+                w.name,
+                w.limit,
+                humantime::format_duration(w.per),
+                w.burst,
+                w.key,
+                if w.dry_run { " (dry run)" } else { "" },
+                if w.global { " (global)" } else { "" },
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Stale {
+    /// One line for `diff` and `explain`.
+    pub fn describe(&self) -> String {
+        let mut on: Vec<String> = Vec::new();
+        if self.on_connect {
+            on.push("connect".into());
+        }
+        if self.on_timeout {
+            on.push("timeout".into());
+        }
+        on.extend(self.on_status.iter().map(u16::to_string));
+        let vary: Vec<&str> = self.vary.iter().map(HeaderName::as_str).collect();
+        format!(
+            "max_stale {} on {}{}{}",
+            humantime::format_duration(self.max_stale),
+            on.join(","),
+            if vary.is_empty() {
+                String::new()
+            } else {
+                format!(", vary {}", vary.join(","))
+            },
+            self.per_user
+                .as_ref()
+                .map_or(String::new(), |c| format!(", per user claim:{c}")),
+        )
+    }
+}
