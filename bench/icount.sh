@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # strangler instruction-count benchmark: userspace instructions per request, counted by
-# callgrind, for strangler (plain, shadowed, canary, auth and 64 KiB routes) and nginx as a
+# callgrind, for strangler (plain, shadowed, canary, auth, rate-limited, stale-if-error and 64 KiB routes) and nginx as a
 # reverse proxy (plain and 64 KiB), side by side in one run.
 #
 #   bench/icount.sh                  full run: every target, N=4000 requests each
@@ -154,6 +154,14 @@ claims_to_headers = { "x-user-id" = "sub" }
 prefix = "/auth"
 backend = "legacy"
 auth = "bench"
+[[routes]]
+prefix = "/limited"
+backend = "legacy"
+rate_limit = { limit = 1000000, per = "1s", key = "ip" }
+[[routes]]
+prefix = "/stale"
+backend = "legacy"
+stale_if_error = { max_stale = "1h" }
 CONF
 
 # h2load sends one header set on every request, so a sticky canary puts all of them on one side.
@@ -240,11 +248,13 @@ if (( SMOKE )); then
   TARGETS=("strangler plain")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
 else
-  TARGETS=("strangler plain" "nginx plain" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth")
+  TARGETS=("strangler plain" "nginx plain" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler ratelimit" "strangler stale")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
   measure "strangler shadow" "$STRANGLER_PID" "$STRANGLER" /shadow strangler
   measure "strangler canary" "$STRANGLER_PID" "$STRANGLER" /canary strangler
   measure "strangler auth" "$STRANGLER_PID" "$STRANGLER" /auth strangler
+  measure "strangler ratelimit" "$STRANGLER_PID" "$STRANGLER" /limited strangler
+  measure "strangler stale" "$STRANGLER_PID" "$STRANGLER" /stale strangler
   measure "strangler 64 KiB" "$STRANGLER_PID" "$STRANGLER" /big strangler
   measure "nginx plain" "$NGINX_PID" "$NGINX_PROXY" /plain nginx
   measure "nginx 64 KiB" "$NGINX_PID" "$NGINX_PROXY" /big nginx
@@ -262,7 +272,7 @@ for t in "${TARGETS[@]}"; do
   case $t in
     "strangler plain") r=$([[ -n ${PER[nginx plain]:-} ]] && echo "$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain" || echo "-") ;;
     "strangler 64 KiB") r="$(ratio "${PER[$t]}" "${PER[nginx 64 KiB]}") × nginx 64 KiB" ;;
-    "strangler shadow"|"strangler canary"|"strangler auth") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
+    "strangler shadow"|"strangler canary"|"strangler auth"|"strangler ratelimit"|"strangler stale") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
     nginx*) r="1.00 (reference)" ;;
   esac
   printf '| %s | %d | %s |\n' "$t" "${PER[$t]}" "$r"
