@@ -126,19 +126,22 @@ impl Window {
         at.saturating_duration_since(self.base).as_nanos() as u64
     }
 
-    /// GCRA on this replica for the key `material`, at `now`.
-    pub fn check(&self, w: &RateLimit, material: &[u8], now: Instant) -> Verdict {
+    fn key(&self, material: &[u8]) -> u64 {
         let mut h = self.hasher.build_hasher();
         h.write(material);
-        let key = h.finish();
-        let cell = match self.buckets.get(&key) {
-            Some(c) => c,
-            None => {
-                let c = Arc::new(AtomicU64::new(0));
-                self.buckets.insert(key, c.clone());
-                c
-            }
-        };
+        h.finish()
+    }
+
+    /// GCRA on this replica for the key `material`, at `now`.
+    pub fn check(&self, w: &RateLimit, material: &[u8], now: Instant) -> Verdict {
+        // One cell per key even when its first requests arrive together (a get, then an
+        // insert, would let each of them start a full bucket of its own).
+        let cell = self
+            .buckets
+            .get_or_insert_with(&self.key(material), || {
+                Ok::<_, std::convert::Infallible>(Arc::new(AtomicU64::new(0)))
+            })
+            .unwrap_or_else(|never| match never {});
         let t = self.nanos(now);
         let interval = w.interval().as_nanos() as u64;
         let tolerance = interval.saturating_mul(w.burst);
@@ -162,6 +165,17 @@ impl Window {
                 Err(now_there) => tat = now_there,
             }
         }
+    }
+
+    /// Gives back what an allowed `check` took, when a later window refused the request.
+    fn refund(&self, w: &RateLimit, material: &[u8]) {
+        let Some(cell) = self.buckets.get(&self.key(material)) else {
+            return;
+        };
+        let interval = w.interval().as_nanos() as u64;
+        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+            Some(tat.saturating_sub(interval))
+        });
     }
 
     /// Drops keys whose bucket is full again (no different from an absent key).
@@ -246,8 +260,12 @@ impl Limits {
         }
     }
 
-    /// Checks every window of a route for this request, in order; the first enforced window
-    /// that limits refuses it.
+    /// Checks every window of a route for this request: the windows on this replica first,
+    /// then the global ones (a request one of them refuses costs no round trip to the
+    /// store), each in its order; the first enforced window that limits refuses it. A
+    /// refused request spends no window's quota: what the replica's windows took before the
+    /// refusal is given back (a global window that passed before another global window refused
+    /// keeps its count: giving it back would cost another round trip).
     pub async fn check(
         &self,
         metrics: &Metrics,
@@ -260,7 +278,13 @@ impl Limits {
         let now = Instant::now();
         let mut tightest: Option<(&RateLimit, u64, Duration)> = None;
         let mut outcome = None;
-        for (w, state) in route.rate_limits.iter().zip(&limits.windows) {
+        // Windows that let the request through, counted once it is known to pass.
+        let mut passed: Vec<(&RateLimit, &Window, Vec<u8>)> = Vec::new();
+        let windows = || route.rate_limits.iter().zip(&limits.windows);
+        let ordered = windows()
+            .filter(|(w, _)| !w.global)
+            .chain(windows().filter(|(w, _)| w.global));
+        for (w, state) in ordered {
             let material = key_material(&w.key, headers, client, claims);
             let verdict = if w.global {
                 self.check_global(w, &route.prefix, &material, state, now)
@@ -270,14 +294,19 @@ impl Limits {
             };
             match verdict {
                 Verdict::Allowed { remaining, reset } => {
-                    state.count(metrics, ALLOWED);
                     if !w.dry_run && tightest.is_none_or(|(_, r, _)| remaining < r) {
                         tightest = Some((w, remaining, reset));
                     }
+                    passed.push((w, state, material));
                 }
-                Verdict::Unknown => state.count(metrics, ALLOWED),
+                Verdict::Unknown => passed.push((w, state, Vec::new())),
                 Verdict::Limited { retry_after, reset } if !w.dry_run => {
                     state.count(metrics, LIMITED);
+                    for (w, state, material) in &passed {
+                        if !w.global {
+                            state.refund(w, material);
+                        }
+                    }
                     debug!(route = %route.prefix, policy = %w.name, "rate limited");
                     return Checked {
                         limited: Some(retry_after),
@@ -292,6 +321,9 @@ impl Limits {
                     outcome = Some("would_limit");
                 }
             }
+        }
+        for (_, state, _) in &passed {
+            state.count(metrics, ALLOWED);
         }
         Checked {
             limited: None,
@@ -430,6 +462,9 @@ pub struct Store {
     conn: ArcSwapOption<redis::aio::ConnectionManager>,
     script: redis::Script,
     started: std::sync::atomic::AtomicBool,
+    /// Whether the last round trip worked (a connection, once made, is kept and remade by
+    /// the connection manager: having one says nothing of Redis now).
+    answering: std::sync::atomic::AtomicBool,
     born: Instant,
     /// Milliseconds since `born` before which the store is not asked (after a failure).
     skip_until: AtomicU64,
@@ -450,14 +485,15 @@ impl Store {
             conn: ArcSwapOption::empty(),
             script: redis::Script::new(GCRA),
             started: Default::default(),
+            answering: std::sync::atomic::AtomicBool::new(true),
             born: Instant::now(),
             skip_until: AtomicU64::new(0),
         })
     }
 
-    /// Whether the connection is made.
+    /// Whether the connection is made and the last round trip on it worked.
     pub fn connected(&self) -> bool {
-        self.conn.load().is_some()
+        self.conn.load().is_some() && self.answering.load(Ordering::Relaxed)
     }
 
     fn start(self: &Arc<Self>) {
@@ -500,6 +536,7 @@ impl Store {
                 humantime::format_duration(self.settings.timeout)
             )),
         };
+        self.answering.store(result.is_ok(), Ordering::Relaxed);
         let (allowed, retry_us, reset_us) = result.inspect_err(|_| {
             self.skip_until.store(
                 self.millis() + STORE_BACKOFF.as_millis() as u64,

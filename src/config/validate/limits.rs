@@ -10,6 +10,8 @@ use crate::routes::{LimitKey, RateLimit, Stale};
 
 /// Keys a window tracks at most, per replica.
 const DEFAULT_MAX_KEYS: i64 = 100_000;
+/// The longest window: bucket times are u64 nanoseconds, and a longer `per` is no rate.
+const MAX_PER: Duration = Duration::from_secs(31_557_600);
 /// A global limit's budget for its round trip to Redis.
 const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Stored answers, all routes together.
@@ -91,10 +93,29 @@ impl Ctx {
             .burst
             .as_ref()
             .map_or(limit, |b| self.count(b, "rate_limit.burst", 1));
-        if per / (limit.max(1) as u32) < Duration::from_micros(1) {
+        // The window's arithmetic divides `per` by a u32 and keeps times in u64 nanoseconds.
+        if limit > u64::from(u32::MAX) {
+            self.err(
+                w.limit.span(),
+                format!(
+                    "`rate_limit.limit` must be at most {}, got {limit}",
+                    u32::MAX
+                ),
+            );
+        } else if per.as_nanos() / u128::from(limit.max(1)) < 1_000 {
             self.err(
                 w.limit.span(),
                 "`rate_limit`: more than a million requests per second is not a limit".into(),
+            );
+        }
+        if per > MAX_PER {
+            self.err(
+                w.per.span(),
+                format!(
+                    "`rate_limit.per` must be at most a year ({}), got {}",
+                    humantime::format_duration(MAX_PER),
+                    humantime::format_duration(per)
+                ),
             );
         }
         let key = match &w.key {

@@ -1,0 +1,1405 @@
+//! Per-route rate limits, end to end: a real proxy and real backends on 127.0.0.1:0, real
+//! requests. What is checked: the burst shape and the answer of a limited request (429,
+//! `Retry-After`, `RateLimit-Policy`, `RateLimit`); keys kept apart (header, claim, address)
+//! and keyless requests limited by address; forwarding headers believed only from trusted
+//! proxies; dry runs; several named windows; the key bound under a flood of distinct keys;
+//! buckets across reloads; refused requests reaching no backend, no shadow and no guard; the
+//! config errors, each at its line and column. The `#[ignore]`d tests run real Redis servers
+//! (Debian's `redis-server`) for `scope = "global"`: shared counting across three proxies, an
+//! outage (paused, then killed) under each `on_error`, and the reconnection after a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use support::*;
+
+// -------------------------------------------------------------------------------- backends
+
+/// A backend that counts what reaches it (read whole) and answers `{"backend": NAME}`.
+struct Counted {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    _running: Running,
+}
+
+impl Counted {
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn counted(name: &'static str) -> Counted {
+    let (l, addr) = listener().await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(legacy_stub::http::serve(
+        l,
+        move |req: Request<hyper::body::Incoming>, _| {
+            let hits = h.clone();
+            async move {
+                let _ = req.into_body().collect().await;
+                hits.fetch_add(1, Ordering::SeqCst);
+                legacy_stub::http::json(StatusCode::OK, &json!({ "backend": name }))
+            }
+        },
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Counted {
+        addr,
+        hits,
+        _running: Running {
+            addr,
+            stop: Some(tx),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------- config
+
+const SERVER: &str =
+    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n";
+
+/// `[server]` on port 0, no watching, with `extra` lines.
+fn server_with(extra: &str) -> String {
+    format!("{SERVER}{extra}\n")
+}
+
+fn backend(name: &str, addr: SocketAddr) -> String {
+    let legacy = if name == "legacy" {
+        "legacy = true\n"
+    } else {
+        ""
+    };
+    format!("[backends.{name}]\nurl = \"http://{addr}\"\n{legacy}")
+}
+
+fn route(prefix: &str, backend: &str, rest: &str) -> String {
+    format!("[[routes]]\nprefix = \"{prefix}\"\nbackend = \"{backend}\"\n{rest}\n")
+}
+
+// ---------------------------------------------------------------------------------- calls
+
+/// GET `path` on the proxy with `headers`.
+async fn call(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Reply {
+    send_with(Method::GET, &proxy.url(path), headers, Bytes::new()).await
+}
+
+/// `n` GETs, one after another; their statuses.
+async fn statuses(proxy: &Proxy, path: &str, headers: &[(&str, &str)], n: usize) -> Vec<u16> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(call(proxy, path, headers).await.status.as_u16());
+    }
+    out
+}
+
+fn header(r: &Reply, name: &str) -> Option<String> {
+    r.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// A refusal in the contract's shape: 429, code `rate_limited`, a request id that matches
+/// `X-Request-ID`, and a `Retry-After` of at least one whole second. Returns `Retry-After`.
+fn assert_limited(what: &str, r: &Reply) -> u64 {
+    assert_eq!(r.status, 429, "{what}: {}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], "rate_limited", "{what}: {body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{what}: {body}"
+    );
+    assert!(
+        body["request_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{what}: {body}"
+    );
+    assert_eq!(
+        header(r, "x-request-id").as_deref(),
+        body["request_id"].as_str(),
+        "{what}"
+    );
+    let retry = header(r, "retry-after").unwrap_or_else(|| panic!("{what}: no Retry-After"));
+    let secs: u64 = retry
+        .parse()
+        .unwrap_or_else(|_| panic!("{what}: Retry-After {retry:?} is not whole seconds"));
+    assert!(secs >= 1, "{what}: Retry-After {secs}");
+    secs
+}
+
+/// `strangler_ratelimit_total{route, policy, outcome}` (0 when absent).
+fn rl_count(m: &str, route: &str, policy: &str, outcome: &str) -> f64 {
+    metric(
+        m,
+        "strangler_ratelimit_total",
+        &[("route", route), ("policy", policy), ("outcome", outcome)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// `strangler_requests_total{route, backend, status}` (0 when absent).
+fn requests(m: &str, route: &str, backend: &str, status: &str) -> f64 {
+    metric(
+        m,
+        "strangler_requests_total",
+        &[("route", route), ("backend", backend), ("status", status)],
+    )
+    .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------- 1
+
+#[tokio::test]
+async fn a_burst_passes_at_once_then_429_says_the_policy_and_when_to_retry() {
+    let legacy = counted("legacy").await;
+    // 2 per second sustained (one every 500 ms), bursts of 3.
+    let text = format!(
+        "{SERVER}{}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 2, per = \"1s\", burst = 3 }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let start = Instant::now();
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        replies.push(call(&proxy, "/api/x", &[]).await);
+    }
+    let took = start.elapsed();
+    // The exact values below hold while the four requests take less than one refill (500 ms).
+    assert!(
+        took < Duration::from_millis(450),
+        "four requests took {took:?}"
+    );
+    let policy = "\"default\";q=2;w=1";
+    // remaining after each; seconds until the bucket is full again (0.5, 1.0, 1.5 s, less
+    // the time since the first request, rounded up).
+    for (i, (r, t)) in [(2, 1), (1, 1), (0, 2)].into_iter().enumerate() {
+        let reply = &replies[i];
+        assert_eq!(reply.status, 200, "request {}: {}", i + 1, reply.text());
+        assert_eq!(header(reply, "ratelimit-policy").as_deref(), Some(policy));
+        assert_eq!(
+            header(reply, "ratelimit"),
+            Some(format!("\"default\";r={r};t={t}")),
+            "request {}",
+            i + 1
+        );
+        assert_eq!(header(reply, "retry-after"), None);
+    }
+    let limited = &replies[3];
+    let retry = assert_limited("the fourth request", limited);
+    // The next slot opens 500 ms after the first request's: rounded up, one second.
+    assert_eq!(retry, 1);
+    assert_eq!(header(limited, "ratelimit-policy").as_deref(), Some(policy));
+    assert_eq!(
+        header(limited, "ratelimit").as_deref(),
+        Some("\"default\";r=0;t=2")
+    );
+    assert_eq!(legacy.hits(), 3, "the limited request reached the backend");
+
+    let m = metrics_text(&proxy).await;
+    assert_eq!(rl_count(&m, "/api", "default", "allowed"), 3.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "limited"), 1.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "would_limit"), 0.0, "{m}");
+    assert_eq!(requests(&m, "/api", "legacy", "200"), 3.0, "{m}");
+    assert_eq!(requests(&m, "/api", "none", "429"), 1.0, "{m}");
+
+    // Retry-After is honest: once it has passed, a request passes.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let r = call(&proxy, "/api/x", &[]).await;
+    assert_eq!(r.status, 200, "after Retry-After: {}", r.text());
+    assert_eq!(legacy.hits(), 4);
+}
+
+/// Requests for one new key, all at once: one bucket, whoever comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_of_a_new_key_share_one_bucket() {
+    let legacy = counted("legacy").await;
+    let text = format!(
+        "{SERVER}{}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 1, per = \"1h\", burst = 2, key = \"header:x-key\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let client = client();
+    let mut passed = Vec::new();
+    for round in 0..100 {
+        let key = format!("new-{round}");
+        let got: Vec<u16> = futures_util::future::join_all((0..16).map(|_| {
+            let req = Request::get(proxy.url("/api"))
+                .header("x-key", &key)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let client = client.clone();
+            async move { client.request(req).await.unwrap().status().as_u16() }
+        }))
+        .await;
+        passed.push(got.iter().filter(|&&s| s == 200).count());
+    }
+    assert!(
+        passed.iter().all(|&n| n == 2),
+        "passed per new key (burst 2): {passed:?}"
+    );
+    assert_eq!(legacy.hits(), 200);
+}
+
+/// A refused upload is answered without reading its body; the client's pooled connection
+/// must still serve (or be closed cleanly before) its next request.
+#[tokio::test]
+async fn a_refused_upload_leaves_the_client_connection_usable() {
+    let legacy = counted("legacy").await;
+    let text = format!(
+        "{SERVER}{}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let client = client();
+    let post = |key: &str, size: usize| {
+        Request::post(proxy.url("/api"))
+            .header("x-key", key)
+            .body(Full::new(Bytes::from(vec![b'x'; size])))
+            .unwrap()
+    };
+    for (i, size) in [0, 10, 100_000, 1_000_000].into_iter().enumerate() {
+        let key = format!("upload-{i}");
+        let first = client.request(post(&key, size)).await.unwrap();
+        let status = first.status();
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, 200, "{size} bytes: {body:?}");
+        let refused = client.request(post(&key, size)).await.unwrap();
+        assert_eq!(refused.status(), 429, "{size} bytes");
+        refused.into_body().collect().await.unwrap();
+        // The next request on the same client (its pooled connection, if still open).
+        let next = client
+            .request(post(&format!("next-{i}"), 10))
+            .await
+            .unwrap_or_else(|e| panic!("after a refused {size}-byte upload: {e:?}"));
+        assert_eq!(next.status(), 200, "after a refused {size}-byte upload");
+        next.into_body().collect().await.unwrap();
+    }
+    assert_eq!(legacy.hits(), 8);
+}
+
+// ---------------------------------------------------------------------------------- 2
+
+#[tokio::test]
+async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() {
+    let legacy = counted("legacy").await;
+    // Behind a trusted proxy (the test client on 127.0.0.1), so X-Forwarded-For sets the
+    // client's address.
+    let text = format!(
+        "{}{}{}",
+        server_with("trusted_proxies = [\"127.0.0.1/32\"]"),
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 1, per = \"1m\", burst = 2, key = \"header:x-api-key\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let from = |ip: &'static str| ("x-forwarded-for", ip);
+    for key in ["alice", "bob"] {
+        assert_eq!(
+            statuses(
+                &proxy,
+                "/api",
+                &[("x-api-key", key), from("198.51.100.1")],
+                3
+            )
+            .await,
+            [200, 200, 429],
+            "{key}"
+        );
+    }
+    // Another address with alice's key is still alice.
+    let r = call(
+        &proxy,
+        "/api",
+        &[("x-api-key", "alice"), from("198.51.100.2")],
+    )
+    .await;
+    assert_limited("alice from another address", &r);
+    // Without the key: by address. 198.51.100.1 sent only keyed requests so far.
+    assert_eq!(
+        statuses(&proxy, "/api", &[from("198.51.100.1")], 3).await,
+        [200, 200, 429],
+        "keyless from 198.51.100.1"
+    );
+    // An empty value is no key either.
+    let r = call(&proxy, "/api", &[("x-api-key", ""), from("198.51.100.1")]).await;
+    assert_limited("an empty key from 198.51.100.1", &r);
+    assert_eq!(
+        call(&proxy, "/api", &[from("198.51.100.3")]).await.status,
+        200,
+        "keyless from another address"
+    );
+    // A key whose value is an address is not that address's bucket.
+    assert_eq!(
+        statuses(&proxy, "/api", &[("x-api-key", "198.51.100.3")], 2).await,
+        [200, 200]
+    );
+    assert_eq!(
+        call(&proxy, "/api", &[from("198.51.100.3")]).await.status,
+        200,
+        "the address's own second request"
+    );
+    assert_eq!(legacy.hits(), 2 + 2 + 2 + 1 + 2 + 1);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(rl_count(&m, "/api", "default", "allowed"), 10.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "limited"), 5.0, "{m}");
+}
+
+/// HS256 with a secret file: the simplest provider for a `claim:sub` key.
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+
+fn token(sub: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"iss": "https://auth.test/", "aud": "api", "sub": sub, "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+const PROVIDER: &str = "[auth.internal]\nissuer = \"https://auth.test/\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\nsecret_file = \"secret\"\n";
+
+#[tokio::test]
+async fn a_claim_key_counts_each_subject_and_anonymous_callers_by_address() {
+    let legacy = counted("legacy").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let text = format!(
+        "{SERVER}{}{PROVIDER}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "auth = { provider = \"internal\", mode = \"optional\" }\n\
+             rate_limit = { limit = 1, per = \"1m\", burst = 2, key = \"claim:sub\" }"
+        ),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    for sub in ["user-1", "user-2"] {
+        let bearer = format!("Bearer {}", token(sub));
+        assert_eq!(
+            statuses(&proxy, "/api", &[("authorization", &bearer)], 3).await,
+            [200, 200, 429],
+            "{sub}"
+        );
+    }
+    // A fresh token of user-1 is still user-1.
+    let bearer = format!("Bearer {}", token("user-1"));
+    let r = call(&proxy, "/api", &[("authorization", &bearer)]).await;
+    assert_limited("user-1 with another token", &r);
+    // Anonymous (optional auth): by address, its own bucket.
+    assert_eq!(
+        statuses(&proxy, "/api", &[], 3).await,
+        [200, 200, 429],
+        "anonymous"
+    );
+    // A bad token is refused by auth before any limit counts it.
+    let r = call(&proxy, "/api", &[("authorization", "Bearer not.a.token")]).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(legacy.hits(), 6);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(rl_count(&m, "/api", "default", "allowed"), 6.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "limited"), 4.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 3
+
+#[tokio::test]
+async fn forwarding_headers_choose_the_bucket_only_from_trusted_proxies() {
+    let legacy = counted("legacy").await;
+    let limited_route = route(
+        "/api",
+        "legacy",
+        "rate_limit = { limit = 1, per = \"1m\", burst = 2, key = \"ip\" }",
+    );
+    // Without trusted_proxies, every request comes from the peer, 127.0.0.1, whatever it says.
+    let open = Proxy::start(&format!(
+        "{SERVER}{}{limited_route}",
+        backend("legacy", legacy.addr)
+    ))
+    .await;
+    let xff = |ip: &'static str| [("x-forwarded-for", ip)];
+    assert_eq!(
+        statuses(&open, "/api", &xff("203.0.113.1"), 2).await,
+        [200, 200]
+    );
+    for (what, h) in [
+        (
+            "another X-Forwarded-For",
+            ("x-forwarded-for", "203.0.113.2"),
+        ),
+        ("a list", ("x-forwarded-for", "203.0.113.3, 203.0.113.4")),
+        ("Forwarded", ("forwarded", "for=203.0.113.5")),
+        ("X-Real-IP", ("x-real-ip", "203.0.113.6")),
+        ("nothing", ("x-nothing", "1")),
+    ] {
+        let r = call(&open, "/api", &[h]).await;
+        assert_limited(&format!("untrusted peer, {what}"), &r);
+    }
+    assert_eq!(legacy.hits(), 2);
+
+    // Behind a trusted proxy: the first untrusted hop from the right is the client.
+    let behind = Proxy::start(&format!(
+        "{}{}{limited_route}",
+        server_with("trusted_proxies = [\"127.0.0.1/32\"]"),
+        backend("legacy", legacy.addr)
+    ))
+    .await;
+    assert_eq!(
+        statuses(&behind, "/api", &xff("203.0.113.1"), 3).await,
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(&behind, "/api", &xff("203.0.113.2"), 1).await,
+        [200],
+        "another client"
+    );
+    // A client that prepends a made-up address is still itself (the trusted proxy appended
+    // the real one), and trusted hops are skipped.
+    for spoof in ["198.51.100.99, 203.0.113.1", "203.0.113.1, 127.0.0.1"] {
+        let r = call(&behind, "/api", &[("x-forwarded-for", spoof)]).await;
+        assert_limited(spoof, &r);
+    }
+    // Without the header the client is the trusted peer itself: its own bucket.
+    assert_eq!(call(&behind, "/api", &[]).await.status, 200);
+    assert_eq!(legacy.hits(), 2 + 2 + 1 + 1);
+}
+
+// ---------------------------------------------------------------------------------- 4
+
+#[tokio::test]
+async fn a_dry_run_forwards_everything_and_counts_what_it_would_limit() {
+    let legacy = counted("legacy").await;
+    let text = format!(
+        "{SERVER}{}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 1, per = \"1m\", burst = 2, mode = \"dry_run\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    for i in 0..5 {
+        let r = call(&proxy, "/api", &[]).await;
+        assert_eq!(r.status, 200, "request {}: {}", i + 1, r.text());
+        for h in ["ratelimit-policy", "ratelimit", "retry-after"] {
+            assert_eq!(header(&r, h), None, "request {}: {h}", i + 1);
+        }
+    }
+    assert_eq!(legacy.hits(), 5);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(rl_count(&m, "/api", "default", "allowed"), 2.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "would_limit"), 3.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "limited"), 0.0, "{m}");
+    assert_eq!(requests(&m, "/api", "legacy", "200"), 5.0, "{m}");
+    assert_eq!(requests(&m, "/api", "none", "429"), 0.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 5
+
+#[tokio::test]
+async fn of_several_windows_the_tightest_limits_and_the_policy_lists_them_all() {
+    let legacy = counted("legacy").await;
+    // "minute": 4 a minute (no refill within the test). "burst": 2 at once, one every 500 ms.
+    let text = format!(
+        "{SERVER}{}{}\
+         [[routes.rate_limit]]\nname = \"minute\"\nlimit = 4\nper = \"1m\"\n\
+         [[routes.rate_limit]]\nname = \"burst\"\nlimit = 2\nper = \"1s\"\n",
+        backend("legacy", legacy.addr),
+        route("/api", "legacy", ""),
+    );
+    let proxy = Proxy::start(&text).await;
+    let policy = "\"minute\";q=4;w=60, \"burst\";q=2;w=1";
+    let start = Instant::now();
+    let r1 = call(&proxy, "/api", &[]).await;
+    let r2 = call(&proxy, "/api", &[]).await;
+    let r3 = call(&proxy, "/api", &[]).await;
+    assert!(start.elapsed() < Duration::from_millis(450));
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(header(r, "ratelimit-policy").as_deref(), Some(policy));
+    }
+    assert_eq!(r1.status, 200);
+    // The tightest state is reported: burst has 1 left, minute 3.
+    assert_eq!(
+        header(&r1, "ratelimit").as_deref(),
+        Some("\"burst\";r=1;t=1")
+    );
+    assert_eq!(r2.status, 200);
+    assert_eq!(
+        header(&r2, "ratelimit").as_deref(),
+        Some("\"burst\";r=0;t=1")
+    );
+    assert_limited("third at once", &r3);
+    assert_eq!(
+        header(&r3, "ratelimit").as_deref(),
+        Some("\"burst\";r=0;t=1")
+    );
+
+    // Once the burst window is full again, the minute window has 2 left: a refused request
+    // spends no window's quota.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r4 = call(&proxy, "/api", &[]).await;
+    assert_eq!(r4.status, 200, "{}", r4.text());
+    let state = header(&r4, "ratelimit").unwrap();
+    assert!(
+        state.starts_with("\"minute\";r=1;"),
+        "{state}: after the pause (the refused third request must not have used minute's quota)"
+    );
+    let r5 = call(&proxy, "/api", &[]).await;
+    assert_eq!(
+        r5.status,
+        200,
+        "the fourth request minute allows: {}",
+        r5.text()
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r6 = call(&proxy, "/api", &[]).await;
+    assert_limited("the fifth in a minute", &r6);
+    let state = header(&r6, "ratelimit").unwrap();
+    assert!(state.starts_with("\"minute\";r=0;t="), "{state}");
+    let retry: u64 = header(&r6, "retry-after").unwrap().parse().unwrap();
+    assert!((12..=15).contains(&retry), "Retry-After {retry}");
+    assert_eq!(legacy.hits(), 4);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(rl_count(&m, "/api", "burst", "limited"), 1.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "minute", "limited"), 1.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "minute", "allowed"), 4.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 6
+
+/// GETs `path` with `x-key: flood-I` for each I in `keys`, 64 at a time on pooled connections;
+/// the statuses (a connection error is a failure).
+async fn flood(proxy: &Proxy, path: &str, keys: std::ops::Range<usize>) -> Vec<u16> {
+    let client = client();
+    let url = proxy.url(path);
+    futures_util::stream::iter(keys)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let req = Request::get(&url)
+                    .header("x-key", format!("flood-{i}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.expect("the proxy answers");
+                let status = resp.status().as_u16();
+                resp.into_body().collect().await.unwrap();
+                status
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
+}
+
+/// `max_keys = 1000`, one key that keeps coming back after it was limited, then `n` distinct
+/// keys as fast as they come: the window tracks at most 1000, the busy key stays limited.
+async fn flood_case(n: usize) -> Proxy {
+    let legacy = counted("legacy").await;
+    let text = format!(
+        "{SERVER}{}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\", max_keys = 1000 }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    assert_eq!(
+        statuses(&proxy, "/api", &[("x-key", "busy")], 4).await,
+        [200, 429, 429, 429]
+    );
+    let start = Instant::now();
+    let got = flood(&proxy, "/api", 0..n).await;
+    let took = start.elapsed();
+    let ok = got.iter().filter(|&&s| s == 200).count();
+    assert_eq!(ok, n, "each new key's first request passes");
+    assert_eq!(legacy.hits(), 1 + n);
+    // The live count, on /routes (`strangler_ratelimit_keys` waits for the 10 s sweep).
+    let view = route_json(&proxy, "/api").await;
+    let windows = &view["rate_limits"];
+    assert_eq!(windows[0]["max_keys"], 1000, "{view}");
+    let keys = windows[0]["keys"].as_u64().expect("rate_limits[0].keys");
+    eprintln!("{n} distinct keys in {took:?}; keys tracked after: {keys}");
+    assert!(keys <= 1000, "{keys} keys tracked with max_keys = 1000");
+    assert!(
+        keys >= 500,
+        "only {keys} keys tracked: the bound evicts too eagerly"
+    );
+    // The process is fine, and the busy key was not evicted by the flood.
+    let r = call(&proxy, "/api", &[("x-key", "busy")]).await;
+    assert_limited("the busy key after the flood", &r);
+    assert_eq!(
+        call(&proxy, "/api", &[("x-key", "newcomer")]).await.status,
+        200
+    );
+    proxy
+}
+
+/// 11 times `max_keys` (a debug build forwards about 2,000 requests a second on two cores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_distinct_keys_stays_within_max_keys_and_a_busy_key_stays_limited() {
+    flood_case(11_000).await;
+}
+
+/// 20 times `max_keys`, then the 10 s sweep's `strangler_ratelimit_keys`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 20,000 requests and a sweep (about 20 s)"]
+async fn twenty_thousand_distinct_keys_and_the_key_gauge_stay_within_max_keys() {
+    let proxy = flood_case(20_000).await;
+    let gauge = eventually(Duration::from_secs(12), || async {
+        metric(
+            &metrics_text(&proxy).await,
+            "strangler_ratelimit_keys",
+            &[("route", "/api")],
+        )
+    })
+    .await;
+    eprintln!("strangler_ratelimit_keys after the sweep: {gauge}");
+    assert!((1.0..=1000.0).contains(&gauge), "{gauge}");
+}
+
+// ---------------------------------------------------------------------------------- 7
+
+#[tokio::test]
+async fn buckets_survive_reloads_that_keep_the_window_and_start_fresh_when_it_changes() {
+    let legacy = counted("legacy").await;
+    let other = counted("other").await;
+    let cfg = |a_limit: u32, a_backend: &str, b_limit: u32| {
+        format!(
+            "{SERVER}{}{}{}{}",
+            backend("legacy", legacy.addr),
+            backend("other", other.addr),
+            route(
+                "/a",
+                a_backend,
+                &format!("rate_limit = {{ limit = {a_limit}, per = \"1m\", key = \"route\" }}")
+            ),
+            route(
+                "/b",
+                "legacy",
+                &format!("rate_limit = {{ limit = {b_limit}, per = \"1m\", key = \"route\" }}")
+            ),
+        )
+    };
+    let proxy = Proxy::start(&cfg(2, "legacy", 1)).await;
+    assert_eq!(statuses(&proxy, "/a", &[], 3).await, [200, 200, 429]);
+    assert_eq!(statuses(&proxy, "/b", &[], 2).await, [200, 429]);
+
+    // Another route's window changes: /a keeps its bucket, /b starts fresh.
+    reload_with(&proxy, &cfg(2, "legacy", 5)).await;
+    assert_limited("/a after a reload of /b", &call(&proxy, "/a", &[]).await);
+    assert_eq!(
+        statuses(&proxy, "/b", &[], 1).await,
+        [200],
+        "/b's new window"
+    );
+
+    // /a's backend changes, its window does not (through the admin's POST /reload).
+    std::fs::write(proxy.path(), cfg(2, "other", 5)).unwrap();
+    let r = send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["changed"], true, "{}", r.text());
+    assert_limited(
+        "/a after its backend changed",
+        &call(&proxy, "/a", &[]).await,
+    );
+
+    // /a's window changes: a fresh bucket of the new size.
+    reload_with(&proxy, &cfg(3, "other", 5)).await;
+    assert_eq!(statuses(&proxy, "/a", &[], 4).await, [200, 200, 200, 429]);
+    assert_eq!(legacy.hits(), 2 + 1 + 1);
+    assert_eq!(other.hits(), 3);
+}
+
+// ---------------------------------------------------------------------------------- 8
+
+#[tokio::test]
+async fn refused_requests_reach_no_backend_no_shadow_and_trip_no_guard() {
+    let legacy = counted("legacy").await;
+    let users = counted("users").await;
+    let mirror = counted("mirror").await;
+    // The new backend answers, a shadow gets copies, a guard watches the new backend.
+    let text = format!(
+        "{SERVER}{}{}{}{}[routes.guard]\nmax_error_rate = 0.5\nmin_requests = 3\n",
+        backend("legacy", legacy.addr),
+        backend("users", users.addr),
+        backend("mirror", mirror.addr),
+        route(
+            "/api",
+            "users",
+            "shadow = \"mirror\"\nrate_limit = { limit = 2, per = \"2s\", key = \"route\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let got = statuses(&proxy, "/api/x", &[], 12).await;
+    assert_eq!(got[..2], [200, 200], "{got:?}");
+    assert!(got[2..].iter().all(|&s| s == 429), "{got:?}");
+    eventually(Duration::from_secs(5), || async {
+        (mirror.hits() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(users.hits(), 2, "a refused request reached the backend");
+    assert_eq!(mirror.hits(), 2, "a refused request reached the shadow");
+    assert_eq!(legacy.hits(), 0);
+    let view = route_json(&proxy, "/api").await;
+    assert_eq!(view["guard_tripped"], false, "{view}");
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(&m, "strangler_guard_tripped", &[("route", "/api")]),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(requests(&m, "/api", "none", "429"), 10.0, "{m}");
+    assert_eq!(requests(&m, "/api", "users", "200"), 2.0, "{m}");
+    // Once refilled, the route still goes to the new backend (the guard did not roll back).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = call(&proxy, "/api/x", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.backend(), "users");
+}
+
+// ---------------------------------------------------------------------------------- 9
+
+/// Line and column (1-based, in characters) where the `nth` (0-based) `needle` starts.
+fn position(text: &str, needle: &str, nth: usize) -> (usize, usize) {
+    let at = text
+        .match_indices(needle)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{needle:?} #{nth} not in\n{text}"))
+        .0;
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
+    (line, col)
+}
+
+/// A routes.toml with `store` (a `[ratelimit_store]` or ""), a provider, and one route
+/// `/api` with `route_extra` lines (auth on it when `auth`).
+fn garbage_config(store: &str, auth: bool, route_extra: &str) -> String {
+    let auth = if auth { "auth = \"internal\"\n" } else { "" };
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{store}\n\
+         [backends.legacy]\nurl = \"http://127.0.0.1:9\"\nlegacy = true\n\n{PROVIDER}\n\
+         [[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\n{auth}{route_extra}\n"
+    )
+}
+
+/// The errors of `text` as `LINE:COL: message`; a panic in validation is an error too.
+fn errors(dir: &Path, text: &str) -> Result<(), Vec<String>> {
+    let text = text.to_string();
+    let dir = dir.to_path_buf();
+    match std::panic::catch_unwind(move || strangler::config::parse_at(&text, &dir)) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(diags)) => Err(diags
+            .iter()
+            .map(|d| format!("{}:{}: {}", d.line, d.col, d.message))
+            .collect()),
+        Err(_) => Err(vec!["PANICKED".into()]),
+    }
+}
+
+/// (`[ratelimit_store]` text, auth on the route, route extra, where the error points (needle,
+/// which occurrence), what it says).
+type Case<'a> = (String, bool, String, (&'a str, usize), &'a str);
+
+#[test]
+fn config_mistakes_are_reported_at_their_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let unset = "STRANGLER_RATELIMIT_TEST_NEVER_SET_4B1D";
+    assert!(std::env::var_os(unset).is_none());
+    assert!(std::env::var_os("PATH").is_some());
+
+    // The harness itself: every kind of window loads.
+    let good = garbage_config(
+        "",
+        true,
+        "[[routes.rate_limit]]\nname = \"per-user\"\nlimit = 10\nper = \"1s\"\nburst = 20\nkey = \"claim:sub\"\nmax_keys = 5000\n\
+         [[routes.rate_limit]]\nname = \"by-key\"\nlimit = 100\nper = \"1m\"\nkey = \"header:x-api-key\"\nmode = \"dry_run\"\n\
+         [[routes.rate_limit]]\nname = \"by-session\"\nlimit = 1000\nper = \"1h\"\nkey = \"cookie:session\"\nscope = \"replica\"\n\
+         [[routes.rate_limit]]\nname = \"all\"\nlimit = 1000000\nper = \"1s\"\nkey = \"route\"\nmode = \"enforce\"\n",
+    );
+    assert_eq!(errors(dir.path(), &good), Ok(()), "{good}");
+    let one = garbage_config("", false, "rate_limit = { limit = 10, per = \"1s\" }");
+    assert_eq!(errors(dir.path(), &one), Ok(()), "{one}");
+
+    let w = |body: &str| format!("rate_limit = {{ {body} }}");
+    let store = |body: &str| format!("[ratelimit_store]\n{body}\n");
+    let global = w("limit = 5, per = \"1s\", scope = \"global\"");
+    let quoted_unset = format!("\"{unset}\"");
+    let cases: Vec<Case> = vec![
+        (
+            "".into(),
+            false,
+            w("limit = 0, per = \"1s\""),
+            ("0, per", 0),
+            "`rate_limit.limit` must be at least 1, got 0",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"soon\""),
+            ("\"soon\"", 0),
+            "`rate_limit.per`: invalid duration \"soon\"",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"0s\""),
+            ("\"0s\"", 0),
+            "`rate_limit.per`",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", burst = -1"),
+            ("-1", 0),
+            "`rate_limit.burst` must be at least 1, got -1",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"query:x\""),
+            ("\"query:x\"", 0),
+            "`rate_limit.key` \"query:x\": expected",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"header:bad header\""),
+            ("\"header:bad header\"", 0),
+            "`rate_limit.key` \"header:bad header\"",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"claim:sub\""),
+            ("\"claim:sub\"", 0),
+            "`rate_limit.key` \"claim:sub\" needs `auth`",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", mode = \"block\""),
+            ("\"block\"", 0),
+            "`rate_limit.mode` \"block\"",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", scope = \"cluster\""),
+            ("\"cluster\"", 0),
+            "`rate_limit.scope` \"cluster\"",
+        ),
+        (
+            "".into(),
+            false,
+            global.clone(),
+            ("\"global\"", 0),
+            "needs a `[ratelimit_store]`",
+        ),
+        (
+            store(&format!(
+                "url = \"redis://:hunter2@127.0.0.1:6379\"\nurl_env = \"{unset}\""
+            )),
+            false,
+            "".into(),
+            ("\"redis://", 0),
+            "[ratelimit_store] `url`",
+        ),
+        (
+            store(&format!("url_env = \"{unset}\"")),
+            false,
+            "".into(),
+            (&quoted_unset[..], 0),
+            "is unset or empty",
+        ),
+        (
+            store("url_env = \"PATH\""),
+            false,
+            "".into(),
+            ("\"PATH\"", 0),
+            "PATH does not hold a redis:// or rediss:// URL",
+        ),
+        (
+            store("timeout = \"50ms\""),
+            false,
+            "".into(),
+            ("[ratelimit_store]", 0),
+            "[ratelimit_store] needs `url_env`",
+        ),
+        (
+            store(&format!("url_env = \"{unset}\"\non_error = \"retry\"")),
+            false,
+            "".into(),
+            ("\"retry\"", 0),
+            "[ratelimit_store] `on_error` \"retry\"",
+        ),
+        (
+            store(&format!("url_env = \"{unset}\"\ntimeout = \"fast\"")),
+            false,
+            "".into(),
+            ("\"fast\"", 0),
+            "`ratelimit_store.timeout`",
+        ),
+        (
+            "".into(),
+            false,
+            "[[routes.rate_limit]]\nname = \"w\"\nlimit = 1\nper = \"1s\"\n\
+             [[routes.rate_limit]]\nname = \"w\"\nlimit = 60\nper = \"1m\""
+                .into(),
+            ("\"w\"", 1),
+            "two windows named \"w\"",
+        ),
+        (
+            "".into(),
+            false,
+            "[[routes.rate_limit]]\nlimit = 1\nper = \"1s\"\n\
+             [[routes.rate_limit]]\nname = \"minute\"\nlimit = 60\nper = \"1m\""
+                .into(),
+            ("[[routes.rate_limit]]", 0),
+            "each of several `[[routes.rate_limit]]` windows needs a `name`",
+        ),
+        (
+            "".into(),
+            false,
+            w("name = \"my window\", limit = 5, per = \"1s\""),
+            ("\"my window\"", 0),
+            "`rate_limit.name` \"my window\"",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", max_keys = 0"),
+            ("0 }", 0),
+            "`rate_limit.max_keys` must be at least 1, got 0",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 2000000, per = \"1s\""),
+            ("2000000", 0),
+            "more than a million requests per second",
+        ),
+        (
+            // 2^32: more than the window arithmetic holds.
+            "".into(),
+            false,
+            w("limit = 4294967296, per = \"10000h\""),
+            ("4294967296", 0),
+            "`rate_limit.limit` must be at most 4294967295",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 1, per = \"600years\""),
+            ("\"600years\"", 0),
+            "`rate_limit.per` must be at most a year",
+        ),
+        (
+            "".into(),
+            false,
+            "rate_limit = []".into(),
+            ("[]", 0),
+            "`rate_limit` is an empty list",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (store, auth, extra, (needle, nth), names) in &cases {
+        let text = garbage_config(store, *auth, extra);
+        let (line, col) = position(&text, needle, *nth);
+        let want = format!("{line}:{col}: ");
+        match errors(dir.path(), &text) {
+            Ok(()) => failures.push(format!("{names}: loaded\n{text}")),
+            Err(lines) => {
+                if !lines
+                    .iter()
+                    .any(|l| l.starts_with(&want) && l.contains(names))
+                {
+                    failures.push(format!(
+                        "{names}: want {want}... in\n  {}",
+                        lines.join("\n  ")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+// --------------------------------------------------------------------------------- 10: Redis
+
+/// A `redis-server` of our own on a free port of 127.0.0.1, without persistence; killed
+/// when dropped.
+struct Redis {
+    port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.restart().await;
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on its port and waits until it answers PING.
+    async fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian: apt-get install redis-server)");
+        self.child = Some(child);
+        let port = self.port;
+        eventually(Duration::from_secs(10), || async move {
+            ping(port).await.then_some(())
+        })
+        .await;
+    }
+
+    /// Kills it and waits until it is gone.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// `redis-cli`-free: the keys matching `pattern`.
+    async fn keys(&self, pattern: &str) -> String {
+        let cmd = format!("*2\r\n$4\r\nKEYS\r\n${}\r\n{pattern}\r\n", pattern.len());
+        roundtrip(self.port, cmd.as_bytes()).await
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn roundtrip(port: u16, cmd: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return String::new();
+    };
+    if s.write_all(cmd).await.is_err() {
+        return String::new();
+    }
+    let mut buf = vec![0u8; 65536];
+    match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        _ => String::new(),
+    }
+}
+
+async fn ping(port: u16) -> bool {
+    roundtrip(port, b"PING\r\n").await.starts_with("+PONG")
+}
+
+/// Three routes on one backend, counted in `[ratelimit_store]` (the URL in `var`): `/shared`
+/// one bucket for the route, `/tenant` a bucket per `x-tenant`; 10 a minute, all at once.
+fn global_config(var: &str, on_error: &str, backend_addr: SocketAddr) -> String {
+    let window = |key: &str| {
+        format!("rate_limit = {{ limit = 10, per = \"1m\", burst = 10, key = \"{key}\", scope = \"global\" }}")
+    };
+    format!(
+        "{SERVER}[ratelimit_store]\nurl_env = \"{var}\"\ntimeout = \"100ms\"\non_error = \"{on_error}\"\n\n{}{}{}",
+        backend("legacy", backend_addr),
+        route("/shared", "legacy", &window("route")),
+        route("/tenant", "legacy", &window("header:x-tenant")),
+    )
+}
+
+/// `ratelimit_store.connected` on the proxy's `/routes`.
+async fn store_connected(proxy: &Proxy) -> bool {
+    let view = routes_json(proxy).await;
+    view["ratelimit_store"]["connected"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no ratelimit_store.connected in /routes: {view}"))
+}
+
+/// A proxy on `text`, once its store is connected.
+async fn start_global(text: &str) -> Proxy {
+    let proxy = Proxy::start(text).await;
+    eventually(Duration::from_secs(10), || async {
+        store_connected(&proxy).await.then_some(())
+    })
+    .await;
+    proxy
+}
+
+fn store_errors(m: &str) -> f64 {
+    metric(m, "strangler_ratelimit_store_errors_total", &[]).unwrap_or(0.0)
+}
+
+/// One GET with `x-tenant`, timed; a connection error is `Err`.
+async fn timed(proxy: &Proxy, path: &str, tenant: &str) -> (Result<u16, String>, Duration) {
+    let start = Instant::now();
+    let req = Request::get(proxy.url(path))
+        .header("x-tenant", tenant)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = match client().request(req).await {
+        Ok(resp) => {
+            let s = resp.status().as_u16();
+            resp.into_body()
+                .collect()
+                .await
+                .map(|_| s)
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    (got, start.elapsed())
+}
+
+/// `n` requests per proxy for `tenant`, interleaved across `proxies`; every one must be
+/// answered (2xx or 429) within `within`. How many passed on each proxy.
+async fn spread(
+    proxies: &[&Proxy],
+    path: &str,
+    tenant: &str,
+    n: usize,
+    within: Duration,
+) -> Vec<usize> {
+    let mut passed = vec![0; proxies.len()];
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        for (i, p) in proxies.iter().enumerate() {
+            let (got, took) = timed(p, path, tenant).await;
+            slowest = slowest.max(took);
+            match got {
+                Ok(200) => passed[i] += 1,
+                Ok(429) => {}
+                other => panic!("{path} {tenant} on proxy {i}: {other:?} after {took:?}"),
+            }
+            assert!(took < within, "{path} {tenant} on proxy {i}: {took:?}");
+        }
+    }
+    eprintln!("{path} {tenant}: passed per proxy {passed:?}, slowest answer {slowest:?}");
+    passed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (Debian's package)"]
+async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_is_down() {
+    let mut redis = Redis::start().await;
+    let var = "STRANGLER_TEST_REDIS_SHARED";
+    std::env::set_var(var, redis.url());
+    let legacy = counted("legacy").await;
+    let text = global_config(var, "local", legacy.addr);
+    let (a, b, c) = (
+        start_global(&text).await,
+        start_global(&text).await,
+        start_global(&text).await,
+    );
+    let all = [&a, &b, &c];
+    let within = Duration::from_millis(500);
+
+    // (a) 30 requests over three proxies, one bucket of 10 in Redis.
+    let passed = spread(&all, "/shared", "-", 10, within).await;
+    let total: usize = passed.iter().sum();
+    eprintln!("(a) {total} of 30 passed across three proxies: {passed:?}");
+    assert!((10..=12).contains(&total), "{total} passed: {passed:?}");
+    assert!(
+        redis
+            .keys("strangler:rl:*")
+            .await
+            .contains("strangler:rl:/shared:default:r"),
+        "{}",
+        redis.keys("*").await
+    );
+    for p in all {
+        assert_eq!(store_errors(&metrics_text(p).await), 0.0);
+    }
+    // The answer says Redis's count: one slot every 6 s, the bucket full again in a minute.
+    let r = call(&a, "/shared", &[]).await;
+    let retry = assert_limited("the 31st", &r);
+    assert!((5..=6).contains(&retry), "Retry-After {retry}");
+    let state = header(&r, "ratelimit").unwrap();
+    let t: u64 = state
+        .strip_prefix("\"default\";r=0;t=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("RateLimit {state}"));
+    assert!((50..=60).contains(&t), "RateLimit {state}");
+
+    // (b1) Redis hangs (SIGSTOP): answers within the store's timeout, counted locally.
+    redis.signal("-STOP");
+    let passed = spread(&all, "/tenant", "paused", 12, within).await;
+    assert_eq!(
+        passed,
+        [10, 10, 10],
+        "each replica counts alone while Redis hangs"
+    );
+    for p in all {
+        assert!(store_errors(&metrics_text(p).await) > 0.0);
+    }
+    redis.signal("-CONT");
+
+    // (b2) Redis is gone (killed): the same, without waiting for timeouts.
+    redis.stop();
+    let before: Vec<f64> = {
+        let mut v = Vec::new();
+        for p in all {
+            v.push(store_errors(&metrics_text(p).await));
+        }
+        v
+    };
+    let passed = spread(&all, "/tenant", "killed", 12, within).await;
+    assert_eq!(
+        passed,
+        [10, 10, 10],
+        "each replica counts alone while Redis is down"
+    );
+    for (p, was) in all.iter().zip(before) {
+        assert!(store_errors(&metrics_text(p).await) > was);
+        assert!(
+            !store_connected(p).await,
+            "/routes says connected while Redis is down"
+        );
+    }
+
+    // (c) Redis is back on the same port (empty): global counting resumes. A fresh tenant
+    // per attempt: 10 through a, then b and c must see the bucket empty.
+    redis.restart().await;
+    let resumed = Instant::now();
+    let mut attempt = 0;
+    eventually(Duration::from_secs(15), || {
+        attempt += 1;
+        let tenant = format!("resume-{attempt}");
+        let all = &all;
+        async move {
+            let mut ok = 0;
+            for _ in 0..10 {
+                ok += usize::from(timed(all[0], "/tenant", &tenant).await.0 == Ok(200));
+            }
+            let b = timed(all[1], "/tenant", &tenant).await.0;
+            let c = timed(all[2], "/tenant", &tenant).await.0;
+            (ok == 10 && b == Ok(429) && c == Ok(429)).then_some(())
+        }
+    })
+    .await;
+    eprintln!(
+        "(c) global counting resumed {:?} after the restart ({attempt} attempts)",
+        resumed.elapsed()
+    );
+    let passed = spread(&all, "/tenant", "after-restart", 10, within).await;
+    let total: usize = passed.iter().sum();
+    assert_eq!(total, 10, "after the restart: {passed:?}");
+    for p in all {
+        assert!(store_connected(p).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (Debian's package)"]
+async fn on_error_deny_refuses_and_allow_forwards_while_redis_is_down() {
+    let mut redis = Redis::start().await;
+    let var = "STRANGLER_TEST_REDIS_ON_ERROR";
+    std::env::set_var(var, redis.url());
+    let legacy = counted("legacy").await;
+    let deny = start_global(&global_config(var, "deny", legacy.addr)).await;
+    let allow = start_global(&global_config(var, "allow", legacy.addr)).await;
+    let within = Duration::from_millis(500);
+    assert_eq!(
+        spread(&[&deny, &allow], "/tenant", "up", 1, within).await,
+        [1, 1]
+    );
+
+    redis.stop();
+    for i in 0..3 {
+        let r = call(&deny, "/tenant", &[("x-tenant", "down")]).await;
+        let retry = assert_limited(&format!("deny, request {i}"), &r);
+        assert_eq!(retry, 1);
+    }
+    // Allow: beyond the limit too, nothing is known, everything passes.
+    assert_eq!(spread(&[&allow], "/tenant", "down", 15, within).await, [15]);
+    assert!(store_errors(&metrics_text(&deny).await) > 0.0);
+    assert!(store_errors(&metrics_text(&allow).await) > 0.0);
+
+    // A proxy started while Redis is down follows on_error from its first request.
+    let text = global_config(var, "deny", legacy.addr);
+    let late = Proxy::start(&text).await;
+    assert_limited(
+        "deny before ever connecting",
+        &call(&late, "/shared", &[]).await,
+    );
+    // And connects once Redis is there.
+    redis.restart().await;
+    eventually(Duration::from_secs(10), || async {
+        (call(&late, "/shared", &[]).await.status == 200).then_some(())
+    })
+    .await;
+}
