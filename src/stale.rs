@@ -19,7 +19,7 @@
 //! (`[server] stale_store_size`), the least useful copies evicted first; copies in flight are
 //! bounded too. It outlives reloads that keep a route.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,12 @@ use crate::upstream::tee::{Budget, Captured, Tee};
 
 /// Copies of one path kept at most (queries and `vary` values).
 const MAX_VARIANTS: usize = 32;
+/// Each shard of the store holds at least this many bytes (or the whole store, when
+/// smaller): a copy must fit in one shard.
+const MIN_SHARD_BYTES: u64 = 8 << 20;
+/// quick_cache's share of a shard for entries it keeps ("hot"); an entry (here, a path's
+/// copies) heavier than that share of its shard is never kept.
+const HOT_ALLOCATION: f64 = 0.97;
 
 /// `strangler_stale_total` outcomes, in counter order.
 pub const OUTCOMES: [&str; 16] = [
@@ -135,9 +141,11 @@ struct Entry {
 }
 
 /// The copies of one path (route, host, path, subject).
-#[derive(Clone)]
 struct Group {
     variants: Vec<Arc<Entry>>,
+    /// Replaced by a newer group of the same path: quick_cache reports the old value of an
+    /// insert to `on_evict`, but its copies live on (or were replaced), nothing was evicted.
+    replaced: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -156,6 +164,9 @@ struct Evictions;
 impl quick_cache::Lifecycle<Vec<u8>, Arc<Group>> for Evictions {
     type RequestState = ();
     fn on_evict(&self, _state: &mut Self::RequestState, _key: Vec<u8>, group: Arc<Group>) {
+        if group.replaced.load(Ordering::Relaxed) {
+            return;
+        }
         for e in &group.variants {
             e.route.count(Outcome::Evicted);
         }
@@ -174,6 +185,8 @@ type Cache = quick_cache::sync::Cache<
 pub struct StaleStore {
     cache: Cache,
     capacity: u64,
+    /// The heaviest path (key and copies) a shard keeps.
+    max_weight: u64,
     /// Bytes being captured, not yet stored.
     in_flight: Arc<Budget>,
     bytes: Gauge,
@@ -185,15 +198,30 @@ impl StaleStore {
     pub fn new(capacity: u64, metrics: &Arc<Metrics>) -> Self {
         // quick_cache wants an estimate of the entries: assume 4 KiB answers.
         let items = (capacity / 4096).clamp(16, 1 << 20) as usize;
+        // quick_cache splits the bytes into shards (4 per core by default) and never keeps an
+        // entry heavier than its shard: on a many-core host, copies well under `max_entry`
+        // would be dropped as they are stored. Fewer, larger shards; a power of two (rounded
+        // down), as quick_cache rounds up.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let wanted = (capacity / MIN_SHARD_BYTES).clamp(1, cores * 4);
+        let shards = 1usize << (u64::BITS - 1 - wanted.leading_zeros());
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(items)
+            .weight_capacity(capacity.max(1))
+            .shards(shards)
+            .hot_allocation(HOT_ALLOCATION)
+            .build();
+        let hasher = quick_cache::DefaultHashBuilder::default;
+        let cache = match options {
+            Ok(o) => Cache::with_options(o, Weigher, hasher(), Evictions),
+            Err(_) => Cache::with(items, capacity.max(1), Weigher, hasher(), Evictions),
+        };
+        // What quick_cache computes as a shard's "hot" target: heavier entries are dropped.
+        let max_weight = (cache.shard_capacity() as f64 * HOT_ALLOCATION) as u64;
         StaleStore {
-            cache: Cache::with(
-                items,
-                capacity.max(1),
-                Weigher,
-                quick_cache::DefaultHashBuilder::default(),
-                Evictions,
-            ),
+            cache,
             capacity,
+            max_weight,
             in_flight: Budget::new(capacity.clamp(1 << 20, 64 << 20) as usize),
             bytes: metrics.gauge(STALE_BYTES, vec![]),
             routes: CarryOver::default(),
@@ -205,11 +233,10 @@ impl StaleStore {
     /// are gone (or no longer keep copies) are dropped.
     pub fn routes(&self, table: &RouteTable) -> Vec<Option<Arc<RouteStale>>> {
         let out = self.routes.renew(
-            table.routes().iter().map(|r| {
-                r.stale
-                    .as_ref()
-                    .map(|_| (r.prefix.clone(), r.route_key()))
-            }),
+            table
+                .routes()
+                .iter()
+                .map(|r| r.stale.as_ref().map(|_| (r.prefix.clone(), r.route_key()))),
             |(prefix, _)| RouteStale::new(prefix, &self.metrics),
             |_| {},
         );
@@ -244,10 +271,14 @@ impl StaleStore {
     }
 
     fn insert(&self, key: Vec<u8>, entry: Entry) {
+        if key.len() as u64 + entry.weight > self.max_weight {
+            entry.route.count(Outcome::TooLarge);
+            return;
+        }
         let entry = Arc::new(entry);
-        let mut variants: Vec<Arc<Entry>> = self
-            .cache
-            .get(&key)
+        let old = self.cache.get(&key);
+        let mut variants: Vec<Arc<Entry>> = old
+            .as_ref()
             .map(|g| {
                 g.variants
                     .iter()
@@ -256,11 +287,25 @@ impl StaleStore {
                     .collect()
             })
             .unwrap_or_default();
-        if variants.len() >= MAX_VARIANTS {
-            variants.remove(0);
+        // The path's oldest copies go first when it has too many, or too many bytes for a
+        // shard (quick_cache would drop them all).
+        let mut weight = key.len() as u64 + variants.iter().map(|e| e.weight).sum::<u64>();
+        while !variants.is_empty()
+            && (variants.len() >= MAX_VARIANTS || weight + entry.weight > self.max_weight)
+        {
+            let old = variants.remove(0);
+            weight -= old.weight;
+            old.route.count(Outcome::Evicted);
         }
         variants.push(entry.clone());
-        self.cache.insert(key, Arc::new(Group { variants }));
+        if let Some(old) = old {
+            old.replaced.store(true, Ordering::Relaxed);
+        }
+        let group = Group {
+            variants,
+            replaced: AtomicBool::new(false),
+        };
+        self.cache.insert(key, Arc::new(group));
         entry.route.count(Outcome::Stored);
         self.bytes.set(self.cache.weight() as f64);
     }
@@ -317,7 +362,9 @@ impl Plan {
         if !safe && !unsafe_write {
             return None;
         }
-        let authorized = req.headers().contains_key(header::AUTHORIZATION);
+        // Credentials: an `Authorization` header, or a verified token from wherever the route's
+        // provider reads it (a cookie, another header).
+        let authorized = req.headers().contains_key(header::AUTHORIZATION) || claims.is_some();
         let subject = match (&settings.per_user, claims) {
             (Some(claim), Some(c)) => crate::jwt::claim_text(c, claim),
             _ => None,
@@ -339,12 +386,16 @@ impl Plan {
                 variant: variant(settings, req),
                 anonymous: Some(base("")),
             }),
-            (None, true) => {
-                if safe {
-                    counters.count(Outcome::Authorization);
-                }
+            (None, true) if safe => {
+                counters.count(Outcome::Authorization);
                 None
             }
+            // A write with credentials still changes what everyone's copy shows.
+            (None, true) => Some(Slot {
+                key: base(""),
+                variant: Vec::new(),
+                anonymous: None,
+            }),
             (None, false) => Some(Slot {
                 key: base(""),
                 variant: variant(settings, req),
@@ -420,7 +471,7 @@ impl Plan {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.settings.max_entry) {
+        if declared.is_some_and(|n| n > self.settings.max_entry.min(store.max_weight)) {
             self.route.count(Outcome::TooLarge);
             return None;
         }
@@ -432,9 +483,11 @@ impl Plan {
             .sum();
         let store2 = store.clone();
         let route = self.route.clone();
-        let max = self.settings.max_entry as usize;
-        Some(Tee::calling(max, &store.in_flight, move |captured| {
-            match captured {
+        let max = self.settings.max_entry.min(store.max_weight) as usize;
+        Some(Tee::calling(
+            max,
+            &store.in_flight,
+            move |captured| match captured {
                 Some(Captured::Body(held)) => {
                     let weight = held.bytes.len() as u64 + head_weight + slot.variant.len() as u64;
                     store2.insert(
@@ -452,8 +505,8 @@ impl Plan {
                 }
                 Some(Captured::TooLarge) => route.count(Outcome::TooLarge),
                 None => route.count(Outcome::Incomplete),
-            }
-        }))
+            },
+        ))
     }
 }
 
@@ -462,7 +515,11 @@ const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-stat
 
 /// Whether an answer may be stored, and for how long it may be served stale: the route's
 /// `max_stale`, or the origin's own `stale-if-error`.
-fn storable(settings: &Stale, status: StatusCode, headers: &HeaderMap) -> (Duration, Option<Outcome>) {
+fn storable(
+    settings: &Stale,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> (Duration, Option<Outcome>) {
     let mut max_stale = settings.max_stale;
     if status != StatusCode::OK {
         return (max_stale, Some(Outcome::Not200));
@@ -527,3 +584,5 @@ fn variant<B>(settings: &Stale, req: &Request<B>) -> Vec<u8> {
     v
 }
 
+#[cfg(test)]
+mod tests;
