@@ -88,6 +88,8 @@ pub struct Window {
     base: Instant,
     hasher: std::hash::RandomState,
     counters: [OnceLock<Counter>; 3],
+    /// The same counts, for `/routes` and the board.
+    counts: [AtomicU64; 3],
 }
 
 impl Window {
@@ -99,6 +101,7 @@ impl Window {
             base: Instant::now(),
             hasher: std::hash::RandomState::new(),
             counters: Default::default(),
+            counts: Default::default(),
         }
     }
 
@@ -107,7 +110,18 @@ impl Window {
         self.buckets.len()
     }
 
+    /// Decisions since start by outcome (`allowed`, `limited`, `would_limit`), non-zero ones.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        OUTCOMES
+            .iter()
+            .zip(&self.counts)
+            .map(|(o, c)| (*o, c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     fn count(&self, metrics: &Metrics, outcome: usize) {
+        self.counts[outcome].fetch_add(1, Ordering::Relaxed);
         self.counters[outcome]
             .get_or_init(|| {
                 metrics.counter(
@@ -441,6 +455,13 @@ async fn sweep(limits: Weak<Limits>) {
             w.sweep(now);
             *by_route.entry(w.route.clone()).or_default() += w.keys();
         }
+        // A route that went away reads 0, then is forgotten.
+        for (route, gauge) in &gauges {
+            if !by_route.contains_key(route) {
+                gauge.set(0.0);
+            }
+        }
+        gauges.retain(|route, _| by_route.contains_key(route));
         for (route, keys) in by_route {
             gauges
                 .entry(route.clone())

@@ -41,8 +41,8 @@ pub const JWKS_FETCH_TOTAL: &str = "strangler_jwks_fetch_total";
 pub const RATELIMIT_TOTAL: &str = "strangler_ratelimit_total";
 /// Keys a route's windows track on this replica (set by the periodic sweep).
 pub const RATELIMIT_KEYS: &str = "strangler_ratelimit_keys";
-/// Round trips to `[ratelimit_store]` that failed or timed out (global windows then follow
-/// `on_error`).
+/// Global-window checks the store did not answer: failed or timed out round trips, and the
+/// checks skipped during the second after one (global windows then follow `on_error`).
 pub const RATELIMIT_STORE_ERRORS_TOTAL: &str = "strangler_ratelimit_store_errors_total";
 
 /// Stale-if-error, by route and outcome (stored, served, expired, evicted, and every reason
@@ -139,7 +139,7 @@ impl Metrics {
         describe(
             RATELIMIT_STORE_ERRORS_TOTAL,
             Unit::Count,
-            "Round trips to the rate limit store that failed or timed out.",
+            "Global rate-limit checks the store did not answer (failed, timed out, or skipped during the back-off after a failure).",
         );
         recorder.describe_gauge(
             RATELIMIT_KEYS.into(),

@@ -166,7 +166,17 @@ async fn exchange(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let stale = routed.runtime.stale.as_ref().and_then(|counters| {
         let host = request_host(req.headers(), req.uri()).ok().flatten();
-        stale::Plan::new(routed.route, counters, &req, host, claims.as_deref())
+        let plan = stale::Plan::new(routed.route, counters, &req, host, claims.as_deref())?;
+        // A token was presented but gave no claims (observe mode forwarded a bad one).
+        let presented = claims.is_none()
+            && trace
+                .auth
+                .is_some_and(|o| !matches!(o, "missing" | "anonymous" | "preflight"));
+        Some(if presented {
+            plan.presented_credentials()
+        } else {
+            plan
+        })
     });
     let out = prepare(cx, &routed, req, upgrade, claims.as_deref())?;
     trace.shadowed = plan.is_some();

@@ -362,9 +362,12 @@ impl Plan {
         if !safe && !unsafe_write {
             return None;
         }
-        // Credentials: an `Authorization` header, or a verified token from wherever the route's
-        // provider reads it (a cookie, another header).
-        let authorized = req.headers().contains_key(header::AUTHORIZATION) || claims.is_some();
+        // Credentials: an `Authorization` header, a `Cookie` (a legacy monolith's session: its
+        // pages may be personal without saying `private`), or a verified token from wherever
+        // the route's provider reads it.
+        let authorized = req.headers().contains_key(header::AUTHORIZATION)
+            || req.headers().contains_key(header::COOKIE)
+            || claims.is_some();
         let subject = match (&settings.per_user, claims) {
             (Some(claim), Some(c)) => crate::jwt::claim_text(c, claim),
             _ => None,
@@ -410,6 +413,18 @@ impl Plan {
         })
     }
 
+    /// The request presented credentials the plan could not see (a token that did not verify,
+    /// forwarded in `observe` mode): a GET may then neither store nor be served an anonymous
+    /// copy.
+    pub fn presented_credentials(mut self) -> Self {
+        let anonymous = self.slot.as_ref().is_some_and(|s| s.anonymous.is_none());
+        if self.method == Method::GET && anonymous {
+            self.slot = None;
+            self.route.count(Outcome::Authorization);
+        }
+        self
+    }
+
     /// Whether a failed exchange that the proxy would answer with `status` (502 for a
     /// connection that could not be made or broke, 504 for a timeout; or the backend's own
     /// 5xx) is one the route answers from its store.
@@ -437,7 +452,15 @@ impl Plan {
         let mut resp = http::Response::new(entry.body.clone());
         *resp.headers_mut() = entry.headers.clone();
         let h = resp.headers_mut();
-        h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        // The origin's own `Age` (time spent in caches before us) plus ours (RFC 9111 §4.2.3).
+        let upstream_age = h
+            .get(header::AGE)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        h.insert(
+            header::AGE,
+            HeaderValue::from(upstream_age.saturating_add(age.as_secs())),
+        );
         h.insert(
             CACHE_STATUS,
             HeaderValue::from_static("strangler; fwd=stale"),

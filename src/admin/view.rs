@@ -60,6 +60,8 @@ struct WindowView {
     max_keys: usize,
     mode: &'static str,
     name: String,
+    /// Decisions since start by outcome.
+    outcomes: BTreeMap<&'static str, u64>,
     per: String,
     scope: &'static str,
 }
@@ -397,6 +399,12 @@ impl RouteView {
                     max_keys: w.max_keys,
                     mode: if w.dry_run { "dry_run" } else { "enforce" },
                     name: w.name.clone(),
+                    outcomes: runtime
+                        .limits
+                        .as_ref()
+                        .and_then(|l| l.windows.get(i))
+                        .map(|s| s.counts().into_iter().collect())
+                        .unwrap_or_default(),
                     per: humantime::format_duration(w.per).to_string(),
                     scope: if w.global { "global" } else { "replica" },
                 })

@@ -140,3 +140,44 @@ fn store_keys_are_stable_and_bounded() {
     assert_eq!(k.len(), "strangler:rl:/api:default:".len() + 64);
     assert_eq!(k, store_key("/api", "default", &long));
 }
+
+/// Resident memory of this process, from /proc (Linux), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+/// One million distinct keys through a window capped at 100,000: the tracked count stays at
+/// or under the cap and memory stops growing once the cap is reached. Run with
+/// `cargo test --release --lib limit::tests::a_million -- --ignored --nocapture`.
+#[test]
+#[ignore = "a million keys: slow in a debug build; run in release"]
+fn a_million_keys_stay_under_the_cap_and_memory_flat() {
+    let mut w = window(10, Duration::from_secs(1), 5);
+    w.max_keys = 100_000;
+    let state = Window::new("/r", &w);
+    let now = Instant::now();
+    let mut at_cap = 0;
+    let mut samples = vec![];
+    for i in 0..1_000_000u32 {
+        state.check(&w, &i.to_le_bytes(), now);
+        if i == 200_000 {
+            at_cap = rss_kib();
+        }
+        if i % 200_000 == 199_999 {
+            samples.push((i + 1, state.keys(), rss_kib()));
+        }
+    }
+    for (n, keys, rss) in &samples {
+        println!("{n} keys offered: {keys} tracked, RSS {rss} KiB");
+    }
+    assert!(state.keys() <= w.max_keys, "{} tracked", state.keys());
+    let end = rss_kib();
+    println!("RSS at the cap {at_cap} KiB, after a million {end} KiB");
+    assert!(
+        end <= at_cap + at_cap / 10,
+        "memory grew past the cap: {at_cap} -> {end} KiB"
+    );
+}

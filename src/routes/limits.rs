@@ -29,7 +29,8 @@ pub struct RateLimit {
 impl RateLimit {
     /// The time one request's worth of the bucket takes to refill.
     pub fn interval(&self) -> Duration {
-        self.per / self.limit.max(1) as u32
+        let nanos = self.per.as_nanos() / u128::from(self.limit.max(1));
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 }
 

@@ -432,6 +432,21 @@ fn plans_key_copies_by_subject_and_writes_drop_the_anonymous_copy() {
         4,
         "writes are not counted"
     );
+
+    // A session cookie is a credential: a legacy page may be personal without `private`.
+    let cookie = [("cookie", "session=abc")];
+    assert_eq!(key(plan(&plain, Method::GET, &cookie, None)), None);
+    // A token that did not verify (forwarded in observe mode): no anonymous copy either.
+    let p = plan(&plain, Method::GET, &[], None)
+        .unwrap()
+        .presented_credentials();
+    assert!(p.slot.is_none());
+    // ...while a subject's own copy stays keyed by its subject.
+    let p = plan(&per_user, Method::GET, &bearer, Some(&alice))
+        .unwrap()
+        .presented_credentials();
+    assert_eq!(p.slot.map(|s| s.key), Some(a));
+    assert_eq!(count(&counters, "authorization"), 6);
 }
 
 #[test]
