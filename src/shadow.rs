@@ -351,7 +351,9 @@ pub fn start(
             primary_deadline: primary.deadline,
         },
     };
-    tokio::spawn(leg.run());
+    // Boxed once here: the leg's future is kilobytes, and the spawn path would otherwise move
+    // it several times (each move a copy of the whole future).
+    tokio::spawn(Box::pin(leg.run()));
     Feed {
         request_tee,
         head_tx: Some(head_tx),

@@ -210,9 +210,11 @@ impl Copy {
             .flatten();
         let (max, budget) = (self.plan.max_body, &self.shadows.budget);
         let deadline = Instant::now() + self.shadow.timeout;
+        // Boxed: only routes learning noise send this copy, and the leg's future (moved into
+        // its task) stays small for the others.
         let noise = async {
             let req = noise_req?;
-            let (answer, _, _) = fetch(&self.primary, req, deadline, max, budget)
+            let (answer, _, _) = Box::pin(fetch(&self.primary, req, deadline, max, budget))
                 .await
                 .ok()?;
             Some(answer)
