@@ -178,8 +178,12 @@ if (( SMOKE )); then
   echo "smoke run: harness OK (figures from a 2 s round are not results; RESULTS.md untouched)"
   exit 0
 fi
+# Other sections of RESULTS.md (instruction counts, memory) are kept as they are.
+OTHERS=$(awk '/^## /{keep = ($0 !~ /^## Wall clock/)} keep' bench/RESULTS.md 2>/dev/null || true)
 {
   echo "# Benchmark results"
+  echo
+  echo "## Wall clock (\`bench/run.sh\`)"
   echo
   echo "Command: \`bench/run.sh\` (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS WORKERS=$WORKERS wrk threads=$THREADS)"
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'); $(date -u +%Y-%m-%d)"
@@ -189,5 +193,9 @@ fi
   echo "$TABLE"
   echo
   echo "$RATIOS"
+  if [[ -n $OTHERS ]]; then
+    echo
+    echo "$OTHERS"
+  fi
 } > bench/RESULTS.md
 echo "wrote bench/RESULTS.md"
