@@ -124,11 +124,16 @@ pub fn set_forwarded(
         .iter()
         .map(HeaderValue::as_bytes)
         .collect();
+    // The address is written into a stack buffer, not a String: the header's own copy is
+    // the only allocation (a String cost one more and a reallocation).
+    let mut text = [0u8; IP_TEXT_MAX];
+    let address = ip_text(client, &mut text);
     let value = if prior.is_empty() {
-        HeaderValue::from_str(&client.to_string())
+        HeaderValue::from_bytes(address)
     } else {
         let mut joined = prior.join(&b", "[..]);
-        joined.extend_from_slice(format!(", {client}").as_bytes());
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(address);
         HeaderValue::from_bytes(&joined)
     };
     if let Ok(v) = value {
@@ -139,6 +144,20 @@ pub fn set_forwarded(
         Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
         None => headers.remove(X_FORWARDED_HOST),
     };
+}
+
+/// Room for the text of any IP address (the longest form, `ffff:…:ffff:255.255.255.255`,
+/// is 45 bytes; std writes at most 39).
+const IP_TEXT_MAX: usize = 45;
+
+/// `ip` as text (its `Display` form), written into `buf`.
+fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
+    use std::io::Write;
+    let mut rest = &mut buf[..];
+    // Cannot fail: every address fits.
+    let _ = write!(rest, "{ip}");
+    let len = IP_TEXT_MAX - rest.len();
+    &buf[..len]
 }
 
 /// Whether `via` already names this proxy (`1.1 NAME`, `HTTP/1.1 NAME (comment)`).

@@ -127,6 +127,7 @@ fn load(path: &std::path::Path) -> Option<Loaded> {
 
 /// Serves `path`; `demo` is `Some(users-service bug)` for the demo.
 fn serve(path: &std::path::Path, demo: Option<Option<users_service::Bug>>) -> ExitCode {
+    no_huge_pages();
     let Some(loaded) = load(path) else {
         return ExitCode::FAILURE;
     };
@@ -161,6 +162,19 @@ fn serve(path: &std::path::Path, demo: Option<Option<users_service::Bug>>) -> Ex
             eprintln!("strangler: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Transparent huge pages off for this process (Linux), unless `MIMALLOC_ALLOW_THP` is set.
+/// mimalloc asks the kernel for huge pages on its heap; with them every 2 MiB of heap touched
+/// is resident whole, so the never-written part of each idle connection's buffers is counted
+/// too (bench/idle.sh: with huge pages, an idle keep-alive connection costs about 6 KiB more).
+/// `MIMALLOC_ALLOW_THP=1` keeps them; `=0` has mimalloc do this itself.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // Only memory at stake: a kernel without the knob keeps its default.
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
     }
 }
 

@@ -7,18 +7,20 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ServerSettings;
@@ -160,7 +162,15 @@ struct Protocols {
     http2: http2::Builder<TokioExecutor>,
     h2c: Option<auto::Builder<TokioExecutor>>,
     tls: Option<Tls>,
+    /// `header_read_timeout`: for a TLS handshake, and on plain HTTP/1.1 for the first byte.
     handshake_timeout: Duration,
+}
+
+impl Protocols {
+    /// Cleartext HTTP/1.1 only: no TLS, no h2c.
+    fn plain_http1(&self) -> bool {
+        self.tls.is_none() && self.h2c.is_none()
+    }
 }
 
 /// Accepts connections until shutdown, then drains them for at most `drain_timeout`.
@@ -206,25 +216,141 @@ pub async fn serve<S, F>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let handler = Handler {
+            service: service.clone(),
+            peer,
+            called: None,
+        };
         let protocols = protocols.clone();
         let conn_shutdown = shutdown.clone();
+        // Disabled (the default filter), the span allocates nothing and costs a branch a poll.
         let span = tracing::debug_span!("conn", %peer, listener = name);
-        tokio::spawn(
-            async move {
-                let svc = service_fn(move |req| {
-                    let fut = service(req, peer);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                connection(&protocols, stream, svc, conn_shutdown).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        // Two task types: the plain HTTP/1.1 one (the usual listener) carries none of the TLS
+        // and HTTP/2 states, which would make every connection's task several KiB larger.
+        if protocols.plain_http1() {
+            tokio::spawn(
+                async move {
+                    plain_http1(&protocols, stream, handler, conn_shutdown).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        } else {
+            tokio::spawn(
+                async move {
+                    connection(&protocols, stream, handler, conn_shutdown).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
     }
     drop(listener);
     drain(&permits, max, limits.drain_timeout, name).await;
 }
+
+/// What hyper calls for each request of a connection: the listener's handler, given the
+/// peer's address.
+struct Handler<'a, S> {
+    service: S,
+    peer: SocketAddr,
+    /// Set on the first call: the first request head has arrived (see [`plain_http1`]).
+    called: Option<&'a AtomicBool>,
+}
+
+impl<S: Clone> Clone for Handler<'_, S> {
+    fn clone(&self) -> Self {
+        Handler {
+            service: self.service.clone(),
+            peer: self.peer,
+            called: self.called,
+        }
+    }
+}
+
+impl<S, F> hyper::service::Service<Request<Incoming>> for Handler<'_, S>
+where
+    S: Fn(Request<Incoming>, SocketAddr) -> F,
+    F: Future<Output = Response<ResponseBody>>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Answer<F>;
+
+    fn call(&self, req: Request<Incoming>) -> Answer<F> {
+        if let Some(called) = self.called {
+            called.store(true, Ordering::Relaxed);
+        }
+        Answer(Box::pin((self.service)(req, self.peer)))
+    }
+}
+
+/// The handler's answer to one request, as the `Result` hyper wants, boxed. hyper keeps a
+/// slot the size of this future for every connection from its first request on, idle or
+/// not; the proxy's request future is over 6 KiB, so each idle keep-alive connection would
+/// hold that much. Boxed, the request's state lives only while the request does (one
+/// allocation per request, freed when it ends), and the slot is a pointer.
+struct Answer<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for Answer<F> {
+    type Output = Result<F::Output, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx).map(Ok)
+    }
+}
+
+/// Serves a connection on a cleartext HTTP/1.1 listener. Until the client's first byte
+/// arrives it holds only the socket: hyper's connection, once started, keeps a read and a
+/// write buffer (8 KiB each) and a slot for the request's future, so it is started when
+/// there is something to read. `header_read_timeout` counts from the accept, as it did when
+/// hyper waited: the first byte must come within it, and the first request head too (hyper's
+/// own timer restarts when it starts, so the first head is also held to the accept's
+/// deadline here). Closed without a byte, on shutdown or at the deadline, the connection ends
+/// as hyper would have ended it: the socket closes, nothing is written.
+async fn plain_http1<S, F>(
+    p: &Protocols,
+    stream: TcpStream,
+    handler: Handler<'static, S>,
+    mut shutdown: Shutdown,
+) where
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Send,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let deadline = Instant::now() + p.handshake_timeout;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        biased;
+        _ = shutdown.started() => return,
+        r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
+    };
+    match peeked {
+        Ok(Ok(0)) => return,
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => return debug!(%error, "connection ended with an error"),
+        Err(_) => return debug!(error = HEADER_TIMEOUT, "connection ended with an error"),
+    }
+    let called = AtomicBool::new(false);
+    let handler = Handler {
+        called: Some(&called),
+        ..handler
+    };
+    let conn = p
+        .http1
+        .serve_connection(TokioIo::new(stream), handler)
+        .with_upgrades();
+    tokio::pin!(conn);
+    drive(
+        conn,
+        shutdown,
+        |c| c.graceful_shutdown(),
+        Some((deadline, &called)),
+    )
+    .await
+}
+
+/// What hyper says when a request head does not arrive in time.
+const HEADER_TIMEOUT: &str = "read header from client timeout";
 
 /// Serves one client connection: TLS first if configured, then the protocol ALPN chose (or
 /// the preface shows, with h2c), until it closes or shutdown asks it to.
@@ -243,11 +369,13 @@ where
         return match &p.h2c {
             Some(auto) => {
                 let conn = auto.serve_connection_with_upgrades(io, svc);
-                drive(conn, shutdown, |c| c.graceful_shutdown()).await
+                tokio::pin!(conn);
+                drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
             }
             None => {
                 let conn = p.http1.serve_connection(io, svc).with_upgrades();
-                drive(conn, shutdown, |c| c.graceful_shutdown()).await
+                tokio::pin!(conn);
+                drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
             }
         };
     };
@@ -271,26 +399,59 @@ where
     let io = TokioIo::new(stream);
     if h2 {
         let conn = p.http2.serve_connection(io, svc);
-        drive(conn, shutdown, |c| c.graceful_shutdown()).await
+        tokio::pin!(conn);
+        drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
     } else {
         let conn = p.http1.serve_connection(io, svc).with_upgrades();
-        drive(conn, shutdown, |c| c.graceful_shutdown()).await
+        tokio::pin!(conn);
+        drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
     }
 }
 
-/// Runs a connection to its end; once shutdown starts, asks it to finish gracefully.
-async fn drive<C, E>(conn: C, mut shutdown: Shutdown, graceful: impl FnOnce(Pin<&mut C>))
-where
+/// Runs a connection to its end; once shutdown starts, asks it to finish gracefully. With
+/// `first_head`, the connection is also ended at that deadline unless the flag says its
+/// first request head has arrived (hyper's header timer, started late, would allow more).
+/// The caller pins the connection: passed by value, it would be held twice in this future
+/// (the argument and the pinned copy), some 700 bytes more in every connection's task.
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    mut shutdown: Shutdown,
+    graceful: impl FnOnce(Pin<&mut C>),
+    first_head: Option<(Instant, &AtomicBool)>,
+) where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.started() => {
-            graceful(conn.as_mut());
-            conn.await
+    let mut graceful = Some(graceful);
+    let mut ended = None;
+    if let Some((deadline, called)) = first_head {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => ended = Some(r),
+            _ = shutdown.started() => {
+                if let Some(g) = graceful.take() {
+                    g(conn.as_mut());
+                }
+                ended = Some(conn.as_mut().await);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if !called.load(Ordering::Relaxed) {
+                    return debug!(error = HEADER_TIMEOUT, "connection ended with an error");
+                }
+            }
         }
+    }
+    let result = match ended {
+        Some(r) => r,
+        None => tokio::select! {
+            r = conn.as_mut() => r,
+            _ = shutdown.started() => {
+                if let Some(g) = graceful.take() {
+                    g(conn.as_mut());
+                }
+                conn.await
+            }
+        },
     };
     if let Err(error) = result {
         debug!(%error, "connection ended with an error");

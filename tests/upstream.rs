@@ -201,6 +201,74 @@ async fn slowloris_connections_are_closed() {
     assert!(!out.contains("200 OK"), "{out}");
 }
 
+/// When the proxy closes `s` (EOF or reset), as time since `started`; `None` within `limit`.
+/// Whatever it sends first is returned too.
+async fn closed_after(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    started: std::time::Instant,
+    limit: Duration,
+) -> (Option<Duration>, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok();
+    (closed, got)
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_is_closed_at_header_read_timeout() {
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to_with(echo.addr, "", "header_read_timeout = \"500ms\"").await;
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (closed, got) = closed_after(&mut s, started, Duration::from_secs(5)).await;
+    let closed = closed.expect("the proxy kept a silent connection open");
+    assert!(
+        closed >= Duration::from_millis(450) && closed < Duration::from_secs(3),
+        "closed after {closed:?}"
+    );
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+}
+
+#[tokio::test]
+async fn a_late_first_byte_does_not_restart_header_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let echo = start_echo("legacy").await;
+    let proxy = proxy_to_with(echo.addr, "", "header_read_timeout = \"1s\"").await;
+    let started = std::time::Instant::now();
+    let s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, mut writer) = s.into_split();
+    // Silent for most of the timeout, then a request head a byte at a time: the head is due
+    // a second after the connection was accepted, not a second after its first byte.
+    let trickle = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        for b in b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: yes\r\n" {
+            if writer.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (closed, got) = closed_after(&mut reader, started, Duration::from_secs(5)).await;
+    let closed = closed.expect("the proxy kept a slow head open");
+    trickle.abort();
+    // Restarted at the first byte, the timeout would close it at 1.8 s.
+    assert!(
+        closed >= Duration::from_millis(950) && closed < Duration::from_millis(1600),
+        "closed after {closed:?}"
+    );
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+}
+
 #[tokio::test]
 async fn the_connection_cap_holds_extra_clients_until_one_leaves() {
     let echo = start_echo("legacy").await;

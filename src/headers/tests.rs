@@ -136,6 +136,24 @@ fn forwarded_headers_append_and_set() {
 }
 
 #[test]
+fn ip_text_is_the_display_form_of_every_address() {
+    let cases = [
+        "10.0.0.7",
+        "255.255.255.255",
+        "::1",
+        "2001:db8::7",
+        "::ffff:255.255.255.255",
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        "1111:2222:3333:4444:5555:6666:7777:8888",
+    ];
+    for c in cases {
+        let ip: IpAddr = c.parse().unwrap();
+        let mut buf = [0u8; IP_TEXT_MAX];
+        assert_eq!(ip_text(ip, &mut buf), ip.to_string().as_bytes(), "{c}");
+    }
+}
+
+#[test]
 fn via_loop_detection() {
     let cases = [
         ("1.1 strangler", true),
