@@ -59,16 +59,7 @@ impl Ctx {
         for (name, entry) in entries {
             let name_span = name.span();
             let name = name.into_inner().to_string();
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
-            {
-                self.err(
-                    name_span.clone(),
-                    format!("provider name {name:?} must be made of [A-Za-z0-9_-]"),
-                );
-            }
+            self.section_name(&name, name_span.clone(), "provider");
             let Some(f) = self.de::<AuthFile>(entry, &format!("[auth.{name}]")) else {
                 // Keeps its place so routes naming it do not also say "unknown provider".
                 out.push(placeholder(name));

@@ -128,6 +128,20 @@ impl Ctx {
         }
     }
 
+    /// A `[backends.NAME]` or `[auth.NAME]` name: `[A-Za-z0-9_-]`, not empty.
+    pub(super) fn section_name(&mut self, name: &str, span: Range<usize>, what: &str) {
+        let ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        if !ok {
+            self.err(
+                span,
+                format!("{what} name {name:?} must be made of [A-Za-z0-9_-]"),
+            );
+        }
+    }
+
     fn addr(&mut self, v: Option<&Spanned<String>>, key: &str, default: &str) -> SocketAddr {
         let fallback = SocketAddr::from(([127, 0, 0, 1], 0));
         let Some(v) = v else {
@@ -183,16 +197,7 @@ impl Ctx {
         for (name, entry) in entries {
             let name_span = name.span();
             let name = name.into_inner().to_string();
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
-            {
-                self.err(
-                    name_span.clone(),
-                    format!("backend name {name:?} must be made of [A-Za-z0-9_-]"),
-                );
-            }
+            self.section_name(&name, name_span.clone(), "backend");
             // An entry with errors still takes its place, so routes naming it do not also
             // report "unknown backend"; the errors keep the table from being built.
             let Some(f) = self.de::<BackendFile>(entry, &format!("[backends.{name}]")) else {
