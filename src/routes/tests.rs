@@ -439,3 +439,21 @@ fn upgrades_a_route_tunnels() {
     assert!(!allows(plain, &["foo"]));
     assert!(!allows(opted, &["foobar"]));
 }
+
+#[test]
+fn backend_and_provider_names_outside_the_alphabet_are_errors_at_their_place() {
+    let src = "[backends.\"le gacy\"]\nurl = \"http://127.0.0.1:1\"\n\
+               [auth.\"a.b\"]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]\nsecret_env = \"UNSET_STRANGLER_TEST_VAR\"\n\
+               [[routes]]\nprefix = \"/\"\nbackend = \"le gacy\"\n";
+    let errs = errors(src);
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("routes.toml:1:11: backend name \"le gacy\" must be made of")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("routes.toml:3:7: provider name \"a.b\" must be made of")),
+        "{errs:?}"
+    );
+}
