@@ -102,6 +102,29 @@ pub fn check_report(loaded: &Loaded) -> String {
             algs.join(",")
         );
     }
+    if let Some(e) = &s.events {
+        let publishing: Vec<String> = t
+            .routes()
+            .iter()
+            .filter_map(|r| {
+                let ev = r.events.as_ref()?;
+                Some(format!("{} ({})", r.prefix, ev.kinds().join(",")))
+            })
+            .collect();
+        let routes = if publishing.is_empty() {
+            "no route publishes".to_string()
+        } else {
+            publishing.join(", ")
+        };
+        let _ = match &e.url {
+            Some(url) => writeln!(
+                out,
+                "events: {url} (from {}), exchange {}, buffer {} events; {routes}",
+                e.url_env, e.exchange, e.buffer
+            ),
+            None => writeln!(out, "events: off, {} is unset; {routes}", e.url_env),
+        };
+    }
     if !s.trusted_proxies.is_empty() {
         let nets: Vec<String> = s.trusted_proxies.iter().map(ToString::to_string).collect();
         let _ = writeln!(

@@ -41,6 +41,43 @@ pub struct ServerSettings {
     pub stale_store_size: u64,
     /// `[ratelimit_store]`: where `scope = "global"` rate limits count.
     pub ratelimit_store: Option<RateLimitStore>,
+    /// `[events]`: where migration events go.
+    pub events: Option<EventsSettings>,
+}
+
+/// `[events]`, read at start like `[server]`.
+#[derive(Clone, PartialEq)]
+pub struct EventsSettings {
+    /// The broker, from the environment variable `url_env` names; `None` when it is unset or
+    /// empty (events are off, said once in the log).
+    pub url: Option<crate::events::AmqpUrl>,
+    /// The variable it came from, for messages (the URL may hold a password).
+    pub url_env: String,
+    /// The durable topic exchange events are published to (declared if missing).
+    pub exchange: String,
+    /// Events held while the broker is slow or away; past it they are dropped and counted.
+    pub buffer: usize,
+    /// Bytes those events may hold together (write events carry bodies).
+    pub buffer_bytes: usize,
+    /// How long a publish may wait for the broker's confirm.
+    pub publish_timeout: Duration,
+    /// The CloudEvents `source` of every event.
+    pub source: String,
+}
+
+/// Never prints the URL: it may hold a password.
+impl std::fmt::Debug for EventsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventsSettings")
+            .field("url_env", &self.url_env)
+            .field("url_set", &self.url.is_some())
+            .field("exchange", &self.exchange)
+            .field("buffer", &self.buffer)
+            .field("buffer_bytes", &self.buffer_bytes)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// `[ratelimit_store]`, read at start like `[server]`.

@@ -27,6 +27,7 @@ pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod guard;
 pub mod headers;
 pub mod jwt;
@@ -150,6 +151,9 @@ impl Server {
             state.settings.watch,
             stopped.clone(),
         ));
+        if let Some(events) = state.events() {
+            events.start();
+        }
         let proxy_state = state.clone();
         let limits = ListenerLimits::from(&state.settings);
         let proxy_task = server::serve(
@@ -181,6 +185,10 @@ impl Server {
             let _ = stop.send(true);
         };
         tokio::join!(proxy_task, shutdown_then_unready);
+        // Connections are drained; what they produced goes to the broker, bounded.
+        if let Some(events) = state.events() {
+            events.flush(state.settings.drain_timeout).await;
+        }
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         background.abort();

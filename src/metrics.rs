@@ -51,6 +51,13 @@ pub const STALE_TOTAL: &str = "strangler_stale_total";
 /// Bytes held by the stale-if-error store (all routes).
 pub const STALE_BYTES: &str = "strangler_stale_bytes";
 
+/// Migration events (`[events]`), by kind (`mismatch`, `write`, `request`) and outcome
+/// (`published`: confirmed by the broker; `dropped`: never sent, the buffer was full or
+/// shutdown came first; `failed`: sent, but refused or never confirmed).
+pub const EVENTS_TOTAL: &str = "strangler_events_total";
+/// Events waiting in the buffer for the broker.
+pub const EVENTS_BUFFERED: &str = "strangler_events_buffered";
+
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
 
@@ -90,6 +97,11 @@ impl Metrics {
             REQUESTS_TOTAL,
             Unit::Count,
             "Requests answered, by route, answering backend and status.",
+        );
+        describe(
+            EVENTS_TOTAL,
+            Unit::Count,
+            "Migration events, by kind and outcome (published, dropped, failed).",
         );
         describe(
             UPSTREAM_ERRORS_TOTAL,

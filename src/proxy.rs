@@ -6,6 +6,7 @@
 //! responses in one place (`respond::error_response`). Nothing here blocks, locks, or
 //! buffers a body.
 
+mod emit;
 mod fallback;
 
 use std::net::{IpAddr, SocketAddr};
@@ -79,6 +80,8 @@ struct Outbound {
     deadline: Instant,
     /// Whether it is an upgrade the route tunnels.
     upgrade: bool,
+    /// Copies the request body for a write event.
+    capture: Option<crate::upstream::tee::Tee>,
 }
 
 /// Serves one client request. Never fails: errors are answered as JSON.
@@ -104,6 +107,9 @@ pub async fn handle(
     let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
     let log_head = (state.settings.access_log && AccessLog::enabled())
         .then(|| (req.method().clone(), req.uri().path().to_string()));
+    let event_head = state
+        .events()
+        .map(|_| (req.method().clone(), req.uri().path_and_query().cloned()));
     let mut trace = Trace::default();
     let phases = exchange(&cx, req, &mut trace);
     // Instrumenting costs even with the span disabled; only pay for it when it records.
@@ -121,6 +127,20 @@ pub async fn handle(
         trace.degraded.unwrap_or(resp.status()),
         start,
     );
+    if let (Some(events), Some((method, pq)), Some(id)) = (state.events(), event_head, trace.route)
+    {
+        let table = &active.table;
+        emit::request_event(
+            events,
+            table.route(id),
+            trace.backend.map(|b| table.backend(b).name.as_str()),
+            &method,
+            pq.as_ref(),
+            request_id.to_str().unwrap_or_default(),
+            resp.status(),
+            start.elapsed(),
+        );
+    }
     if let Some((method, path)) = log_head {
         let entry = access_entry(&cx, &trace, method, path, resp.status());
         resp.body_mut().log(entry);
@@ -178,7 +198,16 @@ async fn exchange(
             plan
         })
     });
-    let out = prepare(cx, &routed, req, upgrade, claims.as_deref())?;
+    let plan = plan.map(|mut plan| {
+        plan.events = mismatch_events(cx, routed.route);
+        plan
+    });
+    let (write, capture) = match emit::plan_write(cx, &routed, &req) {
+        Some((write, capture)) => (Some(write), capture),
+        None => (None, None),
+    };
+    let mut out = prepare(cx, &routed, req, upgrade, claims.as_deref())?;
+    out.capture = capture;
     trace.shadowed = plan.is_some();
     let mut feed = plan.map(|plan| start_shadow(cx, &routed, plan, &out));
     let deadline = out.deadline;
@@ -202,7 +231,13 @@ async fn exchange(
                 }
             }
             let store = &cx.state.registries.stale;
-            let keep = stale.and_then(|p| p.answered(store, status, answered.resp.headers()));
+            let mut keep = stale.and_then(|p| p.answered(store, status, answered.resp.headers()));
+            if let Some(write) = write {
+                let backend = &cx.active.table.backend(answered.backend).name;
+                let tee = write.answered(backend, status, answered.resp.headers());
+                // Writes are never stored for stale answers: the slot is free.
+                keep = keep.or(tee);
+            }
             respond(cx, answered, client_upgrade, feed, keep)
         }
         // Counted against the backend tried last.
@@ -433,7 +468,17 @@ fn prepare(
         pq,
         deadline: cx.start + upstream.timeout,
         upgrade,
+        capture: None,
     })
+}
+
+/// Where a shadow leg of `route` publishes its mismatches, if it does.
+fn mismatch_events(
+    cx: &Context<'_>,
+    route: &Route,
+) -> Option<(Arc<crate::events::Events>, String)> {
+    let settings = route.events.as_ref().filter(|e| e.mismatch)?;
+    Some((cx.state.events()?.clone(), settings.key.clone()))
 }
 
 /// Hop-by-hop removal, the shadow marker, client-sent copies of claim headers, `Host`,

@@ -137,7 +137,7 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
         }
         Ok(loaded) => {
             if loaded.parsed.server != state.settings {
-                warn!("[server] changed in routes.toml; those settings apply at the next restart");
+                warn!("[server], [ratelimit_store] or [events] changed in routes.toml; those settings apply at the next restart");
             }
             for w in &loaded.parsed.warnings {
                 warn!(warning = %w.render(&state.path.display().to_string()), "routes.toml");

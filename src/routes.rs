@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod diff;
+pub mod events;
 pub mod limits;
 
 use std::borrow::Cow;
@@ -204,6 +205,8 @@ pub struct Route {
     pub rate_limits: Vec<RateLimit>,
     /// `stale_if_error`: answers kept to serve when the backends fail.
     pub stale: Option<Stale>,
+    /// `events`: what this route publishes to `[events]`.
+    pub events: Option<events::RouteEvents>,
     /// Line of the entry in the file, for messages.
     pub line: usize,
 }

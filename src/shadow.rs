@@ -262,6 +262,7 @@ impl Shadows {
                 noise: slot.noise
                     && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
                     && slot.stats.noise_sample(),
+                events: None,
             }),
             Err(_) => {
                 slot.stats.count(Outcome::Dropped);
@@ -372,6 +373,8 @@ pub struct Plan {
     pub rules: Arc<Rules>,
     pub max_body: usize,
     pub noise: bool,
+    /// Where a mismatch is published (`events = ["mismatch"]`), with the route's key.
+    pub events: Option<(Arc<crate::events::Events>, String)>,
 }
 
 fn rules(route: &Route) -> Rules {

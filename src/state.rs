@@ -142,6 +142,8 @@ pub struct Registries {
     pub limits: Arc<Limits>,
     /// Stale-if-error copies of every route, outside the route table.
     pub stale: Arc<StaleStore>,
+    /// The migration-event publisher (`[events]` with a broker URL set).
+    pub events: Option<Arc<crate::events::Events>>,
 }
 
 /// Shared state of one proxy instance.
@@ -169,7 +171,12 @@ impl State {
             .unwrap_or(HeaderValue::from_static("1.1 strangler"));
         let limits = Arc::new(Limits::new(settings.ratelimit_store.as_ref(), &metrics));
         let stale = Arc::new(StaleStore::new(settings.stale_store_size, &metrics));
+        let events = settings
+            .events
+            .as_ref()
+            .and_then(|e| crate::events::Events::new(e, &metrics));
         let registries = Registries {
+            events,
             metrics,
             shadows: Arc::new(Shadows::default()),
             guards: Guards::default(),
@@ -199,6 +206,11 @@ impl State {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.registries.metrics
+    }
+
+    /// The event publisher, when events are on.
+    pub fn events(&self) -> Option<&Arc<crate::events::Events>> {
+        self.registries.events.as_ref()
     }
 
     pub fn shadows(&self) -> &Arc<Shadows> {

@@ -36,6 +36,23 @@ fn field<'a>(body: &'a Value, name: &str) -> Result<Option<&'a str>, String> {
 }
 
 impl UserStore {
+    /// The user with `id`, if any.
+    pub fn get(&self, id: u64) -> Option<&User> {
+        self.users.get(&id)
+    }
+
+    /// Stores `user` under its own id, replacing any user with that id, and keeps the next
+    /// id handed out by `POST` past every stored id. Returns the replaced user.
+    pub fn upsert(&mut self, user: User) -> Option<User> {
+        self.next_id = self.next_id.max(user.id.saturating_add(1));
+        self.users.insert(user.id, user)
+    }
+
+    /// Removes the user with `id`; returns it, or `None` when there was none.
+    pub fn remove(&mut self, id: u64) -> Option<User> {
+        self.users.remove(&id)
+    }
+
     fn apply(&mut self, user: &mut User, body: &Value) -> Result<(), String> {
         if let Some(name) = field(body, "name")? {
             user.name = name.to_string();

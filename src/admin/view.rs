@@ -20,6 +20,9 @@ pub struct RoutesView {
     auth_providers: Vec<ProviderView>,
     backends: Vec<BackendView>,
     coverage: CoverageView,
+    /// `[events]`, when configured: the broker link and what was published, dropped, failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<serde_json::Value>,
     generation: u64,
     last_reload: ReloadView,
     latency_bounds_ms: &'static [f64],
@@ -165,6 +168,8 @@ struct RouteView {
     canary: Option<CanaryView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     compared: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<RouteEventsView>,
     fallback: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gate: Option<GateView>,
@@ -196,6 +201,17 @@ struct RouteView {
     traffic: TrafficView,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     upgrades: Vec<String>,
+}
+
+/// A route's `events`.
+#[derive(Serialize)]
+struct RouteEventsView {
+    body: usize,
+    kinds: Vec<&'static str>,
+    query: bool,
+    /// The routing keys its events are published with (`write.api.users`).
+    routing_keys: Vec<String>,
+    sample: f64,
 }
 
 /// A shadowed route's comparison figures.
@@ -255,6 +271,18 @@ impl RoutesView {
                 requests_answered: answered,
                 routes: route_coverage(&active),
             },
+            events: state
+                .settings
+                .events
+                .as_ref()
+                .map(|e| match state.events() {
+                    Some(events) => events.to_json(),
+                    None => serde_json::json!({
+                        "enabled": false,
+                        "reason": format!("{} is unset: no broker to publish to", e.url_env),
+                        "url_env": e.url_env,
+                    }),
+                }),
             generation: active.generation,
             last_reload: ReloadView {
                 at: rfc3339(last.at),
@@ -361,6 +389,16 @@ impl RouteView {
                 require: a.require.iter().cloned().collect(),
             }),
             backend: name(r.backend),
+            events: r.events.as_ref().map(|e| {
+                let kinds = e.kinds();
+                RouteEventsView {
+                    body: e.body,
+                    routing_keys: kinds.iter().map(|k| format!("{k}.{}", e.key)).collect(),
+                    kinds,
+                    query: e.query,
+                    sample: e.sample,
+                }
+            }),
             canary: r.canary.as_ref().map(|c| CanaryView {
                 backend: name(c.backend),
                 percent: c.percent,

@@ -40,6 +40,66 @@ pub struct RateLimitStoreFile {
     pub on_error: Option<Spanned<String>>,
 }
 
+/// `[events]`: where migration events are published (RabbitMQ), read at start.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsFile {
+    pub url_env: Option<Spanned<String>>,
+    /// Never accepted: named so the error can say where the URL goes instead.
+    pub url: Option<Spanned<toml::Value>>,
+    pub exchange: Option<Spanned<String>>,
+    pub buffer: Option<Spanned<i64>>,
+    pub buffer_bytes: Option<Spanned<String>>,
+    pub publish_timeout: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
+}
+
+/// A route's `events`: `["mismatch", "write", "request"]` or `{ kinds, sample, body, query }`.
+#[derive(Debug)]
+pub enum RouteEventsFile {
+    Kinds(Vec<Spanned<String>>),
+    Table(RouteEventsTable),
+}
+
+/// `events = { kinds, sample, body, query }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEventsTable {
+    pub kinds: Spanned<Vec<Spanned<String>>>,
+    pub sample: Option<Spanned<f64>>,
+    pub body: Option<Spanned<String>>,
+    pub query: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for RouteEventsFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RouteEventsFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of event kinds or { kinds, sample, body, query }")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RouteEventsFile, A::Error> {
+                Vec::<Spanned<String>>::deserialize(serde::de::value::SeqAccessDeserializer::new(
+                    seq,
+                ))
+                .map(RouteEventsFile::Kinds)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RouteEventsFile, A::Error> {
+                RouteEventsTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RouteEventsFile::Table)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// `tls = { ... }` on the server or on a backend (validation says which keys go where).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +164,7 @@ pub struct RouteFile {
     pub auth: Option<Spanned<RouteAuthFile>>,
     pub rate_limit: Option<Spanned<RateLimitsFile>>,
     pub stale_if_error: Option<Spanned<StaleFile>>,
+    pub events: Option<Spanned<RouteEventsFile>>,
 }
 
 /// `rate_limit = { ... }`, or several windows as `[[routes.rate_limit]]`.

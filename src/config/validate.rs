@@ -78,7 +78,7 @@ pub fn parse_at(src: &str, dir: &Path) -> Result<Parsed, Vec<Diagnostic>> {
         return Err(cx.finish_errors());
     }
     let (mut server, mut backends, mut routes, mut auth) = (None, None, None, None);
-    let mut store = None;
+    let (mut store, mut events) = (None, None);
     for (key, value) in root.into_inner() {
         match key.get_ref().as_ref() {
             "server" => server = cx.de::<ServerFile>(value, "[server]"),
@@ -91,10 +91,16 @@ pub fn parse_at(src: &str, dir: &Path) -> Result<Parsed, Vec<Diagnostic>> {
                     .de::<super::file::RateLimitStoreFile>(value, "[ratelimit_store]")
                     .map(|f| (f, span));
             }
+            "events" => {
+                let span = value.span();
+                events = cx
+                    .de::<super::file::EventsFile>(value, "[events]")
+                    .map(|f| (f, span));
+            }
             "version" => cx.version(value),
             other => cx.err(
                 key.span(),
-                format!("unknown key `{other}`; expected `server`, `backends`, `auth`, `ratelimit_store` or `routes`"),
+                format!("unknown key `{other}`; expected `server`, `backends`, `auth`, `ratelimit_store`, `events` or `routes`"),
             ),
         }
     }
@@ -102,8 +108,10 @@ pub fn parse_at(src: &str, dir: &Path) -> Result<Parsed, Vec<Diagnostic>> {
     server.ratelimit_store = store.and_then(|(f, span)| cx.ratelimit_store(f, span));
     let (backends, legacy) = cx.backends(backends);
     let providers = cx.providers(auth);
+    let has_events = events.is_some();
+    server.events = events.and_then(|(f, span)| cx.events_settings(f, span));
     let has_store = server.ratelimit_store.is_some();
-    let routes = cx.routes(routes, &backends, legacy, &providers, has_store);
+    let routes = cx.routes(routes, &backends, legacy, &providers, has_store, has_events);
     if !cx.errors.is_empty() {
         return Err(cx.finish_errors());
     }
@@ -292,6 +300,7 @@ impl Ctx {
 
 mod auth;
 mod entries;
+mod events;
 mod features;
 mod limits;
 mod tls;

@@ -64,7 +64,7 @@ pub(super) fn first_request(
     } else {
         let shadow_tee = feed.and_then(|f| f.request_tee.take());
         let limit = cx.state.settings.max_request_body;
-        UpstreamBody::limited(out.body, limit, shadow_tee, replay_tee)
+        UpstreamBody::limited(out.body, limit, shadow_tee, replay_tee, out.capture)
     };
     (Request::from_parts(out.parts, body), fallback.zip(retry))
 }

@@ -97,6 +97,7 @@ impl Leg {
         let stats = self.copy.plan.stats.clone();
         let shadows = self.copy.shadows.clone();
         let request_id = self.copy.request_id.clone();
+        let events = self.copy.plan.events.clone();
         let (outcome, entry) = self.compare().await;
         stats.count(outcome);
         match (&outcome, entry) {
@@ -108,6 +109,10 @@ impl Leg {
                     .map(|d| d.path.as_str())
                     .collect();
                 info!(route = %stats.prefix, request_id = %entry.request_id, differences = entry.total_differences, first = ?first, "shadow mismatch");
+                if let Some((events, key)) = events {
+                    let event = crate::events::Event::mismatch(&key, &entry.path, entry.to_json());
+                    events.emit(event);
+                }
                 shadows.diffs.push(entry);
             }
             (o, _) => {

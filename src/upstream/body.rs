@@ -33,30 +33,33 @@ pub enum UpstreamBody {
         inner: Incoming,
         remaining: u64,
         limit: u64,
-        /// Bounded copy for the shadow comparison.
-        tee: Option<Tee>,
-        /// Bounded copy to send again to a fallback backend.
-        replay: Option<Tee>,
+        /// Its bounded copies, boxed: most requests have none.
+        tees: Option<Box<[Option<Tee>; 3]>>,
     },
     /// A body the proxy holds whole (a bounded copy, or none).
     Full(Full<Bytes>),
 }
 
 impl UpstreamBody {
-    /// The client's body, limited to `limit` bytes, optionally copied into `tee` (shadow) and
-    /// `replay` (fallback).
-    pub fn limited(inner: Incoming, limit: u64, tee: Option<Tee>, replay: Option<Tee>) -> Self {
-        let (mut tee, mut replay) = (tee, replay);
+    /// The client's body, limited to `limit` bytes, optionally copied into `tee` (shadow),
+    /// `replay` (fallback) and `event` (a write event).
+    pub fn limited(
+        inner: Incoming,
+        limit: u64,
+        tee: Option<Tee>,
+        replay: Option<Tee>,
+        event: Option<Tee>,
+    ) -> Self {
+        let mut tees = (tee.is_some() || replay.is_some() || event.is_some())
+            .then(|| Box::new([tee, replay, event]));
         if inner.is_end_stream() {
-            tee.as_mut().map(Tee::finish);
-            replay.as_mut().map(Tee::finish);
+            finish(tees.as_deref_mut());
         }
         UpstreamBody::Streaming {
             inner,
             remaining: limit,
             limit,
-            tee,
-            replay,
+            tees,
         }
     }
 
@@ -66,6 +69,13 @@ impl UpstreamBody {
 
     pub fn empty() -> Self {
         Self::full(Bytes::new())
+    }
+}
+
+/// The body ended: every copy is handed over.
+fn finish(tees: Option<&mut [Option<Tee>; 3]>) {
+    for t in tees.into_iter().flatten().flatten() {
+        t.finish();
     }
 }
 
@@ -82,8 +92,7 @@ impl Body for UpstreamBody {
                 inner,
                 remaining,
                 limit,
-                tee,
-                replay,
+                tees,
             } => {
                 let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 Poll::Ready(match frame {
@@ -92,8 +101,8 @@ impl Body for UpstreamBody {
                         match remaining.checked_sub(len) {
                             Some(left) => {
                                 *remaining = left;
-                                if let Some(data) = frame.data_ref() {
-                                    for t in [tee.as_mut(), replay.as_mut()].into_iter().flatten() {
+                                if let (Some(data), Some(tees)) = (frame.data_ref(), tees) {
+                                    for t in tees.iter_mut().flatten() {
                                         t.push(data);
                                         // hyper stops polling once a sized body is complete.
                                         if inner.is_end_stream() {
@@ -108,8 +117,7 @@ impl Body for UpstreamBody {
                     }
                     Some(Err(e)) => Some(Err(Box::new(e))),
                     None => {
-                        tee.as_mut().map(Tee::finish);
-                        replay.as_mut().map(Tee::finish);
+                        finish(tees.as_deref_mut());
                         None
                     }
                 })

@@ -2,6 +2,11 @@
 //! data, same JSON shape. Shadow copies (`x-strangler-shadow: 1`) are answered but never
 //! kept, so mirroring writes has no side effects. `Bug::EmailCase` answers one field
 //! differently, to give a shadow comparison something real to find.
+//!
+//! With an [`EventsSource`] ([`serve_with_events`]), it also applies the writes the monolith
+//! answered, as the proxy publishes them on RabbitMQ, to the same store (see [`events`]).
+
+pub mod events;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,9 +15,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use legacy_stub::http::{error, read_json, Resp};
+use legacy_stub::seed::User;
 use legacy_stub::users::UserStore;
 use serde_json::Value;
 use tokio::net::TcpListener;
+
+pub use events::{consume_writes, BadUrl, EventsSource};
 
 /// A deliberate divergence from the monolith.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -32,6 +40,25 @@ impl UsersService {
             store: Mutex::new(UserStore::default()),
             bug,
         })
+    }
+
+    /// The stored user with `id`, as kept (without the `bug`).
+    pub fn user(&self, id: u64) -> Option<User> {
+        self.users().get(id).cloned()
+    }
+
+    /// Stores `user` under its id (created or replaced); returns the user it replaced.
+    pub fn upsert_user(&self, user: User) -> Option<User> {
+        self.users().upsert(user)
+    }
+
+    /// Removes the user with `id`; returns it, or `None` when there was none.
+    pub fn remove_user(&self, id: u64) -> Option<User> {
+        self.users().remove(id)
+    }
+
+    fn users(&self) -> std::sync::MutexGuard<'_, UserStore> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Resp {
@@ -61,11 +88,9 @@ impl UsersService {
         } else {
             None
         };
-        let (status, mut value) = self
-            .store
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .handle(&method, id.as_deref(), body.as_ref(), !shadow);
+        let (status, mut value) =
+            self.users()
+                .handle(&method, id.as_deref(), body.as_ref(), !shadow);
         if self.bug == Some(Bug::EmailCase) {
             if let Some(v) = value.as_mut() {
                 lowercase_emails(v);
@@ -92,11 +117,54 @@ fn lowercase_emails(v: &mut Value) {
 
 /// Serves the users service on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, bug: Option<Bug>, shutdown: impl Future<Output = ()>) {
-    let app = UsersService::new(bug);
+    serve_with_events(listener, bug, None, shutdown).await;
+}
+
+/// Serves the users endpoints on `listener` (as [`serve`]) and, when `events` is `Some`,
+/// applies the proxy's write events for `/api/users` from that broker to the same store
+/// ([`consume_writes`]: a `POST`/`PUT`/`PATCH` event creates or replaces the answered user, a
+/// `DELETE` event removes it), until `shutdown` resolves; then both stop and this returns.
+///
+/// The consumer never makes this fail: while the broker is unreachable the HTTP server
+/// answers as usual and the consumer retries (100 ms, doubling up to 5 s) in the background.
+/// Events reach the store only if the route publishes them with a body cap
+/// (`events = { kinds = ["write"], body = "16KiB" }`): without the captured response body a
+/// `POST` or `PUT` event is skipped (logged at warn). With `events = None` this is [`serve`].
+pub async fn serve_with_events(
+    listener: TcpListener,
+    bug: Option<Bug>,
+    events: Option<EventsSource>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_service(listener, UsersService::new(bug), events, shutdown).await;
+}
+
+/// [`serve_with_events`] on a given `service` (whose store a caller can also read or change).
+pub async fn serve_service(
+    listener: TcpListener,
+    service: Arc<UsersService>,
+    events: Option<EventsSource>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let consumer = events.map(|source| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(consume_writes(service.clone(), source, async move {
+            let _ = stop.wait_for(|&s| s).await;
+        }))
+    });
+    let app = service;
     legacy_stub::http::serve(
         listener,
         move |req, _peer: SocketAddr| app.clone().handle(req),
-        shutdown,
+        async {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        },
     )
     .await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = consumer {
+        let _ = task.await;
+    }
 }

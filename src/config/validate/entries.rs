@@ -101,6 +101,7 @@ impl Ctx {
                 super::limits::DEFAULT_STALE_STORE_SIZE,
             ),
             ratelimit_store: None,
+            events: None,
         };
         (settings, loaded)
     }
@@ -313,6 +314,7 @@ impl Ctx {
         legacy: Option<BackendId>,
         providers: &[crate::routes::Provider],
         store: bool,
+        has_events: bool,
     ) -> Vec<Route> {
         let Some(value) = value else {
             self.err(
@@ -342,7 +344,7 @@ impl Ctx {
                 continue;
             };
             let prefix_span = f.prefix.span();
-            let Some(route) = self.route(f, &names, legacy, providers, store) else {
+            let Some(route) = self.route(f, &names, legacy, providers, (store, has_events)) else {
                 continue;
             };
             if let Some(line) = seen.insert(route.route_key(), route.line) {
@@ -362,7 +364,7 @@ impl Ctx {
         names: &HashMap<String, BackendId>,
         legacy: Option<BackendId>,
         providers: &[crate::routes::Provider],
-        store: bool,
+        (store, has_events): (bool, bool),
     ) -> Option<Route> {
         let line = self.locate(f.prefix.span(), String::new()).line;
         let key = self.prefix(&f.prefix);
@@ -402,6 +404,10 @@ impl Ctx {
             .stale_if_error
             .as_ref()
             .and_then(|s| self.stale(s, f.auth.is_some()));
+        let events = f
+            .events
+            .as_ref()
+            .and_then(|e| self.route_events(e, f.prefix.get_ref(), f.shadow.is_some(), has_events));
         if let (Some(c), None) = (&canary, &f.auth) {
             if let Sticky::Claim(claim) = &c.sticky {
                 let span = f.canary.as_ref().map_or(0..0, Spanned::span);
@@ -426,6 +432,7 @@ impl Ctx {
             auth,
             rate_limits,
             stale,
+            events,
             line,
         })
     }
