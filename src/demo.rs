@@ -88,6 +88,23 @@ async fn listen_for(loaded: &Loaded, name: &'static str) -> Result<TcpListener, 
         .map_err(|source| DemoError::Bind { name, addr, source })
 }
 
+/// The broker users-service consumes write events from: the one `[events]` publishes to,
+/// when its URL is set.
+fn loaded_events(
+    events: &Option<crate::config::EventsSettings>,
+) -> Option<users_service::EventsSource> {
+    let e = events.as_ref()?;
+    e.url.as_ref()?;
+    let raw = std::env::var(&e.url_env).ok()?;
+    match users_service::EventsSource::new(&raw) {
+        Ok(source) => Some(source.with_exchange(&e.exchange)),
+        Err(error) => {
+            tracing::warn!(%error, "users-service cannot read the events broker URL; its consumer is off");
+            None
+        }
+    }
+}
+
 /// Runs the three demo processes' servers in this process until `shutdown` resolves.
 pub async fn run(
     loaded: Loaded,
@@ -98,6 +115,7 @@ pub async fn run(
     let users = listen_for(&loaded, "users").await?;
     let (legacy_addr, users_addr) = (legacy.local_addr().ok(), users.local_addr().ok());
     let loaded_table = loaded.parsed.table.clone();
+    let loaded_server_events = loaded.parsed.server.events.clone();
     let server = crate::Server::bind(loaded).await?;
     let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -109,7 +127,28 @@ pub async fn run(
         Default::default(),
         stopped(rx.clone()),
     ));
-    let users_task = tokio::spawn(users_service::serve(users, users_bug, stopped(rx.clone())));
+    // With a broker, users-service applies the monolith's writes from `write.api.users`
+    // events, so shadowed reads of users created through the proxy match.
+    let events = loaded_events(&loaded_server_events);
+    let events_line = match (&loaded_server_events, &events) {
+        (Some(_), Some(source)) => format!(
+            "  events         {} exchange {}: users-service applies write.api.users from queue {}",
+            source.endpoint(),
+            source.exchange(),
+            source.queue()
+        ),
+        (Some(e), None) => format!(
+            "  events         off: set {}=amqp://guest:guest@127.0.0.1:5672/%2f with RabbitMQ running (README: events)",
+            e.url_env
+        ),
+        (None, _) => String::new(),
+    };
+    let users_task = tokio::spawn(users_service::serve_with_events(
+        users,
+        users_bug,
+        events,
+        stopped(rx.clone()),
+    ));
     println!("FitTrack demo: strangler in front of the legacy monolith and the extracted users service\n");
     println!("  proxy          http://{proxy}");
     println!(
@@ -121,6 +160,9 @@ pub async fn run(
         users_addr.map_or("?".into(), |a| a.to_string())
     );
     println!("  dashboard      http://{admin}/   (the migration board)");
+    if !events_line.is_empty() {
+        println!("{events_line}");
+    }
     println!(
         "  admin          http://{admin}/routes   http://{admin}/diffs   http://{admin}/metrics\n"
     );
