@@ -230,3 +230,265 @@ impl Ctx {
         Some(events)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+
+    /// Line and column (1-based) where the `nth` (0-based) `needle` starts.
+    fn position(text: &str, needle: &str, nth: usize) -> (usize, usize) {
+        let at = text
+            .match_indices(needle)
+            .nth(nth)
+            .unwrap_or_else(|| panic!("{needle:?} #{nth} not in\n{text}"))
+            .0;
+        let before = &text[..at];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        (line, col)
+    }
+
+    /// A routes.toml with `section` (an `[events]` or "") and a shadowed route `/api/users`
+    /// with `events = ROUTE`.
+    fn config(section: &str, route: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{section}\n\
+             [backends.legacy]\nurl = \"http://127.0.0.1:9\"\nlegacy = true\n\n\
+             [backends.users]\nurl = \"http://127.0.0.1:10\"\n\n\
+             [[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\nshadow = \"users\"\n{route}\n\n\
+             [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n"
+        )
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(_) => vec![],
+            Err(d) => d
+                .iter()
+                .map(|d| format!("{}:{}: {}", d.line, d.col, d.message))
+                .collect(),
+        }
+    }
+
+    const UNSET: &str = "STRANGLER_EVENTS_TEST_NEVER_SET_7C2E";
+
+    #[test]
+    fn good_forms_load_and_an_unset_url_turns_events_off() {
+        assert!(std::env::var_os(UNSET).is_none());
+        let section = format!("[events]\nurl_env = \"{UNSET}\"\n");
+        for route in [
+            "events = [\"mismatch\", \"write\", \"request\"]",
+            "events = { kinds = [\"write\"], body = \"16KiB\", query = true }",
+            "events = { kinds = [\"request\"], sample = 0.25 }",
+        ] {
+            let text = config(&section, route);
+            let parsed = parse(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+            let events = parsed.server.events.as_ref().map(|e| e.url.is_some());
+            assert_eq!(events, Some(false), "off while {UNSET} is unset");
+            let r = &parsed.table.routes()[0];
+            assert_eq!(r.events.as_ref().map(|e| e.key.as_str()), Some("api.users"));
+        }
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_its_line_and_column() {
+        let path = "PATH"; // set in every environment: not an amqp:// URL
+        assert!(std::env::var_os(path).is_some());
+        let ok = format!("[events]\nurl_env = \"{UNSET}\"\n");
+        let ev = |body: &str| format!("[events]\nurl_env = \"{UNSET}\"\n{body}\n");
+        // (section, route line, where the error points (needle, occurrence), what it says)
+        let cases: Vec<(String, String, (&str, usize), &str)> = vec![
+            (
+                "[events]\nexchange = \"x\"\n".into(),
+                String::new(),
+                ("[events]", 0),
+                "[events] needs `url_env`",
+            ),
+            (
+                format!("[events]\nurl_env = \"{path}\"\n"),
+                String::new(),
+                ("\"PATH\"", 0),
+                "[events] `url_env`: PATH does not hold an amqp:// URL",
+            ),
+            (
+                ev("url = \"amqp://guest:guest@h/\""),
+                String::new(),
+                ("\"amqp://", 0),
+                "use `url_env = \"VAR\"`",
+            ),
+            (
+                ev("exchange = \"\""),
+                String::new(),
+                ("\"\"", 0),
+                "[events] `exchange`",
+            ),
+            (
+                ev("exchange = \"amq.topic\""),
+                String::new(),
+                ("\"amq.topic\"", 0),
+                "not starting with `amq.`",
+            ),
+            (
+                ev("exchange = \"a b\""),
+                String::new(),
+                ("\"a b\"", 0),
+                "[events] `exchange`",
+            ),
+            (
+                ev("buffer = 0"),
+                String::new(),
+                ("0\n\n[backends", 0),
+                "`buffer` must be between 1 and",
+            ),
+            (
+                ev("buffer = 2000000"),
+                String::new(),
+                ("2000000", 0),
+                "`buffer` must be between 1 and",
+            ),
+            (
+                ev("buffer = \"lots\""),
+                String::new(),
+                ("\"lots\"", 0),
+                "[events]",
+            ),
+            (
+                ev("buffer_bytes = \"12\""),
+                String::new(),
+                ("\"12\"", 0),
+                "`buffer_bytes` must be at least 1KiB",
+            ),
+            (
+                ev("buffer_bytes = \"huge\""),
+                String::new(),
+                ("\"huge\"", 0),
+                "`events.buffer_bytes`",
+            ),
+            (
+                ev("publish_timeout = \"forever\""),
+                String::new(),
+                ("\"forever\"", 0),
+                "`events.publish_timeout`",
+            ),
+            (
+                ev("publish_timeout = \"1ms\""),
+                String::new(),
+                ("\"1ms\"", 0),
+                "between 10ms and 10m",
+            ),
+            (ev("source = \"\""), String::new(), ("\"\"", 0), "`source`"),
+            (
+                ev("colour = \"red\""),
+                String::new(),
+                ("colour", 0),
+                "unknown field `colour`",
+            ),
+            (
+                String::new(),
+                "events = [\"write\"]".into(),
+                ("[\"write\"]", 0),
+                "`events` needs an `[events]` section",
+            ),
+            (
+                ok.clone(),
+                "events = []".into(),
+                ("[]", 0),
+                "`events` names no kind",
+            ),
+            (
+                ok.clone(),
+                "events = [\"writes\"]".into(),
+                ("\"writes\"", 0),
+                "`events` kind \"writes\"",
+            ),
+            (
+                ok.clone(),
+                "events = [\"write\", \"write\"]".into(),
+                ("\"write\"", 1),
+                "names \"write\" twice",
+            ),
+            (
+                ok.clone(),
+                "events = \"write\"".into(),
+                ("\"write\"", 0),
+                "a list of event kinds",
+            ),
+            (ok.clone(), "events = [1]".into(), ("1]", 0), "[[routes]]"),
+            (
+                ok.clone(),
+                "events = { kinds = [\"request\"], sample = 0.0 }".into(),
+                ("0.0 }", 0),
+                "`events.sample`",
+            ),
+            (
+                ok.clone(),
+                "events = { kinds = [\"request\"], sample = 1.5 }".into(),
+                ("1.5", 0),
+                "`events.sample`",
+            ),
+            (
+                ok.clone(),
+                "events = { kinds = [\"write\"], sample = 0.5 }".into(),
+                ("0.5", 0),
+                "mismatches and writes are never sampled",
+            ),
+            (
+                ok.clone(),
+                "events = { kinds = [\"write\"], body = \"2MiB\" }".into(),
+                ("\"2MiB\"", 0),
+                "`events.body` is at most 1MiB",
+            ),
+            (
+                ok.clone(),
+                "events = { kinds = [\"write\"], body = \"big\" }".into(),
+                ("\"big\"", 0),
+                "`events.body`",
+            ),
+            (
+                ok.clone(),
+                "events = { kinds = [\"request\"], body = \"1KiB\" }".into(),
+                ("\"1KiB\"", 0),
+                "caps the bodies of \"write\" events",
+            ),
+            (
+                ok.clone(),
+                "events = { kinds = [\"write\"], query = \"yes\" }".into(),
+                ("\"yes\"", 0),
+                "[[routes]]",
+            ),
+            (
+                ok.clone(),
+                "events = { kind = [\"write\"] }".into(),
+                ("kind", 0),
+                "unknown field `kind`",
+            ),
+        ];
+        for (section, route, (needle, nth), message) in cases {
+            let text = config(&section, &route);
+            let errs = errors(&text);
+            let (line, col) = position(&text, needle, nth);
+            let at = format!("{line}:{col}: ");
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with(&at) && e.contains(message)),
+                "expected an error at {at}containing {message:?}, got {errs:?}\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_mismatch_kind_needs_a_shadow() {
+        let text = format!(
+            "[events]\nurl_env = \"{UNSET}\"\n\n[backends.legacy]\nurl = \"http://127.0.0.1:9\"\nlegacy = true\n\n\
+             [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\nevents = [\"mismatch\"]\n"
+        );
+        let errs = errors(&text);
+        let (line, col) = position(&text, "[\"mismatch\"]", 0);
+        assert!(
+            errs.iter().any(
+                |e| e.starts_with(&format!("{line}:{col}: ")) && e.contains("without `shadow`")
+            ),
+            "{errs:?}"
+        );
+    }
+}
