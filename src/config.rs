@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod amqp;
 pub mod file;
 pub mod validate;
 
+pub use amqp::AmqpUrl;
 pub use validate::{parse, parse_at, Diagnostic, Parsed};
 
 /// The validated `[server]` section.
@@ -50,7 +52,7 @@ pub struct ServerSettings {
 pub struct EventsSettings {
     /// The broker, from the environment variable `url_env` names; `None` when it is unset or
     /// empty (events are off, said once in the log).
-    pub url: Option<crate::events::AmqpUrl>,
+    pub url: Option<AmqpUrl>,
     /// The variable it came from, for messages (the URL may hold a password).
     pub url_env: String,
     /// The durable topic exchange events are published to (declared if missing).

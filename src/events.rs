@@ -12,7 +12,6 @@
 //! at most once: an event whose confirm never came is counted `failed`, not sent again.
 
 mod publisher;
-mod url;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-pub use self::url::AmqpUrl;
+pub use crate::config::AmqpUrl;
 use crate::config::EventsSettings;
 use crate::metrics::{Metrics, EVENTS_BUFFERED, EVENTS_TOTAL};
 use crate::upstream::tee::{Budget, Captured, Tee};

@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::config::file::{EventsFile, RouteEventsFile};
+use crate::config::AmqpUrl;
 use crate::config::EventsSettings;
-use crate::events::AmqpUrl;
 use crate::routes::events::{routing_key, RouteEvents};
 
 /// Events held while the broker is slow or away, by default.
