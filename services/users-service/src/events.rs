@@ -457,7 +457,7 @@ pub async fn consume_writes(
         if outage.is_none() {
             warn!(
                 broker = %endpoint, error = %failure,
-                "events: broker unavailable; retrying every {MIN_BACKOFF:?} to {MAX_BACKOFF:?} until it is back"
+                "events: broker unavailable; retrying (after {MIN_BACKOFF:?}, doubling up to {MAX_BACKOFF:?}) until it is back"
             );
             outage = Some(Instant::now());
         } else {
