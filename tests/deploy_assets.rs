@@ -33,19 +33,41 @@ async fn dashboards_and_alerts_use_only_exported_metrics() {
     let rules = std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).unwrap();
     let parsed: serde_json::Value =
         serde_json::from_str(&dashboard).expect("the dashboard is valid JSON");
-    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let panels = parsed["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    // Panel ids are unique and panels never overlap on Grafana's 24-column grid.
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "id twice: {p}");
+        let g = |k: &str| p["gridPos"][k].as_u64().unwrap();
+        assert!(g("x") + g("w") <= 24, "wider than the grid: {p}");
+        for x in g("x")..g("x") + g("w") {
+            for y in g("y")..g("y") + g("h") {
+                assert!(cells.insert((x, y)), "panel {} overlaps another", p["id"]);
+            }
+        }
+    }
     let mut used = names(&dashboard);
+    // Migration events are on the dashboard and alerted on.
+    for events in ["strangler_events_total", "strangler_events_buffered"] {
+        assert!(used.contains(events), "the dashboard lacks {events}");
+    }
+    assert!(names(&rules).contains("strangler_events_total"));
     used.extend(names(&rules));
     assert!(used.len() >= 10, "{used:?}");
 
     // Drive every metric into existence: traffic, a shadow comparison, a guard, a fallback,
-    // upstream errors, a reload.
+    // upstream errors, a reload, migration events (to a broker that is not there: they wait
+    // in the buffer, or are dropped, either way counted).
     let legacy = start_legacy(Default::default()).await;
     let users = start_users(None).await;
     let dead = closed_port().await;
+    let var = "STRANGLER_TEST_DEPLOY_ASSETS_AMQP_URL";
+    std::env::set_var(var, format!("amqp://{}/%2f", closed_port().await));
     let proxy = Proxy::start(&format!(
-        "{}[backends.users]\nurl = \"http://{}\"\n[backends.gone]\nurl = \"http://{dead}\"\n\
-         [[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\nshadow = \"users\"\n\
+        "[events]\nurl_env = \"{var}\"\nbuffer = 1\n{}[backends.users]\nurl = \"http://{}\"\n[backends.gone]\nurl = \"http://{dead}\"\n\
+         [[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\nshadow = \"users\"\nevents = [\"mismatch\", \"request\"]\n\
          [[routes]]\nprefix = \"/api/workouts\"\nbackend = \"gone\"\nfallback = \"legacy\"\n[routes.guard]\nmax_error_rate = 0.5\n\
          [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
         legacy_at(legacy.addr),
@@ -53,13 +75,15 @@ async fn dashboards_and_alerts_use_only_exported_metrics() {
     ))
     .await;
     get(&proxy.url("/api/users/1")).await;
+    get(&proxy.url("/api/users/2")).await;
     get(&proxy.url("/api/workouts/1")).await;
     strangler::reload::reload_async(proxy.reloader.clone()).await;
     let exported = eventually(std::time::Duration::from_secs(5), || async {
         proxy.state.metrics().upkeep();
         let text = get(&proxy.admin_url("/metrics")).await.text();
-        text.contains("strangler_shadow_duration_seconds_bucket")
-            .then_some(text)
+        (text.contains("strangler_shadow_duration_seconds_bucket")
+            && text.contains("strangler_events_total{"))
+        .then_some(text)
     })
     .await;
     let exported: BTreeSet<String> = exported
