@@ -6,11 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub mod amqp;
 pub mod file;
 pub mod validate;
 
-pub use amqp::AmqpUrl;
+pub use amqp_url::AmqpUrl;
 pub use validate::{parse, parse_at, Diagnostic, Parsed};
 
 /// The validated `[server]` section.

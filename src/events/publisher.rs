@@ -10,7 +10,7 @@ use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::{
     BasicPublishArguments, Channel, ConfirmSelectArguments, ExchangeDeclareArguments,
 };
-use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::connection::Connection;
 use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, Nack, Return};
 
 /// What amqprs callbacks return.
@@ -203,12 +203,7 @@ impl Session {
 }
 
 async fn open(events: &Arc<Events>) -> Result<Session, String> {
-    let u = &events.url;
-    let args = OpenConnectionArguments::new(&u.host, u.port, &u.user, &u.password)
-        .virtual_host(&u.vhost)
-        .connection_name("strangler events")
-        .heartbeat(30)
-        .finish();
+    let args = events.url.open_args("strangler events", 30);
     let connection = Connection::open(&args)
         .await
         .map_err(|e| format!("connect: {e}"))?;

@@ -23,11 +23,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use amqp_url::AmqpUrl;
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicQosArguments, Channel, ConsumerMessage,
     ExchangeDeclareArguments, ExchangeType, QueueBindArguments, QueueDeclareArguments,
 };
-use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::connection::Connection;
 use legacy_stub::seed::User;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -76,7 +77,7 @@ impl EventsSource {
     /// When `url` is not such a URL; the message never repeats the password.
     pub fn new(url: &str) -> Result<Self, BadUrl> {
         Ok(EventsSource {
-            broker: AmqpUrl::parse(url)?,
+            broker: AmqpUrl::parse(url).map_err(BadUrl)?,
             exchange: DEFAULT_EXCHANGE.to_string(),
             queue: DEFAULT_QUEUE.to_string(),
         })
@@ -104,14 +105,14 @@ impl EventsSource {
 
     /// `amqp://USER@HOST:PORT/VHOST`, for logs.
     pub fn endpoint(&self) -> String {
-        self.broker.shown()
+        self.broker.to_string()
     }
 }
 
 impl std::fmt::Debug for EventsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventsSource")
-            .field("broker", &self.broker.shown())
+            .field("broker", &self.broker.to_string())
             .field("exchange", &self.exchange)
             .field("queue", &self.queue)
             .finish()
@@ -129,147 +130,6 @@ impl std::fmt::Display for BadUrl {
 }
 
 impl std::error::Error for BadUrl {}
-
-/// The parts of an `amqp://` URL.
-#[derive(Clone, PartialEq, Eq)]
-struct AmqpUrl {
-    host: String,
-    port: u16,
-    vhost: String,
-    user: String,
-    password: String,
-    heartbeat: Option<u16>,
-}
-
-impl AmqpUrl {
-    fn parse(url: &str) -> Result<AmqpUrl, BadUrl> {
-        let bad = |why: &str| Err(BadUrl(why.to_string()));
-        let rest = if let Some(r) = url.strip_prefix("amqp://") {
-            r
-        } else if url.starts_with("amqps://") {
-            return bad("amqps:// (TLS) is not supported; use amqp://");
-        } else {
-            return bad("it must start with amqp://");
-        };
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let (authority, path) = match rest.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (rest, None),
-        };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo {
-            None => ("guest".to_string(), "guest".to_string()),
-            Some(u) => {
-                let (name, pass) = u.split_once(':').unwrap_or((u, ""));
-                let Some(name) = percent_decode(name) else {
-                    return bad("the user name has a bad %-escape");
-                };
-                let Some(pass) = percent_decode(pass) else {
-                    return bad("the password has a bad %-escape");
-                };
-                (name, pass)
-            }
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let Some((h, after)) = v6.split_once(']') else {
-                return bad("an IPv6 host needs its closing ]");
-            };
-            (h.to_string(), after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (hostport.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return bad("no host");
-        }
-        let port = match port {
-            None => 5672,
-            Some(p) => match p.parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => return bad("the port must be a number from 1 to 65535"),
-            },
-        };
-        let vhost = match path {
-            None | Some("") => "/".to_string(),
-            Some(p) if p.contains('/') => {
-                return bad("the vhost must be one path segment (%2f for /)")
-            }
-            Some(p) => match percent_decode(p) {
-                Some(v) => v,
-                None => return bad("the vhost has a bad %-escape"),
-            },
-        };
-        let mut heartbeat = None;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("heartbeat", v)) => match v.parse::<u16>() {
-                    Ok(s) => heartbeat = Some(s),
-                    Err(_) => return bad("heartbeat must be a number of seconds"),
-                },
-                _ => return bad("the only query parameter understood is heartbeat=SECONDS"),
-            }
-        }
-        Ok(AmqpUrl {
-            host,
-            port,
-            vhost,
-            user,
-            password,
-            heartbeat,
-        })
-    }
-
-    fn shown(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let vhost = if self.vhost == "/" {
-            "%2f".to_string()
-        } else {
-            self.vhost.clone()
-        };
-        format!("amqp://{}@{host}:{}/{vhost}", self.user, self.port)
-    }
-
-    fn open_args(&self) -> OpenConnectionArguments {
-        let mut args =
-            OpenConnectionArguments::new(&self.host, self.port, &self.user, &self.password);
-        args.virtual_host(&self.vhost)
-            .connection_name("users-service events");
-        if let Some(h) = self.heartbeat {
-            args.heartbeat(h);
-        }
-        args
-    }
-}
-
-/// `%XX` escapes decoded; `None` for a malformed escape or bytes that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 /// What one event did to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -480,7 +340,7 @@ struct Session {
 
 /// Connects, declares the exchange, the queue and its binding, and starts consuming.
 async fn subscribe(source: &EventsSource) -> Result<Session, String> {
-    let connection = Connection::open(&source.broker.open_args())
+    let connection = Connection::open(&source.broker.open_args("users-service events", 60))
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let channel = connection
@@ -748,40 +608,11 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u = AmqpUrl::parse("amqp://guest:guest@127.0.0.1:5673/%2f")
+        // Parsing itself is tested in the amqp-url crate; here, what a source shows.
+        let e = EventsSource::new("amqp://guest:guest@127.0.0.1:5673/%2f")
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            (u.host.as_str(), u.port, u.vhost.as_str()),
-            ("127.0.0.1", 5673, "/")
-        );
-        assert_eq!((u.user.as_str(), u.password.as_str()), ("guest", "guest"));
-        assert_eq!(u.shown(), "amqp://guest@127.0.0.1:5673/%2f");
-        let u = AmqpUrl::parse("amqp://u%40x:p%3Ass@rabbit/prod?heartbeat=10")
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((u.user.as_str(), u.password.as_str()), ("u@x", "p:ss"));
-        assert_eq!(
-            (u.host.as_str(), u.port, u.vhost.as_str(), u.heartbeat),
-            ("rabbit", 5672, "prod", Some(10))
-        );
-        let u = AmqpUrl::parse("amqp://[::1]:5000").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            (u.host.as_str(), u.port, u.vhost.as_str()),
-            ("::1", 5000, "/")
-        );
-        assert_eq!(u.shown(), "amqp://guest@[::1]:5000/%2f");
-        for bad in [
-            "http://x",
-            "amqps://x",
-            "amqp://",
-            "amqp://x:0",
-            "amqp://x:port",
-            "amqp://x/a/b",
-            "amqp://x?frame_max=1",
-            "amqp://u:%zz@x",
-            "amqp://[::1",
-        ] {
-            assert!(AmqpUrl::parse(bad).is_err(), "{bad} accepted");
-        }
+        assert_eq!(e.endpoint(), "amqp://guest@127.0.0.1:5673/%2f");
+        assert!(EventsSource::new("amqps://x").is_err());
         let e = EventsSource::new("amqp://u:hunter2@h:1/%2f").unwrap_or_else(|e| panic!("{e}"));
         assert!(!format!("{e:?}").contains("hunter2"));
         assert_eq!(e.endpoint(), "amqp://u@h:1/%2f");

@@ -120,7 +120,7 @@ impl Ctx {
                 Err(why) => {
                     self.err(
                         var.span(),
-                        format!("[events] `url_env`: {} {why}", var.get_ref()),
+                        format!("[events] `url_env`: {}: {why}", var.get_ref()),
                     );
                     return None;
                 }
@@ -308,7 +308,7 @@ mod tests {
                 format!("[events]\nurl_env = \"{path}\"\n"),
                 String::new(),
                 ("\"PATH\"", 0),
-                "[events] `url_env`: PATH does not hold an amqp:// URL",
+                "[events] `url_env`: PATH: not an amqp:// URL",
             ),
             (
                 ev("url = \"amqp://guest:guest@h/\""),
