@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # strangler instruction-count benchmark: userspace instructions per request, counted by
-# callgrind, for strangler (plain, shadowed, canary, auth, rate-limited, stale-if-error and 64 KiB routes) and nginx as a
-# reverse proxy (plain and 64 KiB), side by side in one run.
+# callgrind, for strangler (plain, shadowed, canary, auth, rate-limited, stale-if-error and 64 KiB routes), nginx as a
+# reverse proxy (plain and 64 KiB) and the floor of strangler's stack (bench/minimal_proxy.rs:
+# hyper 1.x + hyper-util's pooled client and nothing else), side by side in one run.
 #
 #   bench/icount.sh                  full run: every target, N=4000 requests each
 #   bench/icount.sh --smoke          N=200, strangler plain only: checks the harness works
@@ -47,6 +48,8 @@ if [[ -z ${BIN:-} ]]; then
   BIN=target/release/strangler
 fi
 [[ -x $BIN ]] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
+MINIMAL=target/release/examples/minimal_proxy
+(( SMOKE )) || cargo build --release -q --example minimal_proxy
 
 WORK=$(mktemp -d)
 chmod 755 "$WORK"   # nginx workers (an unprivileged user) read the 64 KiB file in it
@@ -60,7 +63,7 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND=$(free_port); SHADOWSVC=$(free_port); USERS=$(free_port)
-STRANGLER=$(free_port); ADMIN=$(free_port); NGINX_PROXY=$(free_port)
+STRANGLER=$(free_port); ADMIN=$(free_port); NGINX_PROXY=$(free_port); HYPER=$(free_port)
 
 python3 - "$WORK/body.json" "$WORK/www/big" <<'PY'
 import json, os, sys
@@ -182,7 +185,10 @@ PORTS="$BACKEND $SHADOWSVC $USERS $STRANGLER"
 if (( ! SMOKE )); then
   "${CALLGRIND[@]}" --callgrind-out-file="$CG/nginx.%p" \
     "$NGINX" -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf" 2>"$WORK/nginx-proxy.log" & NGINX_PID=$!; PIDS+=($NGINX_PID)
-  PORTS+=" $NGINX_PROXY"
+  # The floor of the stack: hyper 1.x + hyper-util's pooled client and nothing else.
+  "${CALLGRIND[@]}" --callgrind-out-file="$CG/hyper.%p" \
+    "$MINIMAL" "127.0.0.1:$HYPER" "127.0.0.1:$BACKEND" 2>"$WORK/hyper-minimal.log" & HYPER_PID=$!; PIDS+=($HYPER_PID)
+  PORTS+=" $NGINX_PROXY $HYPER"
 fi
 # valgrind's start is slow (it reads the binary's debug info): allow a minute.
 for port in $PORTS; do
@@ -248,7 +254,7 @@ if (( SMOKE )); then
   TARGETS=("strangler plain")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
 else
-  TARGETS=("strangler plain" "nginx plain" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler ratelimit" "strangler stale")
+  TARGETS=("strangler plain" "nginx plain" "hyper minimal" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler ratelimit" "strangler stale")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
   measure "strangler shadow" "$STRANGLER_PID" "$STRANGLER" /shadow strangler
   measure "strangler canary" "$STRANGLER_PID" "$STRANGLER" /canary strangler
@@ -258,6 +264,7 @@ else
   measure "strangler 64 KiB" "$STRANGLER_PID" "$STRANGLER" /big strangler
   measure "nginx plain" "$NGINX_PID" "$NGINX_PROXY" /plain nginx
   measure "nginx 64 KiB" "$NGINX_PID" "$NGINX_PROXY" /big nginx
+  measure "hyper minimal" "$HYPER_PID" "$HYPER" /plain hyper
 fi
 
 for log in "$WORK/proxy/error.log" "$WORK/backend/error.log"; do
@@ -271,6 +278,7 @@ echo "|---|---:|---|"
 for t in "${TARGETS[@]}"; do
   case $t in
     "strangler plain") r=$([[ -n ${PER[nginx plain]:-} ]] && echo "$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain" || echo "-") ;;
+    "hyper minimal") r="$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain; strangler plain is $(ratio "${PER[strangler plain]}" "${PER[$t]}") × it" ;;
     "strangler 64 KiB") r="$(ratio "${PER[$t]}" "${PER[nginx 64 KiB]}") × nginx 64 KiB" ;;
     "strangler shadow"|"strangler canary"|"strangler auth"|"strangler ratelimit"|"strangler stale") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
     nginx*) r="1.00 (reference)" ;;
