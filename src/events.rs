@@ -288,12 +288,18 @@ pub struct Events {
     settings: EventsSettings,
     url: AmqpUrl,
     tx: mpsc::Sender<Event>,
-    rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// Held by the publisher task while it runs; a flush that had to stop the task drains
+    /// what is left through it.
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Event>>>,
+    /// The confirms the current connection waits for, for a flush that had to stop the task.
+    current: Mutex<Option<Arc<publisher::Confirms>>>,
     /// Bytes held by buffered events, against `settings.buffer_bytes`.
     bytes: AtomicUsize,
     /// Bytes held by write-event bodies being captured (request and response tees).
     pub capture: Arc<Budget>,
     counts: [[AtomicU64; 3]; 3],
+    /// Published, awaiting the broker's confirm.
+    in_flight: AtomicUsize,
     counters: [[Counter; 3]; 3],
     buffered: Gauge,
     link: AtomicU8,
@@ -330,10 +336,12 @@ impl Events {
             settings: settings.clone(),
             url,
             tx,
-            rx: Mutex::new(Some(rx)),
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            current: Mutex::new(None),
             bytes: AtomicUsize::new(0),
             capture: Budget::new(settings.buffer_bytes),
             counts: Default::default(),
+            in_flight: AtomicUsize::new(0),
             counters,
             buffered: metrics.gauge(EVENTS_BUFFERED, vec![]),
             link: AtomicU8::new(Link::Connecting as u8),
@@ -345,14 +353,9 @@ impl Events {
 
     /// Starts the publisher task (once).
     pub fn start(self: &Arc<Self>) {
-        let rx = self
-            .rx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(rx) = rx {
-            let task = tokio::spawn(publisher::run(self.clone(), rx));
-            *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if task.is_none() {
+            *task = Some(tokio::spawn(publisher::run(self.clone())));
         }
     }
 
@@ -405,10 +408,33 @@ impl Events {
             let limit = deadline + Duration::from_secs(1);
             if tokio::time::timeout_at(limit, &mut task).await.is_err() {
                 task.abort();
+                let _ = task.await;
             }
         }
+        // What a stopped task left: unconfirmed events failed, buffered ones dropped (a task
+        // that finished on its own left nothing).
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(confirms) = current {
+            publisher::fail_all(&confirms, self);
+        }
+        let mut rx = self.rx.lock().await;
+        self.drop_buffered(&mut rx);
         let (published, dropped, failed) = self.totals();
         info!(published, dropped, failed, "events flushed");
+    }
+
+    /// Shutdown: whatever is still buffered will not be sent, and is counted dropped.
+    fn drop_buffered(&self, rx: &mut mpsc::Receiver<Event>) {
+        rx.close();
+        while let Ok(event) = rx.try_recv() {
+            self.taken(&event);
+            self.count(event.kind, Outcome::Dropped);
+        }
+        self.set_link(Link::Closed);
     }
 
     /// An event left the buffer.
@@ -484,6 +510,7 @@ impl Events {
             "link": self.link().as_str(),
             "last_error": *self.last_error.lock().unwrap_or_else(PoisonError::into_inner),
             "buffered": self.buffered(),
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
             "buffer": self.settings.buffer,
             "buffered_bytes": self.bytes.load(Ordering::Relaxed),
             "buffer_bytes": self.settings.buffer_bytes,

@@ -3,6 +3,7 @@
 //! on anything here.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ struct Pending {
 /// Shared by the publisher and the channel's callback (which runs on the connection's
 /// reader task).
 #[derive(Default)]
-struct Confirms {
+pub(super) struct Confirms {
     pending: Mutex<VecDeque<Pending>>,
     settled: Notify,
 }
@@ -52,17 +53,33 @@ impl Confirms {
     }
 }
 
+/// Counts every event still awaiting a confirm as failed (at most once: none is sent again).
+pub(super) fn fail_all(confirms: &Confirms, events: &Events) {
+    let pending: Vec<Pending> = confirms.lock().drain(..).collect();
+    events.in_flight.store(0, Ordering::Relaxed);
+    for p in pending {
+        events.count(p.kind, Outcome::Failed);
+    }
+}
+
 /// Why a session with the broker ended.
 enum End {
     /// Flushed, or the flush deadline passed.
     Closed,
-    /// The connection failed or stalled: reconnect.
+    /// The connection failed: reconnect.
     Lost(String),
+    /// Confirms are overdue (a memory or disk alarm, or a broker too slow): reconnect, and
+    /// show the link as stalled until a confirm comes.
+    Stalled(String),
 }
 
-pub(super) async fn run(events: Arc<Events>, mut rx: mpsc::Receiver<Event>) {
+pub(super) async fn run(events: Arc<Events>) {
+    let mut rx = events.rx.clone().lock_owned().await;
+    let rx = &mut *rx;
     let mut backoff = BACKOFF_MIN;
     let mut outage: Option<Instant> = None;
+    // Whether the last session ended with overdue confirms (kept until a confirm comes).
+    let mut stalled = false;
     let mut closing = events.closing.subscribe();
     loop {
         if let Some(deadline) = *closing.borrow() {
@@ -70,11 +87,13 @@ pub(super) async fn run(events: Arc<Events>, mut rx: mpsc::Receiver<Event>) {
                 break;
             }
         }
-        events.set_link(if outage.is_some() {
-            Link::Down
-        } else {
-            Link::Connecting
-        });
+        if !stalled {
+            events.set_link(if outage.is_some() {
+                Link::Down
+            } else {
+                Link::Connecting
+            });
+        }
         let opened = tokio::select! {
             opened = tokio::time::timeout(events.settings.publish_timeout, open(&events)) => opened,
             // A flush while the broker is away still waits for it, until its deadline.
@@ -83,44 +102,69 @@ pub(super) async fn run(events: Arc<Events>, mut rx: mpsc::Receiver<Event>) {
         let session = match opened {
             Ok(Ok(session)) => session,
             Ok(Err(error)) => {
+                stalled = false;
                 lost(&events, &mut outage, error);
                 sleep_backoff(&mut backoff, &mut closing).await;
                 continue;
             }
             Err(_) => {
+                stalled = false;
                 lost(&events, &mut outage, "connecting timed out".into());
                 sleep_backoff(&mut backoff, &mut closing).await;
                 continue;
             }
         };
-        if let Some(since) = outage.take() {
-            info!(broker = %events.url, down_for = ?since.elapsed(), "events: broker reachable again, publishing");
+        if stalled {
+            // Connected again, but the broker has not confirmed anything yet: still stalled
+            // (with its error) until a confirm comes.
+            events.set_link(Link::Stalled);
         } else {
-            info!(broker = %events.url, exchange = %events.settings.exchange, "events: publishing");
+            if let Some(since) = outage.take() {
+                info!(broker = %events.url, down_for = ?since.elapsed(), "events: broker reachable again, publishing");
+            } else {
+                info!(broker = %events.url, exchange = %events.settings.exchange, "events: publishing");
+            }
+            events.set_error(None);
+            events.set_link(Link::Up);
         }
-        events.set_error(None);
-        events.set_link(Link::Up);
         backoff = BACKOFF_MIN;
-        match publish(&events, &session, &mut rx, &mut closing).await {
+        *events
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(session.confirms.clone());
+        let end = publish(&events, &session, rx, &mut closing, &mut stalled).await;
+        // Unconfirmed events went on a connection that is being given up: counted failed
+        // (at most once: never sent again).
+        session.fail_pending(&events);
+        *events
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        match end {
             End::Closed => {
+                // Counted before the polite close, which a broker that stopped reading can
+                // hold for its whole bound.
+                events.drop_buffered(rx);
                 session.close().await;
-                break;
+                return;
             }
             End::Lost(error) => {
-                session.fail_pending(&events);
                 session.abandon();
                 lost(&events, &mut outage, error);
-                sleep_backoff(&mut backoff, &mut closing).await;
+            }
+            End::Stalled(error) => {
+                session.abandon();
+                if !stalled {
+                    warn!(broker = %events.url, %error, "events: the broker stopped confirming (a memory or disk alarm?); buffering, one event in flight until it confirms again");
+                }
+                stalled = true;
+                events.set_error(Some(error));
+                events.set_link(Link::Stalled);
             }
         }
+        sleep_backoff(&mut backoff, &mut closing).await;
     }
-    // Shutdown: whatever is still buffered will not be sent.
-    rx.close();
-    while let Ok(event) = rx.try_recv() {
-        events.taken(&event);
-        events.count(event.kind, Outcome::Dropped);
-    }
-    events.set_link(Link::Closed);
+    events.drop_buffered(rx);
 }
 
 /// Logs the first failure of an outage as a warning, later ones quietly.
@@ -176,10 +220,7 @@ struct Session {
 impl Session {
     /// Every unconfirmed event failed (the connection it went on is gone).
     fn fail_pending(&self, events: &Events) {
-        let pending: Vec<Pending> = self.confirms.lock().drain(..).collect();
-        for p in pending {
-            events.count(p.kind, Outcome::Failed);
-        }
+        fail_all(&self.confirms, events);
     }
 
     /// Closes politely, bounded: a broker that stopped reading would hold it forever.
@@ -247,6 +288,7 @@ async fn publish(
     session: &Session,
     rx: &mut mpsc::Receiver<Event>,
     closing: &mut tokio::sync::watch::Receiver<Option<Instant>>,
+    stalled: &mut bool,
 ) -> End {
     let timeout = events.settings.publish_timeout;
     let mut tag = 0u64;
@@ -282,8 +324,7 @@ async fn publish(
             .front()
             .is_some_and(|p| p.sent.elapsed() >= timeout);
         if overdue {
-            events.set_link(Link::Stalled);
-            return End::Lost(format!("no publisher confirm within {timeout:?}"));
+            return End::Stalled(format!("no publisher confirm within {timeout:?}"));
         }
         let room = in_flight < window;
         tokio::select! {
@@ -293,14 +334,24 @@ async fn publish(
                 let Some(event) = event else { return End::Closed };
                 events.taken(&event);
                 tag += 1;
-                if let Err(error) = send(events, session, &event, tag, timeout).await {
+                // Bounded by the flush deadline too, so a flush is never held by one publish.
+                let until = *closing.borrow();
+                if let Err(error) = send(events, session, &event, tag, timeout, until).await {
                     // Not on the wire, or not known to be: at most once, so counted failed.
-                    session.confirms.lock().retain(|p| p.tag != tag);
+                    {
+                        let mut pending = session.confirms.lock();
+                        pending.retain(|p| p.tag != tag);
+                        events.in_flight.store(pending.len(), Ordering::Relaxed);
+                    }
                     events.count(event.kind, Outcome::Failed);
                     return End::Lost(error);
                 }
             }
             _ = session.confirms.settled.notified() => {
+                if std::mem::take(stalled) {
+                    info!(broker = %events.url, "events: the broker confirms again, publishing");
+                    events.set_error(None);
+                }
                 events.set_link(Link::Up);
             }
             _ = tick.tick() => {}
@@ -315,7 +366,11 @@ async fn send(
     event: &Event,
     tag: u64,
     timeout: Duration,
+    until: Option<Instant>,
 ) -> Result<(), String> {
+    let timeout = until.map_or(timeout, |d| {
+        d.saturating_duration_since(Instant::now()).min(timeout)
+    });
     let id = format!("{:032x}", fastrand::u128(..));
     let body = event.to_cloudevent(&events.settings.source, &id);
     let timestamp = event
@@ -331,11 +386,15 @@ async fn send(
         .with_message_type(event.kind.ce_type())
         .finish();
     let args = BasicPublishArguments::new(&events.settings.exchange, &event.routing_key());
-    session.confirms.lock().push_back(Pending {
-        tag,
-        kind: event.kind,
-        sent: Instant::now(),
-    });
+    {
+        let mut pending = session.confirms.lock();
+        pending.push_back(Pending {
+            tag,
+            kind: event.kind,
+            sent: Instant::now(),
+        });
+        events.in_flight.store(pending.len(), Ordering::Relaxed);
+    }
     match tokio::time::timeout(timeout, session.channel.basic_publish(props, body, args)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("publish: {e}")),
@@ -364,6 +423,9 @@ impl ConfirmCallback {
                 settled.push(p.kind);
             }
         }
+        self.events
+            .in_flight
+            .store(pending.len(), Ordering::Relaxed);
         drop(pending);
         for kind in settled {
             self.events.count(kind, outcome);
