@@ -220,8 +220,15 @@ async fn the_demo_route_table_is_valid_and_flows_through_the_proxy() {
     let auth = &demo[demo.find("[auth.fittrack]").unwrap()..demo.find("[[routes]]").unwrap()];
     let jwks = concat!(env!("CARGO_MANIFEST_DIR"), "/demo/jwks.json");
     let auth = auth.replace("\"demo/jwks.json\"", &format!("{jwks:?}"));
+    // The events section the users route publishes to (off here: no broker URL in the test's
+    // environment unless one was exported, and then it only publishes).
+    let events = &demo[demo.find("[events]").unwrap()..demo.find("[backends.legacy]").unwrap()];
+    assert_eq!(
+        parsed.server.events.as_ref().map(|e| e.url_env.as_str()),
+        Some("STRANGLER_AMQP_URL")
+    );
     let proxy = Proxy::start(&format!(
-        "{}[backends.users]\nurl = \"http://{}\"\n{auth}{routes}",
+        "{}[backends.users]\nurl = \"http://{}\"\n{events}{auth}{routes}",
         legacy_at(l.addr),
         u.addr
     ))
