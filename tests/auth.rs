@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::rsa::KeySize;
@@ -33,11 +33,11 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use support::jwt::{now, ISSUER};
 use support::*;
 
 // ------------------------------------------------------------------------------------ keys
 
-const ISSUER: &str = "https://auth.test/";
 const AUDIENCE: &str = "fittrack-api";
 
 /// Signing keys, made once per run (RSA generation is the slow part).
@@ -133,13 +133,6 @@ fn standard_jwks() -> String {
         (&k.es, Algorithm::ES256, "ec-1"),
         (&k.ed, Algorithm::EdDSA, "ed-1"),
     ])
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// Claims that pass the test providers' rules, with `changes` applied (`null` removes).
@@ -319,25 +312,9 @@ impl JwksServer {
 
 // ---------------------------------------------------------------------------------- config
 
-const SERVER: &str =
-    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n";
-
 /// An `[auth.NAME]` section with the test issuer and audience, and `rest` lines.
 fn provider(name: &str, algorithms: &str, rest: &str) -> String {
     format!("[auth.{name}]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\nalgorithms = {algorithms}\n{rest}\n")
-}
-
-fn backend(name: &str, addr: SocketAddr) -> String {
-    let legacy = if name == "legacy" {
-        "legacy = true\n"
-    } else {
-        ""
-    };
-    format!("[backends.{name}]\nurl = \"http://{addr}\"\n{legacy}")
-}
-
-fn route(prefix: &str, backend: &str, rest: &str) -> String {
-    format!("[[routes]]\nprefix = \"{prefix}\"\nbackend = \"{backend}\"\n{rest}\n")
 }
 
 /// A temp dir holding `jwks.json` with the standard keys.
@@ -1388,17 +1365,6 @@ async fn a_cors_preflight_without_credentials_passes_a_required_route() {
 }
 
 // ---------------------------------------------------------------------------------- 8
-
-/// Line and column (1-based, in characters) where `needle` first starts in `text`.
-fn position(text: &str, needle: &str) -> (usize, usize) {
-    let at = text
-        .find(needle)
-        .unwrap_or_else(|| panic!("{needle:?} not in\n{text}"));
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
-    (line, col)
-}
 
 fn garbage_config(server_extra: &str, provider_body: &str, route_extra: &str) -> String {
     format!(

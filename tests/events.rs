@@ -45,15 +45,15 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use support::rabbitmq::{available, Broker, Consumer, Delivery};
+use support::jwt::secret_dir;
+use support::rabbitmq::{need_broker, start_users_with_events, Broker, Consumer, Delivery};
 use support::*;
-use tokio::sync::oneshot;
 
 const EXCHANGE: &str = "strangler";
 const CLOUDEVENTS: &str = "application/cloudevents+json";
@@ -62,15 +62,6 @@ const SOURCE: &str = "https://strangler.test/fittrack";
 const USERS_QUEUE: &str = "users-service.writes";
 
 // ----------------------------------------------------------------------------------- setup
-
-fn need_broker() {
-    assert!(
-        available(),
-        "this test needs Debian's rabbitmq-server (scripts in {}) and Erlang (/usr/bin/erl): \
-         apt-get install rabbitmq-server",
-        support::rabbitmq::BIN
-    );
-}
 
 /// A fresh environment variable holding `url`, for `url_env` (read when routes.toml is
 /// loaded, so every proxy gets its own).
@@ -510,16 +501,7 @@ const PROVIDER: &str = "[auth.internal]\nissuer = \"https://auth.test/\"\naudien
                         algorithms = [\"HS256\"]\nsecret_file = \"secret\"\n\n";
 
 fn token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"iss": "https://auth.test/", "aud": "api", "sub": sub, "iat": now, "exp": now + 600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::jwt::hs256(SECRET, "api", Some(sub))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,8 +515,7 @@ async fn a_successful_write_publishes_one_event_and_failed_or_refused_ones_none(
     })
     .await;
     let mut writes = broker.bind(EXCHANGE, "write.#").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let dir = secret_dir(SECRET);
     let text = format!(
         "{}{}{}{PROVIDER}\
          [[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\n\
@@ -729,25 +710,6 @@ async fn a_successful_write_publishes_one_event_and_failed_or_refused_ones_none(
 }
 
 // -------------------------------------------------------------------------------------- 3
-
-/// users-service on 127.0.0.1:0 consuming write events from `broker`; stops when dropped.
-async fn start_users_with_events(broker: &Broker) -> Running {
-    let (l, addr) = listener().await;
-    let (tx, rx) = oneshot::channel::<()>();
-    let source = users_service::EventsSource::new(&broker.url()).unwrap();
-    tokio::spawn(users_service::serve_with_events(
-        l,
-        None,
-        Some(source),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    Running {
-        addr,
-        stop: Some(tx),
-    }
-}
 
 /// What the shadowed GET of a user just created through the proxy came to.
 struct Story {

@@ -18,23 +18,13 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{json, Value};
-use support::rabbitmq::{available, Broker};
+use support::rabbitmq::{need_broker, start_users_with_events, Broker};
 use support::*;
-use tokio::sync::oneshot;
-use users_service::EventsSource;
 
 const CLOUDEVENTS: &str = "application/cloudevents+json";
 const EXCHANGE: &str = "strangler";
 const QUEUE: &str = "users-service.writes";
 const KEY: &str = "write.api.users";
-
-fn need_broker() {
-    assert!(
-        available(),
-        "these tests need Debian's rabbitmq-server in {} (apt-get install rabbitmq-server)",
-        support::rabbitmq::BIN
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs rabbitmq-server (Debian's package)"]
@@ -164,31 +154,21 @@ fn user(id: u64, name: &str, email: &str) -> Value {
     json!({"id": id, "name": name, "email": email, "plan": "free", "joined": "2026-11-22"})
 }
 
-/// users-service on 127.0.0.1:0 with its consumer on `broker`; stops when dropped.
-async fn start_users_with_events(broker: &Broker) -> Running {
-    let (l, addr) = listener().await;
-    let (tx, rx) = oneshot::channel::<()>();
-    let source = EventsSource::new(&broker.url()).unwrap();
-    tokio::spawn(users_service::serve_with_events(
-        l,
-        None,
-        Some(source),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    Running {
-        addr,
-        stop: Some(tx),
-    }
-}
-
 /// Waits until the consumer is subscribed to its queue (so a publish now reaches it).
 async fn subscribed(broker: &Broker) {
     eventually(Duration::from_secs(15), || async {
         matches!(broker.queue_counts(QUEUE).await, Some((_, 1))).then_some(())
     })
     .await;
+}
+
+/// A broker of the test's own and users-service consuming from it, subscribed.
+async fn broker_and_users() -> (Broker, Running) {
+    need_broker();
+    let broker = Broker::start().await;
+    let users = start_users_with_events(&broker).await;
+    subscribed(&broker).await;
+    (broker, users)
 }
 
 /// `GET /api/users/ID` on users-service until it answers `want`; the last answer.
@@ -237,10 +217,7 @@ async fn queue_depth(broker: &Broker) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs rabbitmq-server (Debian's package)"]
 async fn a_post_event_creates_the_user_and_a_delete_event_removes_it() {
-    need_broker();
-    let broker = Broker::start().await;
-    let users = start_users_with_events(&broker).await;
-    subscribed(&broker).await;
+    let (broker, users) = broker_and_users().await;
     user_until(&users, 4242, StatusCode::NOT_FOUND, Duration::ZERO).await;
 
     let ada = user(4242, "Ada", "Ada@X.example");
@@ -305,10 +282,7 @@ async fn a_post_event_creates_the_user_and_a_delete_event_removes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs rabbitmq-server (Debian's package)"]
 async fn events_it_cannot_apply_are_acked_and_skipped() {
-    need_broker();
-    let broker = Broker::start().await;
-    let users = start_users_with_events(&broker).await;
-    subscribed(&broker).await;
+    let (broker, users) = broker_and_users().await;
 
     broker
         .publish(EXCHANGE, KEY, "text/plain", b"this is not JSON")
@@ -395,10 +369,7 @@ async fn events_it_cannot_apply_are_acked_and_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs rabbitmq-server (Debian's package)"]
 async fn the_consumer_reconnects_after_the_broker_restarts() {
-    need_broker();
-    let mut broker = Broker::start().await;
-    let users = start_users_with_events(&broker).await;
-    subscribed(&broker).await;
+    let (mut broker, users) = broker_and_users().await;
     let before = user(4545, "Before", "before@x.example");
     broker
         .publish(
@@ -434,10 +405,7 @@ async fn the_consumer_reconnects_after_the_broker_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs rabbitmq-server (Debian's package)"]
 async fn writes_through_the_proxy_reach_users_service() {
-    need_broker();
-    let broker = Broker::start().await;
-    let users = start_users_with_events(&broker).await;
-    subscribed(&broker).await;
+    let (broker, users) = broker_and_users().await;
     let legacy = start_legacy(legacy_stub::Options::default()).await;
     let var = "STRANGLER_TEST_EVENTS_CONSUMER_URL";
     std::env::set_var(var, broker.url());

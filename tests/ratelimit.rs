@@ -16,13 +16,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
+use support::jwt::{secret_dir, SECRET};
 use support::*;
 
 // -------------------------------------------------------------------------------- backends
@@ -71,25 +72,18 @@ async fn counted(name: &'static str) -> Counted {
 
 // ---------------------------------------------------------------------------------- config
 
-const SERVER: &str =
-    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n";
-
 /// `[server]` on port 0, no watching, with `extra` lines.
 fn server_with(extra: &str) -> String {
     format!("{SERVER}{extra}\n")
 }
 
-fn backend(name: &str, addr: SocketAddr) -> String {
-    let legacy = if name == "legacy" {
-        "legacy = true\n"
-    } else {
-        ""
-    };
-    format!("[backends.{name}]\nurl = \"http://{addr}\"\n{legacy}")
-}
-
-fn route(prefix: &str, backend: &str, rest: &str) -> String {
-    format!("[[routes]]\nprefix = \"{prefix}\"\nbackend = \"{backend}\"\n{rest}\n")
+/// `[server]`, the backend `legacy` at `addr`, and the route `/api` to it with `rest` lines.
+fn one_route(addr: SocketAddr, rest: &str) -> String {
+    format!(
+        "{SERVER}{}{}",
+        backend("legacy", addr),
+        route("/api", "legacy", rest)
+    )
 }
 
 // ---------------------------------------------------------------------------------- calls
@@ -165,14 +159,9 @@ fn requests(m: &str, route: &str, backend: &str, status: &str) -> f64 {
 async fn a_burst_passes_at_once_then_429_says_the_policy_and_when_to_retry() {
     let legacy = counted("legacy").await;
     // 2 per second sustained (one every 500 ms), bursts of 3.
-    let text = format!(
-        "{SERVER}{}{}",
-        backend("legacy", legacy.addr),
-        route(
-            "/api",
-            "legacy",
-            "rate_limit = { limit = 2, per = \"1s\", burst = 3 }"
-        ),
+    let text = one_route(
+        legacy.addr,
+        "rate_limit = { limit = 2, per = \"1s\", burst = 3 }",
     );
     let proxy = Proxy::start(&text).await;
     let start = Instant::now();
@@ -230,14 +219,9 @@ async fn a_burst_passes_at_once_then_429_says_the_policy_and_when_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_requests_of_a_new_key_share_one_bucket() {
     let legacy = counted("legacy").await;
-    let text = format!(
-        "{SERVER}{}{}",
-        backend("legacy", legacy.addr),
-        route(
-            "/api",
-            "legacy",
-            "rate_limit = { limit = 1, per = \"1h\", burst = 2, key = \"header:x-key\" }"
-        ),
+    let text = one_route(
+        legacy.addr,
+        "rate_limit = { limit = 1, per = \"1h\", burst = 2, key = \"header:x-key\" }",
     );
     let proxy = Proxy::start(&text).await;
     let client = client();
@@ -267,14 +251,9 @@ async fn concurrent_first_requests_of_a_new_key_share_one_bucket() {
 #[tokio::test]
 async fn a_refused_upload_leaves_the_client_connection_usable() {
     let legacy = counted("legacy").await;
-    let text = format!(
-        "{SERVER}{}{}",
-        backend("legacy", legacy.addr),
-        route(
-            "/api",
-            "legacy",
-            "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\" }"
-        ),
+    let text = one_route(
+        legacy.addr,
+        "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\" }",
     );
     let proxy = Proxy::start(&text).await;
     let client = client();
@@ -374,20 +353,9 @@ async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() 
     assert_eq!(rl_count(&m, "/api", "default", "limited"), 5.0, "{m}");
 }
 
-/// HS256 with a secret file: the simplest provider for a `claim:sub` key.
-const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
-
+/// HS256 with a secret file (`SECRET`): the simplest provider for a `claim:sub` key.
 fn token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"iss": "https://auth.test/", "aud": "api", "sub": sub, "iat": now, "exp": now + 600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::jwt::hs256(SECRET, "api", Some(sub))
 }
 
 const PROVIDER: &str = "[auth.internal]\nissuer = \"https://auth.test/\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\nsecret_file = \"secret\"\n";
@@ -395,8 +363,7 @@ const PROVIDER: &str = "[auth.internal]\nissuer = \"https://auth.test/\"\naudien
 #[tokio::test]
 async fn a_claim_key_counts_each_subject_and_anonymous_callers_by_address() {
     let legacy = counted("legacy").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let dir = secret_dir(SECRET);
     let text = format!(
         "{SERVER}{}{PROVIDER}{}",
         backend("legacy", legacy.addr),
@@ -503,14 +470,9 @@ async fn forwarding_headers_choose_the_bucket_only_from_trusted_proxies() {
 #[tokio::test]
 async fn a_dry_run_forwards_everything_and_counts_what_it_would_limit() {
     let legacy = counted("legacy").await;
-    let text = format!(
-        "{SERVER}{}{}",
-        backend("legacy", legacy.addr),
-        route(
-            "/api",
-            "legacy",
-            "rate_limit = { limit = 1, per = \"1m\", burst = 2, mode = \"dry_run\" }"
-        ),
+    let text = one_route(
+        legacy.addr,
+        "rate_limit = { limit = 1, per = \"1m\", burst = 2, mode = \"dry_run\" }",
     );
     let proxy = Proxy::start(&text).await;
     for i in 0..5 {
@@ -630,15 +592,7 @@ async fn flood(proxy: &Proxy, path: &str, keys: std::ops::Range<usize>) -> Vec<u
 /// keys as fast as they come: the window tracks at most 1000, the busy key stays limited.
 async fn flood_case(n: usize) -> Proxy {
     let legacy = counted("legacy").await;
-    let text = format!(
-        "{SERVER}{}{}",
-        backend("legacy", legacy.addr),
-        route(
-            "/api",
-            "legacy",
-            "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\", max_keys = 1000 }"
-        ),
-    );
+    let text = one_route(legacy.addr, "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\", max_keys = 1000 }");
     let proxy = Proxy::start(&text).await;
     assert_eq!(
         statuses(&proxy, "/api", &[("x-key", "busy")], 4).await,
@@ -797,19 +751,6 @@ async fn refused_requests_reach_no_backend_no_shadow_and_trip_no_guard() {
 
 // ---------------------------------------------------------------------------------- 9
 
-/// Line and column (1-based, in characters) where the `nth` (0-based) `needle` starts.
-fn position(text: &str, needle: &str, nth: usize) -> (usize, usize) {
-    let at = text
-        .match_indices(needle)
-        .nth(nth)
-        .unwrap_or_else(|| panic!("{needle:?} #{nth} not in\n{text}"))
-        .0;
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
-    (line, col)
-}
-
 /// A routes.toml with `store` (a `[ratelimit_store]` or ""), a provider, and one route
 /// `/api` with `route_extra` lines (auth on it when `auth`).
 fn garbage_config(store: &str, auth: bool, route_extra: &str) -> String {
@@ -841,8 +782,7 @@ type Case<'a> = (String, bool, String, (&'a str, usize), &'a str);
 
 #[test]
 fn config_mistakes_are_reported_at_their_line_and_column() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let dir = secret_dir(SECRET);
     let unset = "STRANGLER_RATELIMIT_TEST_NEVER_SET_4B1D";
     assert!(std::env::var_os(unset).is_none());
     assert!(std::env::var_os("PATH").is_some());
@@ -1044,7 +984,7 @@ fn config_mistakes_are_reported_at_their_line_and_column() {
     let mut failures = Vec::new();
     for (store, auth, extra, (needle, nth), names) in &cases {
         let text = garbage_config(store, *auth, extra);
-        let (line, col) = position(&text, needle, *nth);
+        let (line, col) = position_nth(&text, needle, *nth);
         let want = format!("{line}:{col}: ");
         match errors(dir.path(), &text) {
             Ok(()) => failures.push(format!("{names}: loaded\n{text}")),

@@ -27,8 +27,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use support::jwt::{secret_dir, ISSUER, SECRET};
 use support::*;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
@@ -117,6 +117,20 @@ impl Backend {
 
     fn answer(&self, rule: impl Fn(&Parts) -> Out + Send + Sync + 'static) {
         *self.shared.rule.lock().unwrap() = Arc::new(rule);
+    }
+
+    /// Answers `healthy()` while the returned switch is off, and 503 while it is on.
+    fn failing_when(&self, healthy: impl Fn() -> Out + Send + Sync + 'static) -> Arc<AtomicBool> {
+        let failing = Arc::new(AtomicBool::new(false));
+        let f = failing.clone();
+        self.answer(move |_| {
+            if f.load(Ordering::SeqCst) {
+                Out::status(503)
+            } else {
+                healthy()
+            }
+        });
+        failing
     }
 
     fn hits(&self) -> usize {
@@ -251,17 +265,9 @@ async fn answer(shared: Shared, req: Request<Incoming>) -> Response<Body> {
 
 // ------------------------------------------------------------------------------- helpers
 
-const SERVER: &str =
-    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n";
-
 /// `[backends.NAME]` at `addr` with a short `timeout`.
 fn backend(name: &str, addr: SocketAddr) -> String {
-    let legacy = if name == "legacy" {
-        "legacy = true\n"
-    } else {
-        ""
-    };
-    format!("[backends.{name}]\nurl = \"http://{addr}\"\n{legacy}timeout = \"300ms\"\n")
+    format!("{}timeout = \"300ms\"\n", support::backend(name, addr))
 }
 
 /// One backend, `legacy`, and one route `/api` with `stale_if_error = { STALE }`;
@@ -754,15 +760,7 @@ async fn every_answer_that_may_not_be_stored_is_counted_and_never_served() {
 async fn vary_headers_and_queries_get_their_own_copies() {
     init();
     let b = Backend::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let f = failing.clone();
-    b.answer(move |_| {
-        if f.load(Ordering::SeqCst) {
-            Out::status(503)
-        } else {
-            Out::json().with("vary", "Accept-Encoding")
-        }
-    });
+    let failing = b.failing_when(|| Out::json().with("vary", "Accept-Encoding"));
     let proxy = Proxy::start(&one_route(
         &b,
         "max_stale = \"1h\", vary = [\"accept-encoding\"]",
@@ -823,32 +821,16 @@ async fn vary_headers_and_queries_get_their_own_copies() {
 
 // ------------------------------------------------------------------------------------ 6
 
-const ISSUER: &str = "https://auth.test/";
 const AUDIENCE: &str = "fittrack-api";
-const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
 
 fn token(sub: Option<&str>) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut claims = json!({"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600});
-    if let Some(s) = sub {
-        claims["sub"] = json!(s);
-    }
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::jwt::hs256(SECRET, AUDIENCE, sub)
 }
 
 /// A proxy with providers `bearer` (Authorization) and `cookie` (`session` cookie), HS256
 /// with a secret file, in front of `b`; `routes` as given.
 async fn auth_proxy(b: &Backend, routes: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let dir = secret_dir(SECRET);
     let provider = |name: &str, extra: &str| {
         format!("[auth.{name}]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\nalgorithms = [\"HS256\"]\nsecret_file = \"secret\"\n{extra}\n")
     };
@@ -865,15 +847,7 @@ async fn auth_proxy(b: &Backend, routes: &str) -> Proxy {
 async fn per_user_copies_are_never_served_to_another_user() {
     init();
     let b = Backend::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let f = failing.clone();
-    b.answer(move |_| {
-        if f.load(Ordering::SeqCst) {
-            Out::status(503)
-        } else {
-            Out::json()
-        }
-    });
+    let failing = b.failing_when(Out::json);
     let proxy = auth_proxy(
         &b,
         "[[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\nauth = \"bearer\"\nstale_if_error = { max_stale = \"1h\", per_user = \"claim:sub\" }\n",
@@ -916,15 +890,7 @@ async fn per_user_copies_are_never_served_to_another_user() {
 async fn a_token_from_a_cookie_is_a_credential_too() {
     init();
     let b = Backend::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let f = failing.clone();
-    b.answer(move |_| {
-        if f.load(Ordering::SeqCst) {
-            Out::status(503)
-        } else {
-            Out::json()
-        }
-    });
+    let failing = b.failing_when(Out::json);
     let proxy = auth_proxy(
         &b,
         "[[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\nauth = \"cookie\"\nstale_if_error = { max_stale = \"1h\" }\n\
@@ -992,15 +958,7 @@ async fn fill(proxy: &Proxy, range: std::ops::Range<usize>) {
 async fn the_store_stays_inside_its_byte_bound() {
     init();
     let b = Backend::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let f = failing.clone();
-    b.answer(move |_| {
-        if f.load(Ordering::SeqCst) {
-            Out::status(503)
-        } else {
-            Out::body(Kind::Sized(1000))
-        }
-    });
+    let failing = b.failing_when(|| Out::body(Kind::Sized(1000)));
     let proxy = Proxy::start(&one_route(
         &b,
         "max_stale = \"1h\"",
@@ -1036,15 +994,7 @@ async fn the_store_stays_inside_its_byte_bound() {
 async fn an_answer_under_max_entry_fits_a_small_store() {
     init();
     let b = Backend::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let f = failing.clone();
-    b.answer(move |_| {
-        if f.load(Ordering::SeqCst) {
-            Out::status(503)
-        } else {
-            Out::body(Kind::Sized(200 * 1024))
-        }
-    });
+    let failing = b.failing_when(|| Out::body(Kind::Sized(200 * 1024)));
     let proxy = Proxy::start(&one_route(
         &b,
         "max_stale = \"1h\", max_entry = \"512KiB\"",
@@ -1162,15 +1112,7 @@ async fn a_successful_write_drops_the_paths_copies() {
 async fn copies_outlive_reloads_that_keep_the_route_and_go_with_its_stale_if_error() {
     init();
     let b = Backend::start().await;
-    let failing = Arc::new(AtomicBool::new(false));
-    let f = failing.clone();
-    b.answer(move |_| {
-        if f.load(Ordering::SeqCst) {
-            Out::status(503)
-        } else {
-            Out::json()
-        }
-    });
+    let failing = b.failing_when(Out::json);
     let text = |stale: &str, other: &str| {
         format!(
             "{SERVER}{}\n[[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\n{stale}\n[[routes]]\nprefix = \"{other}\"\nbackend = \"legacy\"\n",
@@ -1219,17 +1161,6 @@ async fn copies_outlive_reloads_that_keep_the_route_and_go_with_its_stale_if_err
 }
 
 // ----------------------------------------------------------------------------------- 11
-
-/// Line and column (1-based) where `needle` first starts in `text`.
-fn position(text: &str, needle: &str) -> (usize, usize) {
-    let at = text
-        .find(needle)
-        .unwrap_or_else(|| panic!("{needle:?} not in\n{text}"));
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
-    (line, col)
-}
 
 #[test]
 fn config_mistakes_are_reported_at_their_line_and_column() {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+pub mod jwt;
 pub mod rabbitmq;
 pub mod tls;
 
@@ -281,6 +282,25 @@ pub fn legacy_at(addr: SocketAddr) -> String {
     format!("[backends.legacy]\nurl = \"http://{addr}\"\nlegacy = true\n")
 }
 
+/// A `[server]` section on port 0 without file watching (the test reloads when it wants to).
+pub const SERVER: &str =
+    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch = \"off\"\n";
+
+/// A `[backends.NAME]` section at `addr`; `legacy = true` when the name is `legacy`.
+pub fn backend(name: &str, addr: SocketAddr) -> String {
+    let legacy = if name == "legacy" {
+        "legacy = true\n"
+    } else {
+        ""
+    };
+    format!("[backends.{name}]\nurl = \"http://{addr}\"\n{legacy}")
+}
+
+/// A `[[routes]]` entry, `prefix` to `backend`, with the `rest` lines.
+pub fn route(prefix: &str, backend: &str, rest: &str) -> String {
+    format!("[[routes]]\nprefix = \"{prefix}\"\nbackend = \"{backend}\"\n{rest}\n")
+}
+
 /// A `[server]` section on port 0 with the `extra` lines.
 pub fn server(extra: &str) -> String {
     format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{extra}\n")
@@ -443,6 +463,32 @@ fn complete(out: &[u8]) -> bool {
             .then(|| v.trim().parse::<usize>().ok())?
     });
     len.is_some_and(|n| body.len() >= n)
+}
+
+/// Line and column (1-based, in characters) where `needle` first starts in `text`: where a
+/// config error about it must point.
+pub fn position(text: &str, needle: &str) -> (usize, usize) {
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in\n{text}"));
+    line_col(text, at)
+}
+
+/// Like [`position`], for the `nth` (0-based) `needle` in `text`.
+pub fn position_nth(text: &str, needle: &str, nth: usize) -> (usize, usize) {
+    let at = text
+        .match_indices(needle)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{needle:?} #{nth} not in\n{text}"))
+        .0;
+    line_col(text, at)
+}
+
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
+    (line, col)
 }
 
 /// Retries `check` until it returns `Some` or `deadline` passes.

@@ -24,6 +24,8 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::BasicProperties;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::{listener, stopper, Running};
+
 /// Where Debian's package puts the scripts (run directly: `/usr/sbin`'s wrappers switch to
 /// the `rabbitmq` user).
 pub const BIN: &str = "/usr/lib/rabbitmq/bin";
@@ -40,6 +42,33 @@ pub fn available() -> bool {
         .iter()
         .all(|p| Path::new(BIN).join(p).is_file())
         && Path::new("/usr/bin/erl").exists()
+}
+
+/// Fails the test, saying what to install, when the broker is not [`available`].
+pub fn need_broker() {
+    assert!(
+        available(),
+        "this test needs Debian's rabbitmq-server (scripts in {BIN}) and Erlang (/usr/bin/erl): \
+         apt-get install rabbitmq-server"
+    );
+}
+
+/// users-service on 127.0.0.1:0 with its consumer of write events on `broker`; stops when
+/// dropped.
+pub async fn start_users_with_events(broker: &Broker) -> Running {
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    let source = users_service::EventsSource::new(&broker.url()).unwrap();
+    tokio::spawn(users_service::serve_with_events(
+        l,
+        None,
+        Some(source),
+        stop,
+    ));
+    Running {
+        addr,
+        stop: Some(tx),
+    }
 }
 
 /// One message as a [`Consumer`] got it: routing key, body, `content-type` and
