@@ -43,11 +43,7 @@ BUDGET=${BUDGET:-}
 source bench/lib.sh
 install_missing "valgrind callgrind_control nginx h2load openssl" "valgrind nginx nghttp2-client openssl"
 
-if [[ -z ${BIN:-} ]]; then
-  cargo build --release -q --bin strangler
-  BIN=target/release/strangler
-fi
-[[ -x $BIN ]] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
+strangler_bin
 MINIMAL=target/release/examples/minimal_proxy
 (( SMOKE )) || cargo build --release -q --example minimal_proxy
 

@@ -43,11 +43,7 @@ if (( SMOKE )); then NS=500; BUDGET=${BUDGET:-16}; fi
 source bench/lib.sh
 install_missing "nginx curl" "nginx curl"
 
-if [[ -z ${BIN:-} ]]; then
-  cargo build --release -q --bin strangler
-  BIN=target/release/strangler
-fi
-[[ -x $BIN ]] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
+strangler_bin
 
 # File descriptors: N client sockets in the client, N accepted ones in the proxy, plus the
 # proxy's own (listeners, C upstream connections, the runtime's): RESERVE more than N.

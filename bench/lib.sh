@@ -30,3 +30,12 @@ nginx_proxy_location() {
     }
 CONF
 }
+
+# BIN: the strangler binary to measure; without one, the release build (built here).
+strangler_bin() {
+  if [[ -z ${BIN:-} ]]; then
+    cargo build --release -q --bin strangler
+    BIN=target/release/strangler
+  fi
+  [[ -x $BIN ]] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
+}

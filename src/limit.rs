@@ -112,12 +112,7 @@ impl Window {
 
     /// Decisions since start by outcome (`allowed`, `limited`, `would_limit`), non-zero ones.
     pub fn counts(&self) -> Vec<(&'static str, u64)> {
-        OUTCOMES
-            .iter()
-            .zip(&self.counts)
-            .map(|(o, c)| (*o, c.load(Ordering::Relaxed)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
+        crate::metrics::nonzero_counts(&OUTCOMES, &self.counts)
     }
 
     fn count(&self, metrics: &Metrics, outcome: usize) {

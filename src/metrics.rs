@@ -58,6 +58,19 @@ pub const EVENTS_TOTAL: &str = "strangler_events_total";
 /// Events waiting in the buffer for the broker.
 pub const EVENTS_BUFFERED: &str = "strangler_events_buffered";
 
+/// The non-zero counts of `counts`, named by `names` (parallel arrays), for `/routes`.
+pub fn nonzero_counts(
+    names: &[&'static str],
+    counts: &[std::sync::atomic::AtomicU64],
+) -> Vec<(&'static str, u64)> {
+    names
+        .iter()
+        .zip(counts)
+        .map(|(o, c)| (*o, c.load(std::sync::atomic::Ordering::Relaxed)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 /// `route` label of requests no route matched (a prefix always starts with `/`).
 pub const NO_ROUTE: &str = "none";
 

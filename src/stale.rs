@@ -119,12 +119,7 @@ impl RouteStale {
 
     /// Non-zero counts by outcome, for `/routes`.
     pub fn counts(&self) -> Vec<(&'static str, u64)> {
-        OUTCOMES
-            .iter()
-            .zip(&self.counts)
-            .map(|(o, c)| (*o, c.load(Ordering::Relaxed)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
+        crate::metrics::nonzero_counts(&OUTCOMES, &self.counts)
     }
 }
 
