@@ -980,6 +980,115 @@ fn config_mistakes_are_reported_at_their_line_and_column() {
             ("[]", 0),
             "`rate_limit` is an empty list",
         ),
+        // Mistakes serde finds, at the key or value they are about.
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", brust = 3"),
+            ("brust", 0),
+            "unknown field `brust`",
+        ),
+        (
+            "".into(),
+            false,
+            "[[routes.rate_limit]]\nname = \"w\"\nlimit = 1\nper = \"1s\"\nbrust = 2".into(),
+            ("brust", 0),
+            "unknown field `brust`",
+        ),
+        (
+            "".into(),
+            false,
+            "[[routes.rate_limit]]\nname = \"a\"\nlimit = 1\nper = \"1s\"\n\
+             [[routes.rate_limit]]\nname = \"b\"\nlimit = 1\nper = \"1s\"\nkeys = \"ip\""
+                .into(),
+            ("keys", 0),
+            "unknown field `keys`",
+        ),
+        (
+            store("url_env = \"PATH\"\nredis_url = \"redis://127.0.0.1\""),
+            false,
+            "".into(),
+            ("redis_url", 0),
+            "[ratelimit_store]: unknown field `redis_url`",
+        ),
+        (
+            "".into(),
+            false,
+            w("per = \"1s\", burst = 2"),
+            ("{ per", 0),
+            "missing field `limit`",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5"),
+            ("{ limit", 0),
+            "missing field `per`",
+        ),
+        (
+            "".into(),
+            false,
+            "[[routes.rate_limit]]\nname = \"w\"\nlimit = 1\n".into(),
+            ("[[routes.rate_limit]]", 0),
+            "missing field `per`",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = \"ten\", per = \"1s\""),
+            ("\"ten\"", 0),
+            "invalid type: string \"ten\"",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = 60"),
+            ("60", 0),
+            "invalid type: integer `60`",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"cookie:\""),
+            ("\"cookie:\"", 0),
+            "`rate_limit.key` \"cookie:\": expected",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"cookie:my session\""),
+            ("\"cookie:my session\"", 0),
+            "`rate_limit.key` \"cookie:my session\"",
+        ),
+        (
+            // Not a token: no cookie could ever be named so.
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"cookie:sess(ion)\""),
+            ("\"cookie:sess(ion)\"", 0),
+            "`rate_limit.key` \"cookie:sess(ion)\"",
+        ),
+        (
+            "".into(),
+            true,
+            w("limit = 5, per = \"1s\", key = \"claim:\""),
+            ("\"claim:\"", 0),
+            "`rate_limit.key` \"claim:\": expected",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"header:\""),
+            ("\"header:\"", 0),
+            "`rate_limit.key` \"header:\": expected",
+        ),
+        (
+            "".into(),
+            false,
+            w("limit = 5, per = \"1s\", key = \"header:x(y)\""),
+            ("\"header:x(y)\"", 0),
+            "`rate_limit.key` \"header:x(y)\"",
+        ),
     ];
     let mut failures = Vec::new();
     for (store, auth, extra, (needle, nth), names) in &cases {
@@ -1002,6 +1111,51 @@ fn config_mistakes_are_reported_at_their_line_and_column() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// One file with a mistake in `[ratelimit_store]` and in four routes (serde's and
+/// validation's, several in one route's windows): every one is reported at its place, and
+/// nothing else.
+#[test]
+fn several_mistakes_in_one_file_are_all_reported() {
+    let dir = secret_dir(SECRET);
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+        [ratelimit_store]\nurl_env = \"PATH\"\npool = 4\n\n\
+        [backends.legacy]\nurl = \"http://127.0.0.1:9\"\nlegacy = true\n\n\
+        [[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\n\
+        rate_limit = { limit = 5, per = \"1s\", brust = 3 }\n\n\
+        [[routes]]\nprefix = \"/b\"\nbackend = \"legacy\"\n\
+        rate_limit = { limit = \"ten\", per = \"1s\" }\n\n\
+        [[routes]]\nprefix = \"/c\"\nbackend = \"legacy\"\n\
+        [[routes.rate_limit]]\nname = \"x\"\nlimit = 0\nper = \"1s\"\n\
+        [[routes.rate_limit]]\nname = \"y\"\nlimit = 1\nper = \"1s\"\nkey = \"cookie:\"\nmode = \"block\"\n\n\
+        [[routes]]\nprefix = \"/d\"\nbackend = \"legacy\"\n\
+        rate_limit = { per = \"1s\" }\n";
+    let want: &[(&str, &str)] = &[
+        ("pool", "[ratelimit_store]: unknown field `pool`"),
+        ("brust", "unknown field `brust`"),
+        ("\"ten\"", "invalid type: string \"ten\""),
+        ("0\nper", "`rate_limit.limit` must be at least 1, got 0"),
+        ("\"cookie:\"", "`rate_limit.key` \"cookie:\""),
+        ("\"block\"", "`rate_limit.mode` \"block\""),
+        ("{ per", "missing field `limit`"),
+    ];
+    let lines = errors(dir.path(), text).expect_err("a file with seven mistakes loaded");
+    let mut missing = Vec::new();
+    for (needle, says) in want {
+        let (line, col) = position(text, needle);
+        let at = format!("{line}:{col}: ");
+        if !lines.iter().any(|l| l.starts_with(&at) && l.contains(says)) {
+            missing.push(format!("{at}... {says}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not reported:\n  {}\nin:\n  {}",
+        missing.join("\n  "),
+        lines.join("\n  ")
+    );
+    assert_eq!(lines.len(), want.len(), "{}", lines.join("\n"));
 }
 
 // --------------------------------------------------------------------------------- 10: Redis

@@ -118,9 +118,10 @@ impl Ctx {
                 ),
             );
         }
+        // A bad key is reported and the window's other keys are still checked.
         let key = match &w.key {
-            None => LimitKey::Ip,
-            Some(k) => self.limit_key(k, has_auth)?,
+            None => Some(LimitKey::Ip),
+            Some(k) => self.limit_key(k, has_auth),
         };
         let dry_run = match w.mode.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("enforce") => false,
@@ -163,7 +164,7 @@ impl Ctx {
             limit,
             per,
             burst,
-            key,
+            key: key?,
             dry_run,
             max_keys,
             global,
@@ -178,7 +179,13 @@ impl Ctx {
             Some(("header", h)) => HeaderName::from_bytes(h.as_bytes())
                 .ok()
                 .map(LimitKey::Header),
-            Some(("cookie", c)) if !c.is_empty() && !c.contains([';', '=', ' ', ',']) => {
+            // A cookie's name is a token (RFC 6265 §4.1.1, RFC 9110 §5.6.2): any other
+            // name never matches a cookie, and every request would be counted by address.
+            Some(("cookie", c))
+                if !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
+            {
                 Some(LimitKey::Cookie(c.to_string()))
             }
             Some(("claim", c)) if !c.is_empty() => {
