@@ -3,8 +3,8 @@
 //! checked: valid tokens of each key type pass; every forgery and every stale, misaddressed or
 //! malformed token is refused before any backend or shadow sees it; JWKS rotation from a file
 //! (on reload) and from a URL (single flight, cooldown, outage); observe, optional and required
-//! modes; claims as headers; trusted proxies and claim-sticky canaries; CORS preflights; and
-//! the config errors, each at its line and column.
+//! modes; claims as headers; trusted proxies and claim-sticky canaries; CORS preflights. The
+//! config errors are in tests/auth_config.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
@@ -12,7 +12,6 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -1362,181 +1361,4 @@ async fn a_cors_preflight_without_credentials_passes_a_required_route() {
     assert_eq!(legacy.hits(), 1);
     let m = metrics_text(&proxy).await;
     assert_eq!(auth_count(&m, "/api", "preflight"), 1.0, "{m}");
-}
-
-// ---------------------------------------------------------------------------------- 8
-
-fn garbage_config(server_extra: &str, provider_body: &str, route_extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{server_extra}\n\
-         [backends.legacy]\nurl = \"http://127.0.0.1:9\"\nlegacy = true\n\
-         [backends.users]\nurl = \"http://127.0.0.1:9\"\n\n\
-         [auth.fittrack]\n{provider_body}\n\
-         [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n{route_extra}\n"
-    )
-}
-
-fn load_errors(dir: &Path, text: &str) -> Result<(), Vec<String>> {
-    let path = dir.join("routes.toml");
-    std::fs::write(&path, text).unwrap();
-    strangler::config::load(&path)
-        .map(|_| ())
-        .map_err(|e| e.lines())
-}
-
-#[test]
-fn config_mistakes_are_reported_at_their_line_and_column() {
-    let dir = dir_with_jwks();
-    std::fs::write(dir.path().join("not-json.json"), "keys: [rsa-1]").unwrap();
-    const ISS: &str = "issuer = \"https://auth.test/\"\n";
-    const AUD: &str = "audiences = [\"fittrack-api\"]\n";
-    const ALG: &str = "algorithms = [\"RS256\"]\n";
-    const KEYS_FILE: &str = "jwks_file = \"jwks.json\"\n";
-    let good = format!("{ISS}{AUD}{ALG}{KEYS_FILE}");
-    // The harness itself: the good provider on a route with auth loads.
-    let ok = garbage_config("", &good, "auth = \"fittrack\"");
-    assert_eq!(load_errors(dir.path(), &ok), Ok(()), "{ok}");
-
-    let unset = "STRANGLER_AUTH_TEST_NEVER_SET_7F3A";
-    assert!(std::env::var_os(unset).is_none());
-    // (server extra, provider body, route extra, where the error points, what it names)
-    let cases: Vec<(String, String, String, String, &str)> = vec![
-        (
-            "".into(),
-            format!("{good}secret = \"hunter2-hunter2-hunter2-hunter2-hunter2\"\n"),
-            "".into(),
-            "\"hunter2".into(),
-            "`secret`",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}algorithms = [\"HS256\", \"RS256\"]\n{KEYS_FILE}"),
-            "".into(),
-            "[\"HS256\"".into(),
-            "`algorithms` mixes HMAC",
-        ),
-        (
-            "".into(),
-            format!("{AUD}{ALG}{KEYS_FILE}"),
-            "".into(),
-            "fittrack]".into(),
-            "needs `issuer`",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{ALG}{KEYS_FILE}"),
-            "".into(),
-            "fittrack]".into(),
-            "needs `audiences`",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}algorithms = [\"RS256\", \"none\"]\n{KEYS_FILE}"),
-            "".into(),
-            "\"none\"".into(),
-            "`algorithms`: \"none\" is not a signing algorithm",
-        ),
-        (
-            "".into(),
-            format!("{good}secret_file = \"secret\"\n"),
-            "".into(),
-            "\"secret\"".into(),
-            "exactly one key source: `jwks_url`, `jwks_file`, `secret_env` or `secret_file` (set: `jwks_file`, `secret_file`)",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}{ALG}{KEYS_FILE}jwks_url = \"https://idp.test/jwks.json\"\n"),
-            "".into(),
-            "\"https://idp.test/jwks.json\"".into(),
-            "(set: `jwks_url`, `jwks_file`)",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}{ALG}"),
-            "".into(),
-            "fittrack]".into(),
-            "exactly one key source: `jwks_url`, `jwks_file`, `secret_env` or `secret_file` (none is set)",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}algorithms = [\"HS256\"]\nsecret_env = \"{unset}\"\n"),
-            "".into(),
-            format!("\"{unset}\""),
-            "`secret_env",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}{ALG}jwks_file = \"missing.json\"\n"),
-            "".into(),
-            "\"missing.json\"".into(),
-            "`jwks_file`",
-        ),
-        (
-            "".into(),
-            format!("{ISS}{AUD}{ALG}jwks_file = \"not-json.json\"\n"),
-            "".into(),
-            "\"not-json.json\"".into(),
-            "`jwks_file`",
-        ),
-        (
-            "".into(),
-            good.clone(),
-            "auth = \"fitrack\"".into(),
-            "\"fitrack\"".into(),
-            "`auth`: unknown provider \"fitrack\"",
-        ),
-        (
-            "".into(),
-            good.clone(),
-            "auth = { provider = \"fittrack\", mode = \"enforce\" }".into(),
-            "\"enforce\"".into(),
-            "`auth.mode` \"enforce\"",
-        ),
-        (
-            "".into(),
-            good.clone(),
-            "canary = { backend = \"users\", percent = 10, sticky = \"claim:sub\" }".into(),
-            "{ backend = \"users\"".into(),
-            "`canary.sticky` \"claim:sub\" needs `auth`",
-        ),
-        (
-            "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]".into(),
-            good.clone(),
-            "".into(),
-            "\"10.0.0.0/33\"".into(),
-            "`trusted_proxies`: \"10.0.0.0/33\"",
-        ),
-        (
-            "".into(),
-            format!("{good}token_from = [\"header:authorization\", \"query:access_token\"]\n"),
-            "".into(),
-            "\"query:access_token\"".into(),
-            "`token_from` \"query:access_token\"",
-        ),
-        (
-            "".into(),
-            format!("{good}claims_to_headers = {{ \"x-user-id\" = \"sub\", \"authorization\" = \"sub\" }}\n"),
-            "".into(),
-            "{ \"x-user-id\"".into(),
-            "`claims_to_headers`: authorization",
-        ),
-    ];
-    let mut failures = Vec::new();
-    for (server_extra, body, route_extra, at, names) in &cases {
-        let text = garbage_config(server_extra, body, route_extra);
-        let (line, col) = position(&text, at);
-        let want = format!("routes.toml:{line}:{col}: ");
-        match load_errors(dir.path(), &text) {
-            Ok(()) => failures.push(format!("{names}: loaded\n{text}")),
-            Err(lines) => {
-                if !lines.iter().any(|l| l.contains(&want) && l.contains(names)) {
-                    failures.push(format!(
-                        "{names}: want {want}... in\n  {}",
-                        lines.join("\n  ")
-                    ));
-                }
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

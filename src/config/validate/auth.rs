@@ -60,20 +60,27 @@ impl Ctx {
             let name_span = name.span();
             let name = name.into_inner().to_string();
             self.section_name(&name, name_span.clone(), "provider");
+            let claim_spans = entry_spans(&entry, "claims_to_headers");
             let Some(f) = self.de::<AuthFile>(entry, &format!("[auth.{name}]")) else {
                 // Keeps its place so routes naming it do not also say "unknown provider".
                 out.push(placeholder(name));
                 continue;
             };
             let p = self
-                .provider(&name, name_span, f)
+                .provider(&name, name_span, f, &claim_spans)
                 .unwrap_or_else(|| placeholder(name));
             out.push(p);
         }
         out
     }
 
-    fn provider(&mut self, name: &str, at: Range<usize>, f: AuthFile) -> Option<Provider> {
+    fn provider(
+        &mut self,
+        name: &str,
+        at: Range<usize>,
+        f: AuthFile,
+        claim_spans: &[EntrySpan],
+    ) -> Option<Provider> {
         let section = format!("[auth.{name}]");
         if let Some(s) = &f.secret {
             self.err(
@@ -124,7 +131,12 @@ impl Ctx {
             }
         };
         let algorithms = self.algorithms(&section, f.algorithms.as_ref(), &at);
-        let clock_skew = self.duration(f.clock_skew.as_ref(), "clock_skew", DEFAULT_CLOCK_SKEW);
+        let clock_skew = self.auth_duration(
+            &section,
+            f.clock_skew.as_ref(),
+            "clock_skew",
+            DEFAULT_CLOCK_SKEW,
+        );
         if clock_skew > MAX_CLOCK_SKEW {
             let span = f.clock_skew.as_ref().map_or(at.clone(), Spanned::span);
             self.err(
@@ -148,10 +160,9 @@ impl Ctx {
                 .filter_map(|t| self.token_source(&section, t))
                 .collect(),
         };
-        let claims_to_headers = f
-            .claims_to_headers
-            .as_ref()
-            .map_or_else(Vec::new, |t| self.claims_to_headers(&section, t));
+        let claims_to_headers = f.claims_to_headers.as_ref().map_or_else(Vec::new, |t| {
+            self.claims_to_headers(&section, t, claim_spans)
+        });
         let realm = match &f.realm {
             None => name.to_string(),
             Some(r) => {
@@ -384,6 +395,14 @@ impl Ctx {
                 return None;
             }
         };
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // Not echoed: the URL holds a password.
+            self.err(
+                url.span(),
+                format!("{section} `jwks_url` must not carry credentials (user:password@)"),
+            );
+            return None;
+        }
         let origin = format!(
             "{}://{}",
             uri.scheme_str().unwrap_or("https"),
@@ -411,7 +430,8 @@ impl Ctx {
             url: Spanned::new(url.span(), origin),
             legacy: false,
             connect_timeout: None,
-            timeout: f.jwks_timeout.clone(),
+            // Parsed here, so its errors name `jwks_timeout`.
+            timeout: None,
             tls,
             protocol: None,
             endpoints: None,
@@ -420,16 +440,35 @@ impl Ctx {
         };
         let before = self.errors.len();
         let backend = self.backend(format!("auth.{name}"), as_backend);
+        // In the provider's words: its section and keys, not a backend's.
         let prefix = format!("[backends.auth.{name}]");
         for e in &mut self.errors[before..] {
-            e.message = e.message.replace(&prefix, section);
+            e.message = e
+                .message
+                .replace(&prefix, section)
+                .replace(
+                    "`tls` applies to https:// URLs; this backend's url is http://",
+                    "`jwks_ca` applies to https:// URLs; this `jwks_url` is http://",
+                )
+                .replace("`tls`: ca ", "`jwks_ca`: ")
+                .replace("`tls`: ", "`jwks_ca`: ")
+                .replace(
+                    "`tls.server_name`: not a DNS name",
+                    "`jwks_url`: its host is not a DNS name",
+                )
+                .replace("`url`", "`jwks_url`");
         }
+        let timeout = self.auth_duration(
+            section,
+            f.jwks_timeout.as_ref(),
+            "jwks_timeout",
+            DEFAULT_JWKS_TIMEOUT,
+        );
         let mut backend = backend?;
-        if f.jwks_timeout.is_none() {
-            backend.timeout = DEFAULT_JWKS_TIMEOUT;
-        }
+        backend.timeout = timeout;
         backend.connect_timeout = backend.connect_timeout.min(backend.timeout);
-        let refresh = self.duration(
+        let refresh = self.auth_duration(
+            section,
             f.jwks_refresh.as_ref(),
             "jwks_refresh",
             DEFAULT_JWKS_REFRESH,
@@ -444,7 +483,8 @@ impl Ctx {
                 ),
             );
         }
-        let cooldown = self.duration(
+        let cooldown = self.auth_duration(
+            section,
             f.jwks_cooldown.as_ref(),
             "jwks_cooldown",
             DEFAULT_JWKS_COOLDOWN,
@@ -501,14 +541,28 @@ impl Ctx {
         &mut self,
         section: &str,
         table: &Spanned<toml::Table>,
+        spans: &[EntrySpan],
     ) -> Vec<(HeaderName, String)> {
+        // Each mistake at its own entry: the header's name, or the claim it maps to.
+        let at = |header: &str, value: bool| {
+            spans
+                .iter()
+                .find(|e| e.key == header)
+                .map_or(table.span(), |e| {
+                    if value {
+                        e.value.clone()
+                    } else {
+                        e.key_span.clone()
+                    }
+                })
+        };
         let mut out = Vec::new();
         for (header, claim) in table.get_ref() {
             let name = match HeaderName::from_bytes(header.as_bytes()) {
                 Ok(n) => n,
                 Err(_) => {
                     self.err(
-                        table.span(),
+                        at(header, false),
                         format!("{section} `claims_to_headers`: {header:?} is not a header name"),
                     );
                     continue;
@@ -518,7 +572,7 @@ impl Ctx {
                 || name.as_str().starts_with("x-forwarded-")
             {
                 self.err(
-                    table.span(),
+                    at(header, false),
                     format!("{section} `claims_to_headers`: {name} is set by the client or the proxy and cannot carry a claim"),
                 );
                 continue;
@@ -526,7 +580,7 @@ impl Ctx {
             match claim.as_str() {
                 Some(c) if !c.is_empty() => out.push((name, c.to_string())),
                 _ => self.err(
-                    table.span(),
+                    at(header, true),
                     format!("{section} `claims_to_headers`: {header} must name a claim, as a string (e.g. \"sub\")"),
                 ),
             }
@@ -578,6 +632,7 @@ impl Ctx {
                 Mode::Required
             }
         };
+        let require_spans = require.map_or_else(Vec::new, |r| self.inline_spans(r.span()));
         let mut required = Vec::new();
         for (claim, value) in require.map(Spanned::get_ref).into_iter().flatten() {
             let values: Option<Vec<String>> = match value {
@@ -593,7 +648,12 @@ impl Ctx {
             match values.filter(|v| !v.is_empty() && !claim.is_empty()) {
                 Some(v) => required.push((claim.clone(), v)),
                 None => {
-                    let span = require.map_or(a.span(), Spanned::span);
+                    let span = require_spans
+                        .iter()
+                        .find(|e| e.key == *claim)
+                        .map(|e| e.value.clone())
+                        .or_else(|| require.map(Spanned::span))
+                        .unwrap_or(a.span());
                     self.err(
                         span,
                         format!("`auth.require` {claim:?}: expected a non-empty string or array of strings (values the claim must grant)"),
@@ -652,5 +712,76 @@ fn placeholder(name: String) -> Provider {
         token_from: vec![],
         claims_to_headers: vec![],
         forward_token: true,
+    }
+}
+
+/// Where one entry of a table is in routes.toml: its key and its value.
+pub(super) struct EntrySpan {
+    key: String,
+    key_span: Range<usize>,
+    value: Range<usize>,
+}
+
+/// The entries of the table `key` inside `section` (a table in the parsed document, inline
+/// or not), with their places; empty when there is no such table.
+fn entry_spans(section: &Spanned<DeValue<'_>>, key: &str) -> Vec<EntrySpan> {
+    let DeValue::Table(entries) = section.get_ref() else {
+        return vec![];
+    };
+    let Some((_, value)) = entries.iter().find(|(k, _)| k.get_ref() == key) else {
+        return vec![];
+    };
+    table_spans(value)
+}
+
+fn table_spans(table: &Spanned<DeValue<'_>>) -> Vec<EntrySpan> {
+    let DeValue::Table(entries) = table.get_ref() else {
+        return vec![];
+    };
+    entries
+        .iter()
+        .map(|(k, v)| EntrySpan {
+            key: k.get_ref().to_string(),
+            key_span: k.span(),
+            value: v.span(),
+        })
+        .collect()
+}
+
+impl Ctx {
+    /// The entries of the inline table written at `span` (`{ scope = "users:read" }`), with
+    /// their places in the file; empty for anything else.
+    fn inline_spans(&self, span: Range<usize>) -> Vec<EntrySpan> {
+        let Some(text) = self.src.get(span.clone()) else {
+            return vec![];
+        };
+        if !text.starts_with('{') {
+            return vec![];
+        }
+        let Ok(value) = DeValue::parse(text) else {
+            return vec![];
+        };
+        let mut out = table_spans(&value);
+        for e in &mut out {
+            e.key_span = e.key_span.start + span.start..e.key_span.end + span.start;
+            e.value = e.value.start + span.start..e.value.end + span.start;
+        }
+        out
+    }
+
+    /// A duration of a provider; its error names the section.
+    fn auth_duration(
+        &mut self,
+        section: &str,
+        v: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let before = self.errors.len();
+        let d = self.duration(v, key, default);
+        for e in &mut self.errors[before..] {
+            e.message = format!("{section} {}", e.message);
+        }
+        d
     }
 }
