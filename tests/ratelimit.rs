@@ -15,14 +15,14 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use serde_json::json;
+use serde_json::{json, Value};
 use support::jwt::{secret_dir, SECRET};
 use support::*;
 
@@ -42,6 +42,11 @@ impl Counted {
 }
 
 async fn counted(name: &'static str) -> Counted {
+    counted_with(name, |_| StatusCode::OK).await
+}
+
+/// [`counted`], answering with the status `status(path)`.
+async fn counted_with(name: &'static str, status: fn(&str) -> StatusCode) -> Counted {
     let (l, addr) = listener().await;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -51,9 +56,10 @@ async fn counted(name: &'static str) -> Counted {
         move |req: Request<hyper::body::Incoming>, _| {
             let hits = h.clone();
             async move {
+                let status = status(req.uri().path());
                 let _ = req.into_body().collect().await;
                 hits.fetch_add(1, Ordering::SeqCst);
-                legacy_stub::http::json(StatusCode::OK, &json!({ "backend": name }))
+                legacy_stub::http::json(status, &json!({ "backend": name }))
             }
         },
         async move {
@@ -84,6 +90,47 @@ fn one_route(addr: SocketAddr, rest: &str) -> String {
         backend("legacy", addr),
         route("/api", "legacy", rest)
     )
+}
+
+// ---------------------------------------------------------------------------------- log
+
+/// A process-wide JSON sink for the access log, installed by every test before anything
+/// logs: tracing caches callsite interest per process, so one test cannot install it alone.
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static LOG: LazyLock<Sink> = LazyLock::new(|| {
+    let sink = Sink::default();
+    let writer = sink.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("strangler::access=info")
+        .with_writer(move || writer.clone())
+        .init();
+    sink
+});
+
+fn init() {
+    LazyLock::force(&LOG);
+}
+
+/// The access log events of requests to `path`, in order.
+fn access_events(path: &str) -> Vec<Value> {
+    let text = String::from_utf8(LOG.0.lock().unwrap().clone()).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "strangler::access" && v["fields"]["path"] == path)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------- calls
@@ -157,6 +204,7 @@ fn requests(m: &str, route: &str, backend: &str, status: &str) -> f64 {
 
 #[tokio::test]
 async fn a_burst_passes_at_once_then_429_says_the_policy_and_when_to_retry() {
+    init();
     let legacy = counted("legacy").await;
     // 2 per second sustained (one every 500 ms), bursts of 3.
     let text = one_route(
@@ -218,6 +266,7 @@ async fn a_burst_passes_at_once_then_429_says_the_policy_and_when_to_retry() {
 /// Requests for one new key, all at once: one bucket, whoever comes first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_requests_of_a_new_key_share_one_bucket() {
+    init();
     let legacy = counted("legacy").await;
     let text = one_route(
         legacy.addr,
@@ -250,6 +299,7 @@ async fn concurrent_first_requests_of_a_new_key_share_one_bucket() {
 /// must still serve (or be closed cleanly before) its next request.
 #[tokio::test]
 async fn a_refused_upload_leaves_the_client_connection_usable() {
+    init();
     let legacy = counted("legacy").await;
     let text = one_route(
         legacy.addr,
@@ -287,6 +337,7 @@ async fn a_refused_upload_leaves_the_client_connection_usable() {
 
 #[tokio::test]
 async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() {
+    init();
     let legacy = counted("legacy").await;
     // Behind a trusted proxy (the test client on 127.0.0.1), so X-Forwarded-For sets the
     // client's address.
@@ -353,6 +404,96 @@ async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() 
     assert_eq!(rl_count(&m, "/api", "default", "limited"), 5.0, "{m}");
 }
 
+#[tokio::test]
+async fn a_cookie_key_counts_each_value_and_requests_without_it_by_address() {
+    init();
+    let legacy = counted("legacy").await;
+    // Behind a trusted proxy, so X-Forwarded-For sets the client's address.
+    let text = format!(
+        "{}{}{}",
+        server_with("trusted_proxies = [\"127.0.0.1/32\"]"),
+        backend("legacy", legacy.addr),
+        route(
+            "/api",
+            "legacy",
+            "rate_limit = { limit = 1, per = \"1m\", burst = 2, key = \"cookie:session\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let from = |ip: &'static str| ("x-forwarded-for", ip);
+    for session in ["session=a", "session=b"] {
+        assert_eq!(
+            statuses(
+                &proxy,
+                "/api",
+                &[("cookie", session), from("198.51.100.1")],
+                3
+            )
+            .await,
+            [200, 200, 429],
+            "{session}"
+        );
+    }
+    // Session a from another address, among other cookies, or in a second Cookie line: a.
+    for cookies in [
+        &[
+            ("cookie", "theme=dark; session=a; lang=en"),
+            from("198.51.100.2"),
+        ][..],
+        &[
+            ("cookie", "theme=dark"),
+            ("cookie", "session=a"),
+            from("198.51.100.2"),
+        ][..],
+    ] {
+        assert_limited(
+            &format!("{cookies:?}"),
+            &call(&proxy, "/api", cookies).await,
+        );
+    }
+    // Without the cookie: by address. 198.51.100.1 sent only keyed requests so far.
+    assert_eq!(
+        statuses(&proxy, "/api", &[from("198.51.100.1")], 3).await,
+        [200, 200, 429],
+        "no cookie from 198.51.100.1"
+    );
+    // Other cookies, an empty session, or cookies whose names merely contain it are no key:
+    // the address's bucket, spent.
+    for cookies in [
+        "theme=dark",
+        "session=",
+        "xsession=a; session_id=a; Session=a",
+    ] {
+        let r = call(&proxy, "/api", &[("cookie", cookies), from("198.51.100.1")]).await;
+        assert_limited(&format!("cookie {cookies:?} from 198.51.100.1"), &r);
+    }
+    // Another address without the cookie: its own bucket.
+    assert_eq!(
+        statuses(&proxy, "/api", &[from("198.51.100.3")], 1).await,
+        [200]
+    );
+    // A session named like an address is not that address's bucket.
+    assert_eq!(
+        statuses(
+            &proxy,
+            "/api",
+            &[("cookie", "session=198.51.100.3"), from("198.51.100.4")],
+            2
+        )
+        .await,
+        [200, 200]
+    );
+    assert_eq!(
+        statuses(&proxy, "/api", &[from("198.51.100.3")], 1).await,
+        [200],
+        "the address's own second request"
+    );
+    assert_eq!(legacy.hits(), 2 + 2 + 2 + 1 + 2 + 1);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(rl_count(&m, "/api", "default", "allowed"), 10.0, "{m}");
+    assert_eq!(rl_count(&m, "/api", "default", "limited"), 8.0, "{m}");
+}
+
 /// HS256 with a secret file (`SECRET`): the simplest provider for a `claim:sub` key.
 fn token(sub: &str) -> String {
     support::jwt::hs256(SECRET, "api", Some(sub))
@@ -362,6 +503,7 @@ const PROVIDER: &str = "[auth.internal]\nissuer = \"https://auth.test/\"\naudien
 
 #[tokio::test]
 async fn a_claim_key_counts_each_subject_and_anonymous_callers_by_address() {
+    init();
     let legacy = counted("legacy").await;
     let dir = secret_dir(SECRET);
     let text = format!(
@@ -406,6 +548,7 @@ async fn a_claim_key_counts_each_subject_and_anonymous_callers_by_address() {
 
 #[tokio::test]
 async fn forwarding_headers_choose_the_bucket_only_from_trusted_proxies() {
+    init();
     let legacy = counted("legacy").await;
     let limited_route = route(
         "/api",
@@ -469,6 +612,7 @@ async fn forwarding_headers_choose_the_bucket_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn a_dry_run_forwards_everything_and_counts_what_it_would_limit() {
+    init();
     let legacy = counted("legacy").await;
     let text = one_route(
         legacy.addr,
@@ -491,10 +635,76 @@ async fn a_dry_run_forwards_everything_and_counts_what_it_would_limit() {
     assert_eq!(requests(&m, "/api", "none", "429"), 0.0, "{m}");
 }
 
+/// The access log's `ratelimit` field: `would_limit` for what a dry run let through,
+/// `limited` for a refusal, `allowed` before, `none` on a route without limits.
+#[tokio::test]
+async fn the_access_log_says_would_limit_for_a_dry_run_and_limited_for_a_refusal() {
+    init();
+    let legacy = counted("legacy").await;
+    let window = "rate_limit = { limit = 1, per = \"1h\", burst = 1";
+    let text = format!(
+        "{SERVER}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        route(
+            "/dry",
+            "legacy",
+            &format!("{window}, mode = \"dry_run\" }}")
+        ),
+        route("/enforced", "legacy", &format!("{window} }}")),
+        route("/open", "legacy", ""),
+    );
+    let proxy = Proxy::start(&text).await;
+    // (path, statuses, the log's ratelimit and backend for each)
+    let cases: [(&str, [u16; 2], [(&str, &str); 2]); 3] = [
+        (
+            "/dry/logged",
+            [200, 200],
+            [("allowed", "legacy"), ("would_limit", "legacy")],
+        ),
+        (
+            "/enforced/logged",
+            [200, 429],
+            [("allowed", "legacy"), ("limited", "none")],
+        ),
+        (
+            "/open/logged",
+            [200, 200],
+            [("none", "legacy"), ("none", "legacy")],
+        ),
+    ];
+    for (path, want, logged) in cases {
+        let mut ids = Vec::new();
+        for status in want {
+            let r = call(&proxy, path, &[]).await;
+            assert_eq!(r.status, status, "{path}: {}", r.text());
+            ids.push(header(&r, "x-request-id").unwrap());
+        }
+        let events = eventually(Duration::from_secs(5), || async {
+            let e = access_events(path);
+            (e.len() >= 2).then_some(e)
+        })
+        .await;
+        assert_eq!(events.len(), 2, "{path}: {events:#?}");
+        for ((event, id), (ratelimit, backend)) in events.iter().zip(&ids).zip(logged) {
+            let f = &event["fields"];
+            assert_eq!(f["request_id"], id.as_str(), "{path}: {f}");
+            assert_eq!(f["ratelimit"], ratelimit, "{path}: {f}");
+            assert_eq!(f["backend"], backend, "{path}: {f}");
+        }
+        assert_eq!(
+            events[1]["fields"]["status"], want[1],
+            "{path}: {}",
+            events[1]
+        );
+    }
+    assert_eq!(legacy.hits(), 2 + 1 + 2);
+}
+
 // ---------------------------------------------------------------------------------- 5
 
 #[tokio::test]
 async fn of_several_windows_the_tightest_limits_and_the_policy_lists_them_all() {
+    init();
     let legacy = counted("legacy").await;
     // "minute": 4 a minute (no refill within the test). "burst": 2 at once, one every 500 ms.
     let text = format!(
@@ -628,6 +838,7 @@ async fn flood_case(n: usize) -> Proxy {
 /// 11 times `max_keys` (a debug build forwards about 2,000 requests a second on two cores).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_distinct_keys_stays_within_max_keys_and_a_busy_key_stays_limited() {
+    init();
     flood_case(11_000).await;
 }
 
@@ -635,6 +846,7 @@ async fn a_flood_of_distinct_keys_stays_within_max_keys_and_a_busy_key_stays_lim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: 20,000 requests and a sweep (about 20 s)"]
 async fn twenty_thousand_distinct_keys_and_the_key_gauge_stay_within_max_keys() {
+    init();
     let proxy = flood_case(20_000).await;
     let gauge = eventually(Duration::from_secs(12), || async {
         metric(
@@ -652,6 +864,7 @@ async fn twenty_thousand_distinct_keys_and_the_key_gauge_stay_within_max_keys() 
 
 #[tokio::test]
 async fn buckets_survive_reloads_that_keep_the_window_and_start_fresh_when_it_changes() {
+    init();
     let legacy = counted("legacy").await;
     let other = counted("other").await;
     let cfg = |a_limit: u32, a_backend: &str, b_limit: u32| {
@@ -705,6 +918,7 @@ async fn buckets_survive_reloads_that_keep_the_window_and_start_fresh_when_it_ch
 
 #[tokio::test]
 async fn refused_requests_reach_no_backend_no_shadow_and_trip_no_guard() {
+    init();
     let legacy = counted("legacy").await;
     let users = counted("users").await;
     let mirror = counted("mirror").await;
@@ -747,6 +961,86 @@ async fn refused_requests_reach_no_backend_no_shadow_and_trip_no_guard() {
     let r = call(&proxy, "/api/x", &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.backend(), "users");
+}
+
+/// The guard's error rate with and without refused requests: 5xx among a flood of 429s trips
+/// it at the same answer as without the flood (a refusal is neither an error nor a request for
+/// it), and the 429s alone never do. Returns the failing request that tripped it.
+async fn guard_trips_at(flood: usize) -> usize {
+    let legacy = counted("legacy").await;
+    let users = counted_with("users", |path| {
+        if path.contains("/fail") {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::OK
+        }
+    })
+    .await;
+    let text = format!(
+        "{SERVER}{}{}{}[routes.guard]\nmax_error_rate = 0.5\nwindow = \"1m\"\nmin_requests = 4\n",
+        backend("legacy", legacy.addr),
+        backend("users", users.addr),
+        route(
+            "/api",
+            "users",
+            "rate_limit = { limit = 1, per = \"1h\", burst = 1, key = \"header:x-key\" }"
+        ),
+    );
+    let proxy = Proxy::start(&text).await;
+    let tripped = || async { route_json(&proxy, "/api").await["guard_tripped"] == true };
+    // Two answers that are no error; the flood's key passes once, then is refused.
+    assert_eq!(
+        statuses(&proxy, "/api/ok", &[("x-key", "k0")], 1).await,
+        [200]
+    );
+    let got = statuses(&proxy, "/api/ok", &[("x-key", "flood")], 1 + flood).await;
+    assert_eq!(got[0], 200);
+    assert!(got[1..].iter().all(|&s| s == 429), "{got:?}");
+    assert!(
+        !tripped().await,
+        "{flood} refusals and no backend error tripped the guard"
+    );
+    // Then failures, each (with a flood) followed by refused requests of the failing path.
+    // Without the refusals: 1 error in 3, 2 in 4 (0.5, not above it), 3 in 5: tripped.
+    for i in 1..=6 {
+        let key = format!("fail-{i}");
+        let r = call(&proxy, "/api/fail", &[("x-key", &key)]).await;
+        if tripped().await {
+            assert_eq!(r.status, 500, "the failure that tripped it: {}", r.text());
+            assert_eq!(r.backend(), "users");
+            let m = metrics_text(&proxy).await;
+            assert_eq!(
+                metric(&m, "strangler_guard_tripped", &[("route", "/api")]),
+                Some(1.0),
+                "{m}"
+            );
+            assert_eq!(
+                requests(&m, "/api", "none", "429"),
+                (flood * i) as f64,
+                "{m}"
+            );
+            // Rolled back: the next request goes to legacy.
+            let r = call(&proxy, "/api/fail", &[("x-key", "after")]).await;
+            assert_eq!((r.status.as_u16(), r.backend()), (200, "legacy".into()));
+            assert_eq!(users.hits(), 2 + i, "a refused request reached users");
+            return i;
+        }
+        assert_eq!(r.status, 500, "{}", r.text());
+        let got = statuses(&proxy, "/api/fail", &[("x-key", &key)], flood).await;
+        assert!(got.iter().all(|&s| s == 429), "{got:?}");
+    }
+    panic!("five backend errors in seven answers never tripped a 50% guard");
+}
+
+#[tokio::test]
+async fn refusals_neither_trip_the_guard_nor_dilute_its_error_rate() {
+    init();
+    assert_eq!(guard_trips_at(0).await, 3, "without refusals");
+    assert_eq!(
+        guard_trips_at(40).await,
+        3,
+        "among 40 refusals after each answer"
+    );
 }
 
 // ---------------------------------------------------------------------------------- 9
@@ -1262,6 +1556,15 @@ async fn ping(port: u16) -> bool {
     roundtrip(port, b"PING\r\n").await.starts_with("+PONG")
 }
 
+/// `[ratelimit_store] timeout` of [`global_config`].
+const STORE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The longest any request may take, Redis up, hanging or gone: one store timeout, plus 150 ms
+/// for the debug-build proxy, a fresh client connection and a busy 2-core machine (measured:
+/// the slowest answer takes about 107 ms while Redis hangs and under 10 ms otherwise). Waiting
+/// twice for the store, or for a reconnection (at least 500 ms), does not fit.
+const NO_STALL: Duration = Duration::from_millis(250);
+
 /// Three routes on one backend, counted in `[ratelimit_store]` (the URL in `var`): `/shared`
 /// one bucket for the route, `/tenant` a bucket per `x-tenant`; 10 a minute, all at once.
 fn global_config(var: &str, on_error: &str, backend_addr: SocketAddr) -> String {
@@ -1269,7 +1572,8 @@ fn global_config(var: &str, on_error: &str, backend_addr: SocketAddr) -> String 
         format!("rate_limit = {{ limit = 10, per = \"1m\", burst = 10, key = \"{key}\", scope = \"global\" }}")
     };
     format!(
-        "{SERVER}[ratelimit_store]\nurl_env = \"{var}\"\ntimeout = \"100ms\"\non_error = \"{on_error}\"\n\n{}{}{}",
+        "{SERVER}[ratelimit_store]\nurl_env = \"{var}\"\ntimeout = \"{}ms\"\non_error = \"{on_error}\"\n\n{}{}{}",
+        STORE_TIMEOUT.as_millis(),
         backend("legacy", backend_addr),
         route("/shared", "legacy", &window("route")),
         route("/tenant", "legacy", &window("header:x-tenant")),
@@ -1320,35 +1624,47 @@ async fn timed(proxy: &Proxy, path: &str, tenant: &str) -> (Result<u16, String>,
 }
 
 /// `n` requests per proxy for `tenant`, interleaved across `proxies`; every one must be
-/// answered (2xx or 429) within `within`. How many passed on each proxy.
-async fn spread(
+/// answered (2xx or 429) within [`NO_STALL`]. How many passed on each proxy.
+async fn spread(proxies: &[&Proxy], path: &str, tenant: &str, n: usize) -> Vec<usize> {
+    spread_timed(proxies, path, tenant, n).await.0
+}
+
+/// [`spread`], and how many answers on each proxy waited at least the store's timeout.
+async fn spread_timed(
     proxies: &[&Proxy],
     path: &str,
     tenant: &str,
     n: usize,
-    within: Duration,
-) -> Vec<usize> {
+) -> (Vec<usize>, Vec<usize>) {
     let mut passed = vec![0; proxies.len()];
+    let mut waited = vec![0; proxies.len()];
     let mut slowest = Duration::ZERO;
     for _ in 0..n {
         for (i, p) in proxies.iter().enumerate() {
             let (got, took) = timed(p, path, tenant).await;
             slowest = slowest.max(took);
+            waited[i] += usize::from(took >= STORE_TIMEOUT);
             match got {
                 Ok(200) => passed[i] += 1,
                 Ok(429) => {}
                 other => panic!("{path} {tenant} on proxy {i}: {other:?} after {took:?}"),
             }
-            assert!(took < within, "{path} {tenant} on proxy {i}: {took:?}");
+            assert!(
+                took < NO_STALL,
+                "{path} {tenant} on proxy {i}: {took:?} (store timeout {STORE_TIMEOUT:?})"
+            );
         }
     }
-    eprintln!("{path} {tenant}: passed per proxy {passed:?}, slowest answer {slowest:?}");
-    passed
+    eprintln!(
+        "{path} {tenant}: passed per proxy {passed:?}, slowest answer {slowest:?}, answers that waited the store's timeout {waited:?}"
+    );
+    (passed, waited)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server (Debian's package)"]
 async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_is_down() {
+    init();
     let mut redis = Redis::start().await;
     let var = "STRANGLER_TEST_REDIS_SHARED";
     std::env::set_var(var, redis.url());
@@ -1360,10 +1676,9 @@ async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_i
         start_global(&text).await,
     );
     let all = [&a, &b, &c];
-    let within = Duration::from_millis(500);
 
     // (a) 30 requests over three proxies, one bucket of 10 in Redis.
-    let passed = spread(&all, "/shared", "-", 10, within).await;
+    let passed = spread(&all, "/shared", "-", 10).await;
     let total: usize = passed.iter().sum();
     eprintln!("(a) {total} of 30 passed across three proxies: {passed:?}");
     assert!((10..=12).contains(&total), "{total} passed: {passed:?}");
@@ -1389,13 +1704,21 @@ async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_i
         .unwrap_or_else(|| panic!("RateLimit {state}"));
     assert!((50..=60).contains(&t), "RateLimit {state}");
 
-    // (b1) Redis hangs (SIGSTOP): answers within the store's timeout, counted locally.
+    // (b1) Redis hangs (SIGSTOP): answers within the store's timeout, counted locally, and
+    // after one timeout Redis is left alone for a second: at most one wait per proxy per
+    // second (and at least one: the hang was met).
     redis.signal("-STOP");
-    let passed = spread(&all, "/tenant", "paused", 12, within).await;
+    let hung = Instant::now();
+    let (passed, waited) = spread_timed(&all, "/tenant", "paused", 12).await;
     assert_eq!(
         passed,
         [10, 10, 10],
         "each replica counts alone while Redis hangs"
+    );
+    let seconds = hung.elapsed().as_secs() as usize + 1;
+    assert!(
+        waited.iter().all(|&w| (1..=seconds).contains(&w)),
+        "answers that waited the store's timeout, per proxy, in {seconds} s: {waited:?}"
     );
     for p in all {
         assert!(store_errors(&metrics_text(p).await) > 0.0);
@@ -1411,7 +1734,7 @@ async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_i
         }
         v
     };
-    let passed = spread(&all, "/tenant", "killed", 12, within).await;
+    let passed = spread(&all, "/tenant", "killed", 12).await;
     assert_eq!(
         passed,
         [10, 10, 10],
@@ -1449,7 +1772,7 @@ async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_i
         "(c) global counting resumed {:?} after the restart ({attempt} attempts)",
         resumed.elapsed()
     );
-    let passed = spread(&all, "/tenant", "after-restart", 10, within).await;
+    let passed = spread(&all, "/tenant", "after-restart", 10).await;
     let total: usize = passed.iter().sum();
     assert_eq!(total, 10, "after the restart: {passed:?}");
     for p in all {
@@ -1460,26 +1783,26 @@ async fn global_limits_are_shared_through_redis_and_fall_back_locally_while_it_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server (Debian's package)"]
 async fn on_error_deny_refuses_and_allow_forwards_while_redis_is_down() {
+    init();
     let mut redis = Redis::start().await;
     let var = "STRANGLER_TEST_REDIS_ON_ERROR";
     std::env::set_var(var, redis.url());
     let legacy = counted("legacy").await;
     let deny = start_global(&global_config(var, "deny", legacy.addr)).await;
     let allow = start_global(&global_config(var, "allow", legacy.addr)).await;
-    let within = Duration::from_millis(500);
-    assert_eq!(
-        spread(&[&deny, &allow], "/tenant", "up", 1, within).await,
-        [1, 1]
-    );
+    assert_eq!(spread(&[&deny, &allow], "/tenant", "up", 1).await, [1, 1]);
 
     redis.stop();
     for i in 0..3 {
+        let start = Instant::now();
         let r = call(&deny, "/tenant", &[("x-tenant", "down")]).await;
+        let took = start.elapsed();
         let retry = assert_limited(&format!("deny, request {i}"), &r);
         assert_eq!(retry, 1);
+        assert!(took < NO_STALL, "deny, request {i}: {took:?}");
     }
     // Allow: beyond the limit too, nothing is known, everything passes.
-    assert_eq!(spread(&[&allow], "/tenant", "down", 15, within).await, [15]);
+    assert_eq!(spread(&[&allow], "/tenant", "down", 15).await, [15]);
     assert!(store_errors(&metrics_text(&deny).await) > 0.0);
     assert!(store_errors(&metrics_text(&allow).await) > 0.0);
 
