@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # strangler instruction-count benchmark: userspace instructions per request, counted by
-# callgrind, for strangler (plain, shadowed, canary, auth, rate-limited, stale-if-error and 64 KiB routes), nginx as a
+# callgrind, for strangler (plain, shadowed, canary, auth (a cached token per algorithm: EdDSA, RS256, ES256, HS256), rate-limited, stale-if-error and 64 KiB routes), nginx as a
 # reverse proxy (plain and 64 KiB) and the floor of strangler's stack (bench/minimal_proxy.rs:
 # hyper 1.x + hyper-util's pooled client and nothing else), side by side in one run.
 #
@@ -105,16 +105,40 @@ $(nginx_proxy_location)
   }
 }
 CONF
-# A bearer token for the /auth route: an Ed25519 key, its JWKS and one token signed with it
-# (openssl; the proxy caches the verified token, so this measures the cache-hit path).
+# Bearer tokens for the /auth routes, one per algorithm: a key made here with openssl, its
+# JWKS (or an HMAC secret file) and one token signed with it. The proxy caches a verified token,
+# so each route measures the cache-hit path of its algorithm; bench/auth_cost.sh counts misses.
 b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
-openssl genpkey -algorithm ed25519 -out "$WORK/jwt.pem" 2>/dev/null
-JWK_X=$(openssl pkey -in "$WORK/jwt.pem" -pubout -outform DER | tail -c 32 | b64url)
-printf '{"keys":[{"kty":"OKP","crv":"Ed25519","alg":"EdDSA","kid":"bench","x":"%s"}]}' "$JWK_X" >"$WORK/jwks.json"
-JWT_HEAD=$(printf '{"alg":"EdDSA","kid":"bench","typ":"JWT"}' | b64url)
+unhex() { python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))'; }
 JWT_BODY=$(printf '{"iss":"https://issuer.bench/","aud":"bench","sub":"7","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
-printf '%s.%s' "$JWT_HEAD" "$JWT_BODY" >"$WORK/jwt.msg"
-TOKEN="$JWT_HEAD.$JWT_BODY.$(openssl pkeyutl -sign -inkey "$WORK/jwt.pem" -rawin -in "$WORK/jwt.msg" | b64url)"
+declare -A TOKEN
+jwt_input() { # $1 alg: writes header.body to $WORK/jwt-$1.msg, prints it
+  local head; head=$(printf '{"alg":"%s","kid":"bench","typ":"JWT"}' "$1" | b64url)
+  printf '%s.%s' "$head" "$JWT_BODY" | tee "$WORK/jwt-$1.msg"
+}
+openssl genpkey -algorithm ed25519 -out "$WORK/ed.pem" 2>/dev/null
+printf '{"keys":[{"kty":"OKP","crv":"Ed25519","alg":"EdDSA","kid":"bench","x":"%s"}]}' \
+  "$(openssl pkey -in "$WORK/ed.pem" -pubout -outform DER | tail -c 32 | b64url)" >"$WORK/jwks-eddsa.json"
+TOKEN[/auth]="$(jwt_input EdDSA).$(openssl pkeyutl -sign -inkey "$WORK/ed.pem" -rawin -in "$WORK/jwt-EdDSA.msg" | b64url)"
+openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:2048 -out "$WORK/rsa.pem" 2>/dev/null
+printf '{"keys":[{"kty":"RSA","alg":"RS256","kid":"bench","e":"AQAB","n":"%s"}]}' \
+  "$(openssl rsa -in "$WORK/rsa.pem" -noout -modulus 2>/dev/null | sed 's/^Modulus=//' | unhex | b64url)" >"$WORK/jwks-rs256.json"
+TOKEN[/auth-rs256]="$(jwt_input RS256).$(openssl dgst -sha256 -sign "$WORK/rsa.pem" "$WORK/jwt-RS256.msg" | b64url)"
+openssl genpkey -algorithm ec -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/ec.pem" 2>/dev/null
+EC_POINT=$(openssl pkey -in "$WORK/ec.pem" -pubout -outform DER | tail -c 64 | od -An -v -tx1 | tr -d ' \n')   # x || y
+printf '{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","kid":"bench","x":"%s","y":"%s"}]}' \
+  "$(unhex <<<"${EC_POINT:0:64}" | b64url)" "$(unhex <<<"${EC_POINT:64:64}" | b64url)" >"$WORK/jwks-es256.json"
+# openssl writes an ECDSA signature as DER; a JWS carries r || s, 32 bytes each
+TOKEN[/auth-es256]="$(jwt_input ES256).$(openssl dgst -sha256 -sign "$WORK/ec.pem" "$WORK/jwt-ES256.msg" | python3 -c '
+import sys
+d = sys.stdin.buffer.read(); i = 2
+def integer():
+    global i
+    n = d[i + 1]; v = d[i + 2:i + 2 + n]; i += 2 + n
+    return v.lstrip(b"\0").rjust(32, b"\0")
+sys.stdout.buffer.write(integer() + integer())' | b64url)"
+head -c 48 /dev/urandom | base64 -w0 >"$WORK/hs256.secret"
+TOKEN[/auth-hs256]="$(jwt_input HS256).$(openssl dgst -sha256 -mac HMAC -macopt "key:$(cat "$WORK/hs256.secret")" -binary "$WORK/jwt-HS256.msg" | b64url)"
 
 cat > "$WORK/routes.toml" <<CONF
 [server]
@@ -143,16 +167,14 @@ canary = { backend = "users", percent = 50, sticky = "header:x-user-id" }
 [[routes]]
 prefix = "/big"
 backend = "legacy"
-[auth.bench]
-issuer = "https://issuer.bench/"
-audiences = ["bench"]
-algorithms = ["EdDSA"]
-jwks_file = "jwks.json"
-claims_to_headers = { "x-user-id" = "sub" }
-[[routes]]
-prefix = "/auth"
-backend = "legacy"
-auth = "bench"
+$(for alg in EdDSA RS256 ES256 HS256; do
+  lower=$(tr A-Z a-z <<<"$alg")
+  key="jwks_file = \"jwks-$lower.json\""
+  [[ $alg == HS256 ]] && key="secret_file = \"hs256.secret\""
+  prefix="/auth-$lower"; [[ $alg == EdDSA ]] && prefix="/auth"
+  printf '[auth.%s]\nissuer = "https://issuer.bench/"\naudiences = ["bench"]\nalgorithms = ["%s"]\n%s\nclaims_to_headers = { "x-user-id" = "sub" }\n' "$lower" "$alg" "$key"
+  printf '[[routes]]\nprefix = "%s"\nbackend = "legacy"\nauth = "%s"\n' "$prefix" "$lower"
+done)
 [[routes]]
 prefix = "/limited"
 backend = "legacy"
@@ -196,7 +218,7 @@ done
 # h2load; fails unless every request got a 2xx.
 load() { # $1 port, $2 path, $3 requests
   local out extra=()
-  [[ $2 == /auth ]] && extra=(-H "authorization: Bearer $TOKEN")
+  [[ -n ${TOKEN[$2]:-} ]] && extra=(-H "authorization: Bearer ${TOKEN[$2]}")
   out=$(h2load --h1 -n "$3" -c "$C" -H "x-user-id: $USER_ID" "${extra[@]}" "http://127.0.0.1:$1$2" 2>&1) || { echo "$out" >&2; return 1; }
   grep -Eq "^requests: $3 total, $3 started, $3 done, $3 succeeded, 0 failed, 0 errored" <<<"$out" &&
     grep -Eq "^status codes: $3 2xx" <<<"$out" || { echo "h2load on $2: not every request succeeded" >&2; echo "$out" >&2; return 1; }
@@ -250,11 +272,14 @@ if (( SMOKE )); then
   TARGETS=("strangler plain")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
 else
-  TARGETS=("strangler plain" "nginx plain" "hyper minimal" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler ratelimit" "strangler stale")
+  TARGETS=("strangler plain" "nginx plain" "hyper minimal" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler auth RS256" "strangler auth ES256" "strangler auth HS256" "strangler ratelimit" "strangler stale")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
   measure "strangler shadow" "$STRANGLER_PID" "$STRANGLER" /shadow strangler
   measure "strangler canary" "$STRANGLER_PID" "$STRANGLER" /canary strangler
   measure "strangler auth" "$STRANGLER_PID" "$STRANGLER" /auth strangler
+  measure "strangler auth RS256" "$STRANGLER_PID" "$STRANGLER" /auth-rs256 strangler
+  measure "strangler auth ES256" "$STRANGLER_PID" "$STRANGLER" /auth-es256 strangler
+  measure "strangler auth HS256" "$STRANGLER_PID" "$STRANGLER" /auth-hs256 strangler
   measure "strangler ratelimit" "$STRANGLER_PID" "$STRANGLER" /limited strangler
   measure "strangler stale" "$STRANGLER_PID" "$STRANGLER" /stale strangler
   measure "strangler 64 KiB" "$STRANGLER_PID" "$STRANGLER" /big strangler
@@ -276,7 +301,7 @@ for t in "${TARGETS[@]}"; do
     "strangler plain") r=$([[ -n ${PER[nginx plain]:-} ]] && echo "$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain" || echo "-") ;;
     "hyper minimal") r="$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain; strangler plain is $(ratio "${PER[strangler plain]}" "${PER[$t]}") × it" ;;
     "strangler 64 KiB") r="$(ratio "${PER[$t]}" "${PER[nginx 64 KiB]}") × nginx 64 KiB" ;;
-    "strangler shadow"|"strangler canary"|"strangler auth"|"strangler ratelimit"|"strangler stale") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
+    "strangler shadow"|"strangler canary"|"strangler auth"*|"strangler ratelimit"|"strangler stale") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
     nginx*) r="1.00 (reference)" ;;
   esac
   printf '| %s | %d | %s |\n' "$t" "${PER[$t]}" "$r"
