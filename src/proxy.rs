@@ -245,9 +245,12 @@ async fn exchange(
             trace.backend = Some(unanswered.backend);
             if let Some(plan) = &stale {
                 let status = unanswered.error.status();
+                // `connect`: no connection could be made, or it broke before an answer's head
+                // (refused, reset, closed unanswered). A malformed answer is the proxy's 502.
                 let (connect, timeout) = match &unanswered.error {
                     ProxyError::UpstreamUnavailable { kind, .. } => {
-                        (*kind == crate::error::UpstreamErrorKind::Connect, false)
+                        use crate::error::UpstreamErrorKind::{Connect, Reset};
+                        (matches!(kind, Connect | Reset), false)
                     }
                     ProxyError::UpstreamTimeout { .. } => (false, true),
                     _ => (false, false),

@@ -9,9 +9,10 @@
 //! `proxy-revalidate`, `s-maxage` (under which a stale copy may never be served); whose `Vary`
 //! names only headers the route's `vary` lists (`Vary: *` never). A request with credentials is
 //! stored only with `per_user`, one copy per verified subject. Copies are keyed by route, host,
-//! path and subject, then by query and the `vary` headers' values; a 2xx write to the same path
-//! drops them. Every reason a copy was not stored is counted, so an API that answers
-//! `no-cache` does not look like a broken feature.
+//! path and subject, then by query and the `vary` headers' values, and a copy with a
+//! `Content-Encoding` is served only to a request whose `Accept-Encoding` takes it (whatever
+//! `Vary` said); a 2xx write to the same path drops them. Every reason a copy was not stored
+//! is counted, so an API that answers `no-cache` does not look like a broken feature.
 //!
 //! A stale answer carries `Age` and `Cache-Status: strangler; fwd=stale` (RFC 9211) and still
 //! counts as the upstream failure it replaced, for the guard and the metrics: a degraded route
@@ -335,6 +336,8 @@ pub struct Plan {
     method: Method,
     /// `None`: the request may neither store nor be answered by a copy.
     slot: Option<Slot>,
+    /// The request's `Accept-Encoding` values: a copy coded otherwise is not served to it.
+    accept: Vec<HeaderValue>,
 }
 
 impl Plan {
@@ -400,11 +403,18 @@ impl Plan {
                 anonymous: None,
             }),
         };
+        let accept = req
+            .headers()
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .cloned()
+            .collect();
         Some(Plan {
             settings: settings.clone(),
             route: counters.clone(),
             method,
             slot,
+            accept,
         })
     }
 
@@ -420,9 +430,10 @@ impl Plan {
         self
     }
 
-    /// Whether a failed exchange that the proxy would answer with `status` (502 for a
-    /// connection that could not be made or broke, 504 for a timeout; or the backend's own
-    /// 5xx) is one the route answers from its store.
+    /// Whether a failed exchange that the proxy would answer with `status` is one the route
+    /// answers from its store: `connect` (a connection that could not be made, or broke before
+    /// the answer's head: the proxy's 502), `timeout` (504), or a listed status (the backend's
+    /// own 5xx, or 502 for an answer that was not HTTP).
     pub fn triggered(&self, status: StatusCode, connect: bool, timeout: bool) -> bool {
         self.method == Method::GET
             && self.slot.is_some()
@@ -434,7 +445,12 @@ impl Plan {
     /// The stored copy, as a response, if there is one young enough.
     pub fn serve(&self, store: &StaleStore) -> Option<http::Response<Bytes>> {
         let slot = self.slot.as_ref()?;
-        let Some(entry) = store.find(&slot.key, &slot.variant) else {
+        // A copy in a coding this client did not ask for (stored without `Vary:
+        // accept-encoding`, or with a route `vary` that leaves it out) is no copy for it.
+        let Some(entry) = store
+            .find(&slot.key, &slot.variant)
+            .filter(|e| decodable(&e.headers, &self.accept))
+        else {
             self.route.count(Outcome::Miss);
             return None;
         };
@@ -586,6 +602,62 @@ fn storable(
         }
     }
     (max_stale, None)
+}
+
+/// Whether a client whose `Accept-Encoding` values are `accept` takes an answer with
+/// `headers`: every content coding the answer applied must be acceptable (RFC 9110 §12.5.3:
+/// listed with q > 0, or covered by `*`; `x-gzip` is `gzip`). A request without
+/// `Accept-Encoding` takes only identity: RFC 9110 lets a server assume any coding, but a client
+/// that sends none (curl, many scripts) usually decodes none, and a stale answer is no time to
+/// find out.
+fn decodable(headers: &HeaderMap, accept: &[HeaderValue]) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .all(|value| match value.to_str() {
+            Ok(text) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+                .all(|coding| accepts(accept, coding)),
+            Err(_) => false,
+        })
+}
+
+/// Whether `accept` (the `Accept-Encoding` values) takes the content coding `coding`.
+fn accepts(accept: &[HeaderValue], coding: &str) -> bool {
+    let canonical = |c: &str| {
+        let c = c.trim().to_ascii_lowercase();
+        match c.as_str() {
+            "x-gzip" => "gzip".to_string(),
+            "x-compress" => "compress".to_string(),
+            _ => c,
+        }
+    };
+    let want = canonical(coding);
+    let mut star = false;
+    for value in accept {
+        let Ok(text) = value.to_str() else { continue };
+        for item in text.split(',') {
+            let mut parts = item.split(';');
+            let name = canonical(parts.next().unwrap_or_default());
+            let q = parts
+                .find_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("q")
+                        .then(|| v.trim().parse::<f32>().unwrap_or(0.0))
+                })
+                .unwrap_or(1.0);
+            if name == want {
+                return q > 0.0;
+            }
+            if name == "*" {
+                star = q > 0.0;
+            }
+        }
+    }
+    star
 }
 
 /// The variant of a path a request asks for: its query and the values of the route's `vary`

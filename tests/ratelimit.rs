@@ -1,10 +1,11 @@
 //! Per-route rate limits, end to end: a real proxy and real backends on 127.0.0.1:0, real
 //! requests. What is checked: the burst shape and the answer of a limited request (429,
-//! `Retry-After`, `RateLimit-Policy`, `RateLimit`); keys kept apart (header, claim, address)
-//! and keyless requests limited by address; forwarding headers believed only from trusted
-//! proxies; dry runs; several named windows; the key bound under a flood of distinct keys;
-//! buckets across reloads; refused requests reaching no backend, no shadow and no guard; the
-//! config errors, each at its line and column. The `#[ignore]`d tests run real Redis servers
+//! `Retry-After`, `RateLimit-Policy`, `RateLimit`); keys kept apart (header, cookie, claim,
+//! address) and keyless requests limited by address; forwarding headers believed only from
+//! trusted proxies; dry runs (and the access log's `ratelimit`); several named windows; the key
+//! bound under a flood of distinct keys; buckets across reloads; refused requests reaching no
+//! backend and no shadow, and neither tripping the guard nor diluting its error rate; the config
+//! errors, each at its line and column, all of them in one file. The `#[ignore]`d tests run real Redis servers
 //! (Debian's `redis-server`) for `scope = "global"`: shared counting across three proxies, an
 //! outage (paused, then killed) under each `on_error`, and the reconnection after a restart.
 
@@ -655,7 +656,8 @@ async fn the_access_log_says_would_limit_for_a_dry_run_and_limited_for_a_refusal
     );
     let proxy = Proxy::start(&text).await;
     // (path, statuses, the log's ratelimit and backend for each)
-    let cases: [(&str, [u16; 2], [(&str, &str); 2]); 3] = [
+    type Logged<'a> = [(&'a str, &'a str); 2];
+    let cases: [(&str, [u16; 2], Logged); 3] = [
         (
             "/dry/logged",
             [200, 200],

@@ -2,9 +2,10 @@
 //! healthy, failing with a status, hanging and stopped (its listener closed). What is checked:
 //! requests are always forwarded and a stored copy answers only after the backend (and the
 //! fallback) failed in one of the route's `on` ways, until `max_stale` (or the origin's own
-//! `stale-if-error`); client errors and unlisted statuses pass through; every answer that may
-//! not be stored is counted and never served; `vary` headers, queries and users get their own
-//! copies; the store stays inside its byte bound; writes drop copies; reloads keep or drop
+//! `stale-if-error`); client errors and unlisted statuses pass through; `connect` covers a
+//! connection refused, closed unanswered or reset; `Age` adds the origin's own; every answer
+//! that may not be stored is counted and never served; `vary` headers, queries and users get
+//! their own copies, and a coded copy goes only to clients that accept its coding; the store stays inside its byte bound; writes drop copies; reloads keep or drop
 //! them; a stale answer counts as the failure it replaced (metrics, guard, access log); and the
 //! config mistakes, each at its line and column.
 
@@ -14,7 +15,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -85,10 +86,25 @@ impl Out {
 
 type Rule = dyn Fn(&Parts) -> Out + Send + Sync;
 
+/// How the backend treats the connections it accepts from now on ([`Backend::connections`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Conn {
+    /// Serves HTTP by the rule.
+    Serve,
+    /// Reads the request and closes the connection without a word.
+    Close,
+    /// Reads the request and resets the connection (RST).
+    Reset,
+    /// Reads the request and answers bytes that are not HTTP.
+    Garbage,
+}
+
 #[derive(Clone)]
 struct Shared {
     hits: Arc<AtomicUsize>,
     rule: Arc<Mutex<Arc<Rule>>>,
+    conn: Arc<AtomicU8>,
 }
 
 /// A backend whose answers the test sets with [`Backend::answer`], and which it can stop
@@ -106,6 +122,7 @@ impl Backend {
         let shared = Shared {
             hits: Arc::default(),
             rule: Arc::new(Mutex::new(Arc::new(|_: &Parts| Out::json()))),
+            conn: Arc::new(AtomicU8::new(Conn::Serve as u8)),
         };
         let task = tokio::spawn(accept(l, shared.clone()));
         Backend {
@@ -135,6 +152,12 @@ impl Backend {
 
     fn hits(&self) -> usize {
         self.shared.hits.load(Ordering::SeqCst)
+    }
+
+    /// How connections accepted from now on are treated (open ones are not touched: stop and
+    /// restart to close them).
+    fn connections(&self, how: Conn) {
+        self.shared.conn.store(how as u8, Ordering::SeqCst);
     }
 
     /// Closes the listener and every connection; the proxy's pool notices the closed ones.
@@ -176,6 +199,11 @@ async fn accept(l: TcpListener, shared: Shared) {
             continue;
         };
         while conns.try_join_next().is_some() {}
+        let how = shared.conn.load(Ordering::SeqCst);
+        if how != Conn::Serve as u8 {
+            conns.spawn(misbehave(stream, how));
+            continue;
+        }
         let shared = shared.clone();
         conns.spawn(async move {
             let svc = service_fn(move |req| {
@@ -187,6 +215,27 @@ async fn accept(l: TcpListener, shared: Shared) {
                 .await;
         });
     }
+}
+
+/// Reads a request's head, then ends the connection as `how` says (a [`Conn`]).
+async fn misbehave(mut stream: tokio::net::TcpStream, how: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    if how == Conn::Reset as u8 {
+        // A zero linger: the close sends RST (and does not block).
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    } else if how == Conn::Garbage as u8 {
+        let _ = stream.write_all(b"this is not http\r\n\r\n").await;
+        let _ = stream.flush().await;
+    }
+    drop(stream);
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -388,6 +437,23 @@ async fn requests(proxy: &Proxy, route: &str, status: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// `strangler_upstream_errors_total{backend="legacy", kind}` (0 before the first).
+async fn upstream_errors(proxy: &Proxy, kind: &str) -> f64 {
+    let m = metrics_text(proxy).await;
+    metric(
+        &m,
+        "strangler_upstream_errors_total",
+        &[("backend", "legacy"), ("kind", kind)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// A stale answer's `Age`, in seconds.
+#[track_caller]
+fn age(r: &Reply) -> u64 {
+    r.headers["age"].to_str().unwrap().parse().unwrap()
+}
+
 // ------------------------------------------------------------------------------ 1, 10
 
 #[tokio::test]
@@ -477,6 +543,44 @@ async fn a_stored_copy_answers_for_a_failing_backend_until_max_stale_then_live_a
     // Each live answer replaced the copy: stored again, nothing evicted.
     assert_eq!(stale_count(&proxy, "/api", "stored").await, 6.0);
     assert_eq!(stale_count(&proxy, "/api", "evicted").await, 0.0);
+}
+
+#[tokio::test]
+async fn age_adds_the_time_since_storing_to_the_origins_own_age() {
+    init();
+    let b = Backend::start().await;
+    b.answer(|p| match p.uri.path() {
+        "/api/aged" => Out::json().with("age", "100"),
+        _ => Out::json(),
+    });
+    let proxy = Proxy::start(&one_route(&b, "max_stale = \"1h\"", "")).await;
+    let before = Instant::now();
+    assert_live(&get_at(&proxy, "/api/fresh").await, 200, "fresh");
+    let r = get_at(&proxy, "/api/aged").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!is_stale(&r));
+    assert_eq!(r.headers["age"], "100", "the origin's Age, passed through");
+    assert_eq!(stale_count(&proxy, "/api", "stored").await, 2.0);
+    // Age is in whole seconds: the copies are a second old after a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    b.answer(|_| Out::status(503));
+    let r = get_at(&proxy, "/api/fresh").await;
+    let most = before.elapsed().as_secs();
+    assert_stale(&r, 1, "fresh");
+    assert!(
+        (1..=most).contains(&age(&r)),
+        "Age {} after {most} s",
+        age(&r)
+    );
+    let r = get_at(&proxy, "/api/aged").await;
+    let most = before.elapsed().as_secs();
+    assert!(is_stale(&r), "{:?} {}", r.headers, r.text());
+    assert_eq!(r.json()["n"], 2);
+    assert!(
+        (101..=100 + most).contains(&age(&r)),
+        "Age {}: the origin's 100 plus the second since storing (at most {most} s)",
+        age(&r)
+    );
 }
 
 #[tokio::test]
@@ -597,6 +701,84 @@ async fn client_errors_and_unlisted_statuses_pass_through() {
     assert_live(&get_at(&proxy, "/api/a").await, 504, "timeout, on connect");
     b.stop().await;
     assert_stale(&get_at(&proxy, "/api/a").await, 1, "refused, on connect");
+}
+
+/// `on = ["connect"]` covers every connection that could not be made or broke before an
+/// answer's head: refused, closed unanswered, reset. An answer that is not HTTP is the proxy's
+/// 502 (listed as "502", not `connect`); a body that breaks after its head is relayed as it
+/// breaks (the head is out: no copy can replace it) and not stored.
+#[tokio::test]
+async fn a_connection_refused_closed_or_reset_before_an_answer_is_connect() {
+    init();
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&one_route(&b, "max_stale = \"1h\", on = [\"connect\"]", "")).await;
+    assert_live(&get_at(&proxy, "/api/a").await, 200, "healthy");
+    b.stop().await;
+    assert_stale(&get_at(&proxy, "/api/a").await, 1, "refused");
+    assert!(upstream_errors(&proxy, "connect").await >= 1.0);
+    for (how, what) in [(Conn::Close, "closed unanswered"), (Conn::Reset, "reset")] {
+        b.connections(how);
+        b.restart().await;
+        let resets = upstream_errors(&proxy, "reset").await;
+        assert_stale(&get_at(&proxy, "/api/a").await, 1, what);
+        assert_eq!(
+            upstream_errors(&proxy, "reset").await,
+            resets + 1.0,
+            "{what}: not the broken-connection path"
+        );
+        b.stop().await;
+    }
+    b.connections(Conn::Garbage);
+    b.restart().await;
+    let r = get_at(&proxy, "/api/a").await;
+    assert_live(&r, 502, "not HTTP, on connect");
+    assert_eq!(upstream_errors(&proxy, "protocol").await, 1.0);
+    assert_eq!(stale_count(&proxy, "/api", "served").await, 3.0);
+
+    // Head, then a broken body: the client sees it break; the copy stays as it was.
+    b.stop().await;
+    b.connections(Conn::Serve);
+    b.answer(|_| Out::body(Kind::Cut));
+    b.restart().await;
+    let resp = client()
+        .request(
+            Request::get(proxy.url("/api/a"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "a body cut short arrived whole"
+    );
+    eventually(Duration::from_secs(2), || async {
+        (stale_count(&proxy, "/api", "incomplete").await == 1.0).then_some(())
+    })
+    .await;
+    b.stop().await;
+    assert_stale(
+        &get_at(&proxy, "/api/a").await,
+        1,
+        "refused after a cut body",
+    );
+    assert_eq!(stale_count(&proxy, "/api", "stored").await, 1.0);
+
+    // `on = ["502"]`: an answer that is not HTTP is that 502; a broken connection is not.
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&one_route(&b, "max_stale = \"1h\", on = [\"502\"]", "")).await;
+    assert_live(&get_at(&proxy, "/api/a").await, 200, "healthy");
+    b.stop().await;
+    b.connections(Conn::Garbage);
+    b.restart().await;
+    assert_stale(&get_at(&proxy, "/api/a").await, 1, "not HTTP, on 502");
+    b.stop().await;
+    b.connections(Conn::Close);
+    b.restart().await;
+    let r = get_at(&proxy, "/api/a").await;
+    assert_live(&r, 502, "closed unanswered, on 502 only");
+    assert_eq!(r.json()["code"], "upstream_unavailable");
 }
 
 // ------------------------------------------------------------------------------------ 3
@@ -819,9 +1001,64 @@ async fn vary_headers_and_queries_get_their_own_copies() {
     );
 }
 
-// ------------------------------------------------------------------------------------ 6
-
 const AUDIENCE: &str = "fittrack-api";
+
+/// An origin that codes its answer for whoever asks and forgets `Vary: accept-encoding`: the
+/// coded copy goes only to clients that accept its coding; an uncoded copy to everyone.
+#[tokio::test]
+async fn a_coded_copy_stored_without_vary_goes_only_to_clients_that_accept_its_coding() {
+    init();
+    let b = Backend::start().await;
+    b.answer(|p| {
+        let gzip = p
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+        if gzip {
+            Out::json().with("content-encoding", "gzip")
+        } else {
+            Out::json()
+        }
+    });
+    let proxy = Proxy::start(&one_route(&b, "max_stale = \"1h\"", "")).await;
+    let r = fetch(&proxy, "/api/coded", &[("accept-encoding", "gzip")]).await;
+    assert_live(&r, 200, "gzip");
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let r = get_at(&proxy, "/api/plain").await;
+    assert_live(&r, 200, "identity");
+    assert!(!r.headers.contains_key("content-encoding"));
+    assert_eq!(stale_count(&proxy, "/api", "stored").await, 2.0);
+
+    b.stop().await;
+    let refused: [Headers; 4] = [
+        &[("accept-encoding", "identity")],
+        &[],
+        &[("accept-encoding", "br, gzip;q=0")],
+        &[("accept-encoding", "deflate")],
+    ];
+    for headers in refused {
+        let r = fetch(&proxy, "/api/coded", headers).await;
+        assert_live(&r, 502, &format!("{headers:?}, only a gzip copy stored"));
+        assert_eq!(r.json()["code"], "upstream_unavailable");
+    }
+    assert_eq!(stale_count(&proxy, "/api", "miss").await, 4.0);
+    for ae in ["gzip", "deflate, gzip;q=0.5", "x-gzip", "*"] {
+        let r = fetch(&proxy, "/api/coded", &[("accept-encoding", ae)]).await;
+        assert_stale(&r, 1, ae);
+        assert_eq!(r.headers["content-encoding"], "gzip", "{ae}");
+    }
+    let anyone: [Headers; 2] = [&[], &[("accept-encoding", "gzip")]];
+    for headers in anyone {
+        assert_stale(
+            &fetch(&proxy, "/api/plain", headers).await,
+            2,
+            &format!("the uncoded copy, {headers:?}"),
+        );
+    }
+    assert_eq!(stale_count(&proxy, "/api", "served").await, 6.0);
+}
+
+// ------------------------------------------------------------------------------------ 6
 
 fn token(sub: Option<&str>) -> String {
     support::jwt::hs256(SECRET, AUDIENCE, sub)

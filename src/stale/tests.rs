@@ -481,3 +481,46 @@ fn triggered_follows_on() {
     );
     assert!(!connect.triggered(s504, false, true));
 }
+
+#[test]
+fn a_coded_copy_goes_only_to_a_client_that_accepts_its_coding() {
+    let ae = |values: &[&str]| -> Vec<HeaderValue> {
+        values
+            .iter()
+            .map(|v| HeaderValue::from_str(v).unwrap())
+            .collect()
+    };
+    let gzip = headers(&[("content-encoding", "gzip")]);
+    let cases: &[(&[&str], bool)] = &[
+        (&[], false),
+        (&["identity"], false),
+        (&["gzip"], true),
+        (&["GZIP"], true),
+        (&["x-gzip"], true),
+        (&["br, gzip;q=0.5"], true),
+        (&["br", "gzip"], true),
+        (&["gzip;q=0"], false),
+        (&["gzip; q=0.0"], false),
+        (&["br"], false),
+        (&["*"], true),
+        (&["*;q=0"], false),
+        (&["*, gzip;q=0"], false),
+        (&["gzip;q=0, *"], false),
+        (&["deflate, *;q=0.1"], true),
+    ];
+    for (accept, want) in cases {
+        assert_eq!(decodable(&gzip, &ae(accept)), *want, "{accept:?}");
+    }
+    // Unencoded copies go to everyone.
+    for plain in [headers(&[]), headers(&[("content-encoding", "identity")])] {
+        assert!(decodable(&plain, &ae(&[])));
+        assert!(decodable(&plain, &ae(&["gzip;q=0, identity"])));
+    }
+    // Every coding applied must be accepted.
+    let both = headers(&[("content-encoding", "gzip, br")]);
+    assert!(!decodable(&both, &ae(&["gzip"])));
+    assert!(decodable(&both, &ae(&["gzip, br"])));
+    let two_lines = headers(&[("content-encoding", "gzip"), ("content-encoding", "br")]);
+    assert!(!decodable(&two_lines, &ae(&["br"])));
+    assert!(decodable(&two_lines, &ae(&["br", "gzip"])));
+}
