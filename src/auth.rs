@@ -312,7 +312,7 @@ struct Fetcher {
     last_failed: AtomicBool,
     /// `strangler_jwks_fetch_total` by outcome: ok, error, timeout, invalid.
     outcomes: [Counter; 4],
-    /// The last answer's `Cache-Control: max-age`, in seconds (0: none).
+    /// The last answer's `Cache-Control: max-age`, in seconds ([`NO_MAX_AGE`]: none).
     max_age: AtomicU64,
     url: String,
     /// Where the keys fetched are left for the runtime a reload may replace this one with.
@@ -363,7 +363,7 @@ impl ProviderRuntime {
                     last_attempt: AtomicU64::new(0),
                     last_failed: AtomicBool::new(false),
                     outcomes: ["ok", "error", "timeout", "invalid"].map(counter),
-                    max_age: AtomicU64::new(0),
+                    max_age: AtomicU64::new(NO_MAX_AGE),
                     url: url.clone(),
                     fetched: fetched.clone(),
                 };
@@ -470,10 +470,12 @@ impl ProviderRuntime {
                 Reason::UnknownKey
             }
         };
+        // Remembered until a fetch may be forced again, not a whole cooldown from when it
+        // was seen: a client told `Retry-After` must find the fetch allowed when it returns.
         let recently_unknown = |kid: &str| {
             self.unknown_kids
                 .get(kid)
-                .is_some_and(|at| at.elapsed() < f.cooldown)
+                .is_some_and(|at| at.elapsed() < f.cooldown && !f.may_force())
         };
         if kid.is_some_and(recently_unknown) {
             return Err(unavailable());
@@ -504,11 +506,14 @@ impl ProviderRuntime {
         );
         let result = tokio::time::timeout(f.timeout, f.get()).await;
         let (index, outcome) = match result {
-            Err(_) => (2, Err("timed out".to_string())),
-            Ok(Err(e)) => (1, Err(e)),
+            Err(_) | Ok(Err(FetchError::TimedOut)) => (2, Err("timed out".to_string())),
+            Ok(Err(FetchError::Failed(e))) => (1, Err(e)),
+            Ok(Err(FetchError::Invalid(e))) => (3, Err(e)),
             Ok(Ok((bytes, max_age))) => {
-                f.max_age
-                    .store(max_age.map_or(0, |d| d.as_secs()), Ordering::Relaxed);
+                f.max_age.store(
+                    max_age.map_or(NO_MAX_AGE, |d| d.as_secs().min(NO_MAX_AGE - 1)),
+                    Ordering::Relaxed,
+                );
                 match KeySet::from_jwks(&bytes) {
                     Ok(keys) => (0, Ok(keys)),
                     Err(e) => (3, Err(e)),
@@ -540,11 +545,14 @@ impl ProviderRuntime {
         }
     }
 
-    /// How long a client should wait before retrying a 503: until a fetch may be forced.
+    /// How long a client should wait before retrying a 503: until a fetch may be forced,
+    /// rounded up to whole seconds (`Retry-After` has no fractions; a client that waits the
+    /// rounded-down figure would come back inside the cooldown and be refused again).
     fn retry_after(&self) -> Duration {
         self.fetcher.as_ref().map_or(Duration::from_secs(1), |f| {
-            let since = f.since_last_attempt();
-            f.cooldown.saturating_sub(since).max(Duration::from_secs(1))
+            let left = f.cooldown.saturating_sub(f.since_last_attempt());
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            Duration::from_secs(secs.max(1))
         })
     }
 }
@@ -565,43 +573,83 @@ impl Fetcher {
         self.since_last_attempt() >= self.cooldown
     }
 
-    /// When the background refresh fetches next: `jwks_refresh`, or sooner when the last
-    /// answer's `max-age` runs out first (refreshed at three quarters of it, not before
-    /// [`REFRESH_FLOOR`]), so keys are fetched ahead of their expiry.
+    /// When the background refresh fetches next: see [`next_refresh`].
     fn next_refresh(&self) -> Duration {
-        match self.max_age.load(Ordering::Relaxed) {
-            0 => self.refresh,
-            secs => (Duration::from_secs(secs) * 3 / 4)
-                .max(REFRESH_FLOOR)
-                .min(self.refresh),
-        }
+        let max_age = match self.max_age.load(Ordering::Relaxed) {
+            NO_MAX_AGE => None,
+            secs => Some(Duration::from_secs(secs)),
+        };
+        next_refresh(self.refresh, max_age)
     }
 
     /// GET the JWKS document, at most [`MAX_JWKS_BYTES`], with its `max-age`.
-    async fn get(&self) -> Result<(Bytes, Option<Duration>), String> {
+    async fn get(&self) -> Result<(Bytes, Option<Duration>), FetchError> {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, self.authority.clone());
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let req = self
             .upstream
             .request(Method::GET, Some(&self.path), headers, Bytes::new())
-            .ok_or("the JWKS URL cannot be requested")?;
+            .ok_or_else(|| FetchError::Failed("the JWKS URL cannot be requested".into()))?;
         let deadline = Instant::now() + self.timeout;
         let (resp, lease) = self
             .upstream
             .send(req, deadline)
             .await
-            .map_err(|f| f.error.to_string())?;
+            .map_err(|f| match f.error {
+                // The same budget as the caller's: whichever notices first, it is a timeout.
+                crate::error::ProxyError::UpstreamTimeout { .. } => FetchError::TimedOut,
+                e => FetchError::Failed(e.to_string()),
+            })?;
         if !resp.status().is_success() {
-            return Err(format!("the JWKS URL answered {}", resp.status()));
+            return Err(FetchError::Failed(format!(
+                "the JWKS URL answered {}",
+                resp.status()
+            )));
         }
         let max_age = max_age(resp.headers());
         let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("reading the JWKS document: {e}"))?;
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    FetchError::Invalid(format!(
+                        "the JWKS document is larger than {} KiB",
+                        MAX_JWKS_BYTES >> 10
+                    ))
+                } else {
+                    FetchError::Failed(format!("reading the JWKS document: {e}"))
+                }
+            })?;
         lease.release();
         Ok((body.to_bytes(), max_age))
+    }
+}
+
+/// Why a JWKS fetch failed, as `strangler_jwks_fetch_total` counts it.
+enum FetchError {
+    /// Not reached, or not answered with 2xx (`error`).
+    Failed(String),
+    /// Out of `jwks_timeout` (`timeout`).
+    TimedOut,
+    /// Answered, but not a key set the proxy takes: over [`MAX_JWKS_BYTES`] (`invalid`, as a
+    /// document that does not parse).
+    Invalid(String),
+}
+
+/// `Fetcher::max_age` when the last answer had none.
+const NO_MAX_AGE: u64 = u64::MAX;
+
+/// When the background refresh fetches next after a fetch that worked: `jwks_refresh`, or
+/// sooner when the answer's `max-age` runs out first: at three quarters of it, never sooner
+/// than [`REFRESH_FLOOR`] after the fetch (so `max-age=0` means every 30 s) and never later
+/// than `jwks_refresh`.
+fn next_refresh(refresh: Duration, max_age: Option<Duration>) -> Duration {
+    match max_age {
+        None => refresh,
+        Some(age) => (age * 3 / 4).max(REFRESH_FLOOR).min(refresh),
     }
 }
 

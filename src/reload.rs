@@ -144,7 +144,11 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
             }
             let mut changes = diff(&current.table, &loaded.parsed.table);
             if loaded.parsed.files != current.files {
-                changes.push("certificate files changed".into());
+                changes.push(files_changed(
+                    &state.path,
+                    &current.files,
+                    &loaded.parsed.files,
+                ));
             }
             let generation = current.generation + 1;
             swap_listener_tls(state, &current, &loaded);
@@ -163,6 +167,29 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
         }
     };
     outcome
+}
+
+/// The change line for the files routes.toml reads (certificates, JWKS files, secret files):
+/// `watched files changed (one or more of: jwks.json, proxy.pem)`, named as routes.toml names
+/// them. Only whole sets of digests can be compared here, so the line lists every file of
+/// either set rather than claiming which one changed.
+fn files_changed(
+    config: &std::path::Path,
+    old: &crate::tls::Files,
+    new: &crate::tls::Files,
+) -> String {
+    let dir = config.parent().unwrap_or(std::path::Path::new(""));
+    let mut names: Vec<String> = Vec::new();
+    for p in new.paths().chain(old.paths()) {
+        let name = p.strip_prefix(dir).unwrap_or(p).display().to_string();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    format!(
+        "watched files changed (one or more of: {})",
+        names.join(", ")
+    )
 }
 
 /// New listener certificates take effect for the next handshake, when the files changed at

@@ -12,6 +12,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -246,54 +247,130 @@ fn headers_json(headers: &HeaderMap) -> Value {
     Value::Object(out)
 }
 
-/// A JWKS URL: serves `doc` at any path, counts fetches, closes every connection after its
-/// answer (so a stopped server is unreachable, not reachable over a pooled connection).
+/// A JWKS URL: serves `doc` at any path (with `status`, after `delay`, and with
+/// `Cache-Control` when asked), over TLS when started with a certificate; counts the requests
+/// that reach it and when they came; closes every connection after its answer (so a stopped
+/// server is unreachable, not reachable over a pooled connection).
 struct JwksServer {
     addr: SocketAddr,
     fetches: Arc<AtomicUsize>,
+    at: Arc<Mutex<Vec<Instant>>>,
     doc: Arc<Mutex<String>>,
+    status: Arc<Mutex<StatusCode>>,
+    delay: Arc<Mutex<Duration>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl JwksServer {
     async fn start(doc: String) -> JwksServer {
+        Self::start_with(doc, None, None).await
+    }
+
+    async fn start_with(
+        doc: String,
+        tls: Option<&support::tls::Issued>,
+        cache_control: Option<&'static str>,
+    ) -> JwksServer {
         let (l, addr) = listener().await;
         let fetches = Arc::new(AtomicUsize::new(0));
+        let at = Arc::new(Mutex::new(Vec::new()));
         let doc = Arc::new(Mutex::new(doc));
-        let (f, d) = (fetches.clone(), doc.clone());
+        let status = Arc::new(Mutex::new(StatusCode::OK));
+        let delay = Arc::new(Mutex::new(Duration::ZERO));
+        let acceptor = tls.map(|cert| {
+            use rustls::pki_types::pem::PemObject;
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der.clone()], key)
+            .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let (f, t, d, st, dl) = (
+            fetches.clone(),
+            at.clone(),
+            doc.clone(),
+            status.clone(),
+            delay.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = l.accept().await {
-                let (f, d) = (f.clone(), d.clone());
+                let (f, t, d, st, dl) = (f.clone(), t.clone(), d.clone(), st.clone(), dl.clone());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
                         f.fetch_add(1, Ordering::SeqCst);
+                        t.lock().unwrap().push(Instant::now());
                         let body = d.lock().unwrap().clone();
+                        let status = *st.lock().unwrap();
+                        let delay = *dl.lock().unwrap();
                         async move {
-                            Ok::<_, Infallible>(
-                                http::Response::builder()
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
+                            tokio::time::sleep(delay).await;
+                            let mut resp = http::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json");
+                            if let Some(cc) = cache_control {
+                                resp = resp.header("cache-control", cc);
+                            }
+                            Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(body))).unwrap())
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(false)
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        None => {
+                            let _ = http
+                                .keep_alive(false)
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = http
+                                .keep_alive(false)
+                                .serve_connection(TokioIo::new(tls), svc)
+                                .await;
+                        }
+                    }
                 });
             }
         });
         JwksServer {
             addr,
             fetches,
+            at,
             doc,
+            status,
+            delay,
             task,
         }
     }
 
     fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// When each request reached the server.
+    fn fetched_at(&self) -> Vec<Instant> {
+        self.at.lock().unwrap().clone()
+    }
+
+    fn set_doc(&self, doc: String) {
+        *self.doc.lock().unwrap() = doc;
+    }
+
+    fn set_status(&self, status: StatusCode) {
+        *self.status.lock().unwrap() = status;
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
     }
 
     /// Closes the listener: fetches are refused from now on.
@@ -859,10 +936,10 @@ async fn a_jwks_url_rotates_with_single_flight_fetches_and_survives_an_outage() 
     assert_refusal("kid not yet published", &r, 401, "unauthorized");
 
     // The identity provider publishes ec-2; after one cooldown a token with it forces a fetch.
-    *server.doc.lock().unwrap() = jwks(&[
+    server.set_doc(jwks(&[
         (&k.es, Algorithm::ES256, "ec-1"),
         (&k.es_next, Algorithm::ES256, "ec-2"),
-    ]);
+    ]));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = server.fetches();
     let r = call(&proxy, "/x", Some(&new("b")), &[]).await;
@@ -1361,4 +1438,422 @@ async fn a_cors_preflight_without_credentials_passes_a_required_route() {
     assert_eq!(legacy.hits(), 1);
     let m = metrics_text(&proxy).await;
     assert_eq!(auth_count(&m, "/api", "preflight"), 1.0, "{m}");
+}
+
+// ---------------------------------------------------------------------------------- 8
+
+/// `POST /reload`: the answer's JSON.
+async fn post_reload(proxy: &Proxy) -> Value {
+    let r = send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// `/routes`' `auth_providers` entry of `name`.
+async fn provider_json(proxy: &Proxy, name: &str) -> Value {
+    routes_json(proxy).await["auth_providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no provider {name} in /routes"))
+        .clone()
+}
+
+#[tokio::test]
+async fn a_rewritten_jwks_file_is_picked_up_by_the_watcher_without_a_reload_call() {
+    let legacy = counted("legacy").await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = &*KEYS;
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).unwrap();
+    // Watched as by default (filesystem events), with the periodic check as the safety net.
+    let text = format!(
+        "{}{}{}{}",
+        server("watch_interval = \"200ms\""),
+        backend("legacy", legacy.addr),
+        provider("fittrack", r#"["ES256"]"#, "jwks_file = \"jwks.json\""),
+        route("/", "legacy", "auth = \"fittrack\""),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    let old = es256("ec-1", &claims(json!({})));
+    let new = sign(Algorithm::ES256, "ec-2", &k.es_next, &claims(json!({})));
+    assert_eq!(call(&proxy, "/x", Some(&old), &[]).await.status, 200);
+    assert_refusal(
+        "kid not yet published",
+        &call(&proxy, "/x", Some(&new), &[]).await,
+        401,
+        "unauthorized",
+    );
+    let generation = routes_json(&proxy).await["generation"].as_u64().unwrap();
+
+    // The identity provider's sync job rewrites the file in place: no POST /reload, no signal.
+    std::fs::write(
+        &jwks_path,
+        jwks(&[
+            (&k.es, Algorithm::ES256, "ec-1"),
+            (&k.es_next, Algorithm::ES256, "ec-2"),
+        ]),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        (call(&proxy, "/x", Some(&new), &[]).await.status == 200).then_some(())
+    })
+    .await;
+    let routes = routes_json(&proxy).await;
+    assert_eq!(routes["generation"].as_u64(), Some(generation + 1));
+    assert_eq!(
+        provider_json(&proxy, "fittrack").await["key_ids"],
+        json!(["ec-1", "ec-2"])
+    );
+
+    // Then retires ec-1 the way kubelet swaps a mounted Secret: a new file renamed over it.
+    let staged = jwks_path.with_extension("json.tmp");
+    std::fs::write(&staged, jwks(&[(&k.es_next, Algorithm::ES256, "ec-2")])).unwrap();
+    std::fs::rename(&staged, &jwks_path).unwrap();
+    eventually(Duration::from_secs(10), || async {
+        (call(&proxy, "/x", Some(&old), &[]).await.status == 401).then_some(())
+    })
+    .await;
+    assert_eq!(call(&proxy, "/x", Some(&new), &[]).await.status, 200);
+    assert_eq!(
+        routes_json(&proxy).await["generation"].as_u64(),
+        Some(generation + 2)
+    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_config_reloads_total",
+            &[("outcome", "success")]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_names_the_changed_key_files_in_its_changes() {
+    let legacy = counted("legacy").await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = &*KEYS;
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        jwks(&[(&k.es, Algorithm::ES256, "ec-1")]),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secret"), support::jwt::SECRET).unwrap();
+    let text = format!(
+        "{SERVER}{}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider("fittrack", r#"["ES256"]"#, "jwks_file = \"jwks.json\""),
+        provider("internal", r#"["HS256"]"#, "secret_file = \"secret\""),
+        route("/", "legacy", "auth = \"fittrack\""),
+        route("/internal", "legacy", "auth = \"internal\""),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    std::fs::write(
+        proxy.dir.path().join("jwks.json"),
+        jwks(&[
+            (&k.es, Algorithm::ES256, "ec-1"),
+            (&k.es_next, Algorithm::ES256, "ec-2"),
+        ]),
+    )
+    .unwrap();
+    let r = post_reload(&proxy).await;
+    assert_eq!(r["changed"], true, "{r}");
+    assert_eq!(
+        r["changes"],
+        json!([
+            "auth fittrack: keys jwks_file jwks.json (1 key) -> jwks_file jwks.json (2 keys)",
+            "watched files changed (one or more of: jwks.json, secret)",
+        ]),
+        "{r}"
+    );
+    // A rotated secret is a watched file too (not a "certificate").
+    std::fs::write(
+        proxy.dir.path().join("secret"),
+        "another-secret-another-secret-another-secret",
+    )
+    .unwrap();
+    let r = post_reload(&proxy).await;
+    assert_eq!(r["changed"], true, "{r}");
+    let changes: Vec<&str> = r["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(
+        changes.contains(&"watched files changed (one or more of: jwks.json, secret)")
+            && changes.iter().any(|c| c.starts_with("auth internal: keys")),
+        "{r}"
+    );
+    assert!(!r.to_string().contains("certificate"), "{r}");
+    let token = support::jwt::hs256(
+        "another-secret-another-secret-another-secret",
+        AUDIENCE,
+        None,
+    );
+    assert_eq!(
+        call(&proxy, "/internal", Some(&token), &[]).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn an_https_jwks_url_is_verified_with_jwks_ca_and_not_with_the_system_roots() {
+    let legacy = counted("legacy").await;
+    let idp_ca = support::tls::Pki::new("identity provider CA");
+    let cert = idp_ca.issue(&["127.0.0.1"], false);
+    let server = JwksServer::start_with(
+        jwks(&[(&KEYS.es, Algorithm::ES256, "ec-1")]),
+        Some(&cert),
+        None,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("idp-ca.pem"), &idp_ca.ca_pem).unwrap();
+    let url = format!("https://{}/.well-known/jwks.json", server.addr);
+    let text = format!(
+        "{SERVER}{}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "private",
+            r#"["ES256"]"#,
+            &format!("jwks_url = \"{url}\"\njwks_ca = \"idp-ca.pem\"\njwks_cooldown = \"1s\"")
+        ),
+        provider(
+            "system",
+            r#"["ES256"]"#,
+            &format!("jwks_url = \"{url}\"\njwks_cooldown = \"1s\"")
+        ),
+        route("/private", "legacy", "auth = \"private\""),
+        route("/system", "legacy", "auth = \"system\""),
+    );
+    let proxy = Proxy::start_in(dir, &text).await;
+    let token = es256("ec-1", &claims(json!({})));
+    // With the CA the proxy was given: fetched over TLS, and the token verifies.
+    let r = eventually(Duration::from_secs(5), || async {
+        let r = call(&proxy, "/private/x", Some(&token), &[]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.backend(), "legacy");
+    assert_eq!(
+        provider_json(&proxy, "private").await["key_ids"],
+        json!(["ec-1"])
+    );
+    // The same URL on the system roots: the handshake fails, the fetch is counted failed,
+    // and the unknown key is the proxy's outage (503), not the client's fault.
+    eventually(Duration::from_secs(5), || async {
+        let m = metrics_text(&proxy).await;
+        (fetch_count(&m, "system", "error") >= 1.0).then_some(())
+    })
+    .await;
+    let r = call(&proxy, "/system/x", Some(&token), &[]).await;
+    assert_refusal(
+        "JWKS over an untrusted certificate",
+        &r,
+        503,
+        "auth_unavailable",
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(legacy.hits(), 1);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(fetch_count(&m, "system", "ok"), 0.0, "{m}");
+    assert!(fetch_count(&m, "private", "ok") >= 1.0, "{m}");
+    assert_eq!(
+        provider_json(&proxy, "system").await["keys_loaded"],
+        0,
+        "no key from a server the proxy does not trust"
+    );
+    // Only the trusted client's requests got through the handshake to the server.
+    assert_eq!(server.fetches() as f64, fetch_count(&m, "private", "ok"));
+}
+
+/// The proxy as a child process (`strangler run`) with `env` set: how a secret reaches it
+/// from the environment. Answers the listen address, and the child (killed on drop).
+async fn run_binary(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> Result<(String, tokio::process::Child), String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_strangler"));
+    cmd.args(["run", "--log-format", "json", "--config"])
+        .arg(dir.join("routes.toml"))
+        .env_remove("STRANGLER_CONFIG")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let serving: Value = loop {
+        let next = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
+        match next {
+            Ok(Ok(Some(line))) if line.contains("strangler is serving") => {
+                break serde_json::from_str(&line).unwrap()
+            }
+            Ok(Ok(Some(line))) => seen.push(line),
+            _ => return Err(seen.join("\n")),
+        }
+    };
+    // Keep reading so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let listen = serving["fields"]["listen"].as_str().unwrap().to_string();
+    Ok((listen, child))
+}
+
+#[tokio::test]
+async fn a_secret_from_the_environment_verifies_hs256_end_to_end() {
+    let legacy = counted("legacy").await;
+    let var = "STRANGLER_TEST_JWT_SECRET_E2E";
+    let secret = "env-secret-env-secret-env-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "internal",
+            r#"["HS256"]"#,
+            &format!("secret_env = \"{var}\"")
+        ),
+        route("/", "legacy", "auth = \"internal\""),
+    );
+    std::fs::write(dir.path().join("routes.toml"), &text).unwrap();
+
+    // Without the variable, the proxy does not start, and says where.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strangler"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("routes.toml"))
+        .env_remove(var)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (line, col) = position(&text, &format!("\"{var}\""));
+    assert!(
+        stderr.contains(&format!("routes.toml:{line}:{col}: "))
+            && stderr.contains("the secret is empty or unset"),
+        "{stderr}"
+    );
+
+    let (listen, mut child) = run_binary(dir.path(), &[(var, secret)]).await.unwrap();
+    let url = format!("http://{listen}/x");
+    let get_with = |token: String| {
+        let url = url.clone();
+        async move {
+            send_with(
+                Method::GET,
+                &url,
+                &[("authorization", &format!("Bearer {token}"))],
+                Bytes::new(),
+            )
+            .await
+        }
+    };
+    let r = get_with(support::jwt::hs256(secret, AUDIENCE, Some("svc-7"))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.backend(), "legacy");
+    let r = get_with(support::jwt::hs256(
+        "not-the-secret-not-the-secret-not-the",
+        AUDIENCE,
+        None,
+    ))
+    .await;
+    assert_refusal("another secret", &r, 401, "unauthorized");
+    let r = get_with(support::jwt::hs256(secret, "another-api", None)).await;
+    assert_refusal("another audience", &r, 401, "unauthorized");
+    assert_eq!(legacy.hits(), 1);
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_after_counts_down_to_the_next_allowed_fetch_and_a_retry_then_fetches() {
+    let legacy = counted("legacy").await;
+    let k = &*KEYS;
+    // The identity provider is failing (500) from the start.
+    let server = JwksServer::start(jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).await;
+    server.set_status(StatusCode::INTERNAL_SERVER_ERROR);
+    let cooldown = 5u64;
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "fittrack",
+            r#"["ES256"]"#,
+            &format!(
+                "jwks_url = \"http://{}/jwks.json\"\njwks_cooldown = \"{cooldown}s\"",
+                server.addr
+            )
+        ),
+        route("/", "legacy", "auth = \"fittrack\""),
+    );
+    let started = Instant::now();
+    let proxy = Proxy::start(&text).await;
+    // The fetch at start fails; from then on, one forced fetch may come after 5 s.
+    eventually(Duration::from_secs(5), || async {
+        (server.fetches() == 1).then_some(())
+    })
+    .await;
+    let first_fetch = server.fetched_at()[0];
+    let failed = || async { fetch_count(&metrics_text(&proxy).await, "fittrack", "error") };
+    eventually(Duration::from_secs(5), || async {
+        (failed().await == 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let token = sign(Algorithm::ES256, "ec-2", &k.es_next, &claims(json!({})));
+    let asked = Instant::now();
+    let r = call(&proxy, "/x", Some(&token), &[]).await;
+    assert_refusal("unknown kid, JWKS failing", &r, 503, "auth_unavailable");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    // Rounded up: the time left of the 5 s, counted from the fetch (which the server saw
+    // after the proxy started and before this request).
+    let most = cooldown as f64 - asked.duration_since(first_fetch).as_secs_f64();
+    let least = cooldown as f64 - Instant::now().duration_since(started).as_secs_f64();
+    assert!(
+        (1..=cooldown).contains(&retry)
+            && retry as f64 >= least.floor()
+            && retry as f64 <= most.ceil(),
+        "Retry-After {retry}, want between {least:.2} and {most:.2} rounded"
+    );
+    assert!(
+        retry < cooldown,
+        "Retry-After {retry} ignores the 2 s that passed"
+    );
+    assert_eq!(server.fetches(), 1, "no fetch inside the cooldown");
+    // The same token again, and another unknown kid, inside the cooldown: no fetch.
+    let r = call(&proxy, "/x", Some(&token), &[]).await;
+    assert_refusal("again, in cooldown", &r, 503, "auth_unavailable");
+    let r = call(&proxy, "/x", Some(&es256("ec-9", &claims(json!({})))), &[]).await;
+    assert_refusal("another kid, in cooldown", &r, 503, "auth_unavailable");
+    assert_eq!(server.fetches(), 1, "no fetch inside the cooldown");
+
+    // The identity provider recovers and publishes ec-2; a client that waits exactly the
+    // Retry-After it was given gets its answer from a fresh fetch.
+    server.set_doc(jwks(&[
+        (&k.es, Algorithm::ES256, "ec-1"),
+        (&k.es_next, Algorithm::ES256, "ec-2"),
+    ]));
+    server.set_status(StatusCode::OK);
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let r = call(&proxy, "/x", Some(&token), &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "after Retry-After {retry} s the fetch is allowed: {}",
+        r.text()
+    );
+    assert_eq!(server.fetches(), 2);
+    assert_eq!(legacy.hits(), 1);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(fetch_count(&m, "fittrack", "error"), 1.0, "{m}");
+    assert_eq!(fetch_count(&m, "fittrack", "ok"), 1.0, "{m}");
 }

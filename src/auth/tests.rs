@@ -102,3 +102,34 @@ fn a_preflight_needs_origin_and_the_request_method_header() {
         &headers(&[("origin", "https://a.test")])
     ));
 }
+
+#[test]
+fn the_background_refresh_comes_ahead_of_max_age_within_its_bounds() {
+    let s = Duration::from_secs;
+    // (jwks_refresh, max-age, next refresh)
+    let cases = [
+        // No max-age (none sent, or no-cache / no-store): jwks_refresh.
+        (s(600), None, s(600)),
+        (s(30), None, s(30)),
+        // Three quarters of max-age when that comes first.
+        (s(600), Some(s(400)), s(300)),
+        (s(60), Some(s(40)), s(30)),
+        (s(600), Some(s(41)), Duration::from_millis(30_750)),
+        // Never later than jwks_refresh.
+        (s(600), Some(s(86_400)), s(600)),
+        (s(60), Some(s(80)), s(60)),
+        // Never sooner than 30 s after the fetch, however short max-age is.
+        (s(600), Some(s(39)), s(30)),
+        (s(600), Some(s(1)), s(30)),
+        (s(600), Some(s(0)), s(30)),
+        // jwks_refresh at its least (30 s) leaves max-age nothing to bring forward.
+        (s(30), Some(s(10)), s(30)),
+    ];
+    for (refresh, max_age, want) in cases {
+        assert_eq!(
+            next_refresh(refresh, max_age),
+            want,
+            "jwks_refresh {refresh:?}, max-age {max_age:?}"
+        );
+    }
+}
