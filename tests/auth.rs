@@ -980,7 +980,14 @@ async fn a_jwks_url_rotates_with_single_flight_fetches_and_survives_an_outage() 
     let during = server.fetches() - before;
     eprintln!("1000 random kids took {took:?} and caused {during} JWKS fetch(es)");
     assert!(during >= 1, "the flood never forced a fetch");
-    // At most one forced fetch per cooldown (1 s) the flood lasted.
+    // At most one forced fetch per cooldown (1 s) the flood lasted: exactly one when it fits
+    // in one cooldown (it takes about 0.2 s here, in a debug build).
+    if took < Duration::from_secs(1) {
+        assert_eq!(
+            during, 1,
+            "{during} fetches in {took:?} with a 1 s cooldown"
+        );
+    }
     assert!(
         during <= 1 + took.as_secs() as usize,
         "{during} fetches in {took:?} with a 1 s cooldown"
@@ -1856,4 +1863,478 @@ async fn retry_after_counts_down_to_the_next_allowed_fetch_and_a_retry_then_fetc
     let m = metrics_text(&proxy).await;
     assert_eq!(fetch_count(&m, "fittrack", "error"), 1.0, "{m}");
     assert_eq!(fetch_count(&m, "fittrack", "ok"), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_is_invalid_and_a_slow_one_times_out_and_both_keep_the_keys() {
+    let legacy = counted("legacy").await;
+    let k = &*KEYS;
+    let server = JwksServer::start(jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).await;
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "fittrack",
+            r#"["ES256"]"#,
+            &format!(
+                "jwks_url = \"http://{}/jwks.json\"\njwks_cooldown = \"1s\"\njwks_timeout = \"1s\"",
+                server.addr
+            )
+        ),
+        route("/", "legacy", "auth = \"fittrack\""),
+    );
+    let proxy = Proxy::start(&text).await;
+    let known = es256("ec-1", &claims(json!({})));
+    eventually(Duration::from_secs(5), || async {
+        (call(&proxy, "/x", Some(&known), &[]).await.status == 200).then_some(())
+    })
+    .await;
+    let counts = || async {
+        let m = metrics_text(&proxy).await;
+        ["ok", "error", "timeout", "invalid"].map(|o| fetch_count(&m, "fittrack", o))
+    };
+    assert_eq!(counts().await, [1.0, 0.0, 0.0, 0.0]);
+
+    // A document past 256 KiB that would carry ec-2: refused whole, counted invalid.
+    let with_next = jwks(&[
+        (&k.es, Algorithm::ES256, "ec-1"),
+        (&k.es_next, Algorithm::ES256, "ec-2"),
+    ]);
+    let padded = format!(
+        "{}, \"padding\": \"{}\"}}",
+        with_next.trim_end_matches('}'),
+        "x".repeat(257 << 10)
+    );
+    assert!(serde_json::from_str::<Value>(&padded).is_ok());
+    server.set_doc(padded);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let next = sign(Algorithm::ES256, "ec-2", &k.es_next, &claims(json!({})));
+    let r = call(&proxy, "/x", Some(&next), &[]).await;
+    assert_refusal(
+        "ec-2 only in an oversized JWKS",
+        &r,
+        503,
+        "auth_unavailable",
+    );
+    assert_eq!(counts().await, [1.0, 0.0, 0.0, 1.0]);
+    assert_eq!(call(&proxy, "/x", Some(&known), &[]).await.status, 200);
+    assert_eq!(
+        provider_json(&proxy, "fittrack").await["key_ids"],
+        json!(["ec-1"])
+    );
+    // Just under the cap is taken.
+    server.set_doc(format!(
+        "{}, \"padding\": \"{}\"}}",
+        with_next.trim_end_matches('}'),
+        "x".repeat((256 << 10) - with_next.len() - 20)
+    ));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(call(&proxy, "/x", Some(&next), &[]).await.status, 200);
+    assert_eq!(counts().await, [2.0, 0.0, 0.0, 1.0]);
+
+    // A server that answers after 3 s: the fetch gives up at jwks_timeout (1 s), counted
+    // timeout; the request that forced it waits no longer than that.
+    server.set_delay(Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let third = es256("ec-3", &claims(json!({})));
+    let asked = Instant::now();
+    let r = call(&proxy, "/x", Some(&third), &[]).await;
+    let waited = asked.elapsed();
+    assert_refusal("JWKS too slow", &r, 503, "auth_unavailable");
+    assert!(
+        waited >= Duration::from_millis(950) && waited < Duration::from_millis(2500),
+        "the forced fetch took {waited:?} with jwks_timeout 1s"
+    );
+    assert_eq!(counts().await, [2.0, 0.0, 1.0, 1.0]);
+    // The keys that worked still do.
+    assert_eq!(call(&proxy, "/x", Some(&known), &[]).await.status, 200);
+    assert_eq!(call(&proxy, "/x", Some(&next), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn observe_forwards_and_counts_every_reason_in_metrics_and_on_routes() {
+    let legacy = counted("legacy").await;
+    // A JWKS URL nothing answers: its keys are unavailable.
+    let down = closed_port().await;
+    let text = format!(
+        "{SERVER}{}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "fittrack",
+            r#"["RS256", "ES256"]"#,
+            "jwks_file = \"jwks.json\""
+        ),
+        provider(
+            "remote",
+            r#"["ES256"]"#,
+            &format!("jwks_url = \"http://{down}/jwks.json\"\njwks_cooldown = \"1s\"")
+        ),
+        route(
+            "/observe",
+            "legacy",
+            "auth = { provider = \"fittrack\", mode = \"observe\", require = { scope = \"users:write\" } }"
+        ),
+        route(
+            "/remote",
+            "legacy",
+            "auth = { provider = \"remote\", mode = \"observe\" }"
+        ),
+    );
+    let proxy = Proxy::start_in(dir_with_jwks(), &text).await;
+    let writer = es256("ec-1", &claims(json!({"scope": "users:write"})));
+    let reader = es256("ec-1", &claims(json!({})));
+    let expired = es256("ec-1", &claims(json!({"exp": now() - 3600})));
+    let forged = sign(
+        Algorithm::RS256,
+        "rsa-1",
+        &KEYS.rsa_forger,
+        &claims(json!({"scope": "users:write"})),
+    );
+    let bearer = |t: &str| format!("Bearer {t}");
+    let (w, f, e) = (bearer(&writer), bearer(&forged), bearer(&expired));
+    let requests: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("ok", vec![("authorization", w.as_str())]),
+        ("ok", vec![("authorization", w.as_str())]),
+        ("missing", vec![]),
+        ("expired", vec![("authorization", e.as_str())]),
+        ("bad_signature", vec![("authorization", f.as_str())]),
+        (
+            "malformed",
+            vec![("authorization", w.as_str()), ("authorization", w.as_str())],
+        ),
+        ("malformed", vec![("authorization", "Bearer abc$def.ghi")]),
+        ("bad_token", vec![("authorization", "Bearer not-a-jwt")]),
+    ];
+    for (outcome, headers) in &requests {
+        let r = send_with(Method::GET, &proxy.url("/observe/x"), headers, Bytes::new()).await;
+        assert_eq!(r.status, 200, "{outcome}: {}", r.text());
+        assert_eq!(r.backend(), "legacy", "{outcome}");
+    }
+    // A valid token without the required scope: forwarded, with its identity.
+    let r = call(&proxy, "/observe/x", Some(&reader), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Keys that cannot be fetched.
+    eventually(Duration::from_secs(5), || async {
+        let m = metrics_text(&proxy).await;
+        (fetch_count(&m, "remote", "error") >= 1.0).then_some(())
+    })
+    .await;
+    for _ in 0..2 {
+        let r = call(&proxy, "/remote/x", Some(&reader), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(!r.headers.contains_key("retry-after"));
+    }
+    assert_eq!(legacy.hits(), requests.len() + 3, "everything forwarded");
+
+    let want = json!({
+        "ok": 2, "missing": 1, "expired": 1, "bad_signature": 1, "malformed": 2,
+        "bad_token": 1, "insufficient_scope": 1,
+    });
+    let m = metrics_text(&proxy).await;
+    for (outcome, n) in want.as_object().unwrap() {
+        assert_eq!(
+            auth_count(&m, "/observe", outcome),
+            n.as_f64().unwrap(),
+            "{outcome}\n{m}"
+        );
+    }
+    assert_eq!(auth_count(&m, "/remote", "keys_unavailable"), 2.0, "{m}");
+    let observe = route_json(&proxy, "/observe").await;
+    assert_eq!(
+        observe["auth"],
+        json!({
+            "mode": "observe",
+            "provider": "fittrack",
+            "require": {"scope": ["users:write"]},
+            "outcomes": want,
+        }),
+        "{observe}"
+    );
+    assert_eq!(
+        route_json(&proxy, "/remote").await["auth"]["outcomes"],
+        json!({"keys_unavailable": 2})
+    );
+    // Forwarded requests are the backend's answers, not refusals.
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_requests_total",
+            &[
+                ("route", "/observe"),
+                ("backend", "legacy"),
+                ("status", "200")
+            ]
+        ),
+        Some((requests.len() + 1) as f64),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn refused_requests_neither_trip_the_guard_nor_dilute_its_error_rate() {
+    let legacy = counted("legacy").await;
+    let users = start_echo("users").await;
+    let text = format!(
+        "{SERVER}{}{}{}{}",
+        backend("legacy", legacy.addr),
+        backend("users", users.addr),
+        provider("fittrack", r#"["ES256"]"#, "jwks_file = \"jwks.json\""),
+        route(
+            "/",
+            "users",
+            "auth = \"fittrack\"\n[routes.guard]\nmax_error_rate = 0.5\nmin_requests = 10\nwindow = \"1m\""
+        ),
+    );
+    let proxy = Proxy::start_in(dir_with_jwks(), &text).await;
+    let token = es256("ec-1", &claims(json!({})));
+    let forged = sign(
+        Algorithm::RS256,
+        "rsa-1",
+        &KEYS.rsa_forger,
+        &claims(json!({})),
+    );
+    let tripped = || async { route_json(&proxy, "/").await["guard_tripped"] == true };
+    let refuse = |n: usize| {
+        let (proxy, forged) = (&proxy, &forged);
+        async move {
+            for i in 0..n {
+                let token = (i % 2 == 0).then_some(forged.as_str());
+                let r = call(proxy, "/ok", token, &[]).await;
+                assert_eq!(r.status, 401, "{}", r.text());
+            }
+        }
+    };
+
+    // 200 refusals: not errors of the new backend, so the guard stays.
+    refuse(200).await;
+    assert!(!tripped().await, "401s tripped the guard");
+
+    // Real answers among many more refusals: 4 successes, then 6 backend 500s. The guard
+    // judges those 10 alone: at the 10th answer, 6 of 10 failed (over 0.5) and it trips,
+    // exactly as it would with no refusal around them.
+    for i in 0..10usize {
+        refuse(20).await;
+        let path = if i < 4 { "/ok" } else { "/status/500" };
+        let r = call(&proxy, path, Some(&token), &[]).await;
+        assert_eq!(r.backend(), "users");
+        assert_eq!(r.status, if i < 4 { 200 } else { 500 });
+        assert_eq!(
+            tripped().await,
+            i == 9,
+            "after {} answers of the backend ({} of them 500) among {} refusals",
+            i + 1,
+            i.saturating_sub(3),
+            200 + 20 * (i + 1)
+        );
+    }
+    assert_eq!(
+        route_json(&proxy, "/").await["stage"],
+        "rolled back by guard"
+    );
+    // Rolled back: a verified request goes to legacy; a refused one still reaches nobody.
+    let r = call(&proxy, "/ok", Some(&token), &[]).await;
+    assert_eq!(r.backend(), "legacy");
+    refuse(2).await;
+    assert_eq!(legacy.hits(), 1);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "strangler_requests_total",
+            &[("route", "/"), ("backend", "none"), ("status", "401")]
+        ),
+        Some(402.0),
+        "{m}"
+    );
+}
+
+/// Takes about 33 s: the refresh comes at three quarters of the JWKS's `max-age` (44 s),
+/// well before `jwks_refresh` (60 s), and neither at 30 s (the floor) nor at 44 s.
+#[tokio::test]
+async fn the_background_refresh_comes_at_three_quarters_of_max_age_before_jwks_refresh() {
+    let legacy = counted("legacy").await;
+    let k = &*KEYS;
+    let server = JwksServer::start_with(
+        jwks(&[(&k.es, Algorithm::ES256, "ec-1")]),
+        None,
+        Some("public, max-age=44"),
+    )
+    .await;
+    let text = format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy.addr),
+        provider(
+            "fittrack",
+            r#"["ES256"]"#,
+            &format!(
+                "jwks_url = \"http://{}/jwks.json\"\njwks_refresh = \"60s\"\njwks_cooldown = \"30s\"",
+                server.addr
+            )
+        ),
+        route("/", "legacy", "auth = \"fittrack\""),
+    );
+    let proxy = Proxy::start(&text).await;
+    eventually(Duration::from_secs(5), || async {
+        (server.fetches() == 1).then_some(())
+    })
+    .await;
+    // The identity provider publishes ec-2; nobody asks for it (no forced fetch), so only the
+    // background refresh can bring it.
+    server.set_doc(jwks(&[
+        (&k.es, Algorithm::ES256, "ec-1"),
+        (&k.es_next, Algorithm::ES256, "ec-2"),
+    ]));
+    eventually(Duration::from_secs(40), || async {
+        (server.fetches() >= 2).then_some(())
+    })
+    .await;
+    let at = server.fetched_at();
+    let gap = at[1].duration_since(at[0]);
+    assert!(
+        gap >= Duration::from_millis(32_900) && gap < Duration::from_secs(38),
+        "refreshed {gap:?} after the first fetch; want 33 s (3/4 of max-age 44 s)"
+    );
+    assert_eq!(server.fetches(), 2);
+    let token = sign(Algorithm::ES256, "ec-2", &k.es_next, &claims(json!({})));
+    let r = eventually(Duration::from_secs(5), || async {
+        let r = call(&proxy, "/x", Some(&token), &[]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.backend(), "legacy");
+    assert_eq!(
+        server.fetches(),
+        2,
+        "ec-2 came with the refresh, not a forced fetch"
+    );
+}
+
+#[tokio::test]
+async fn routes_shows_auth_state_and_an_unrelated_reload_keeps_keys_caches_and_counts() {
+    let legacy = counted("legacy").await;
+    let server = JwksServer::start(jwks(&[(&KEYS.es, Algorithm::ES256, "ec-1")])).await;
+    let text = |extra_route: bool, realm: &str| {
+        format!(
+            "{SERVER}{}{}{}{}{}",
+            backend("legacy", legacy.addr),
+            provider(
+                "fittrack",
+                r#"["ES256"]"#,
+                &format!(
+                    "jwks_url = \"http://{}/jwks.json\"\njwks_cooldown = \"1s\"\nrealm = \"{realm}\"\nclaims_to_headers = {{ \"x-user-id\" = \"sub\" }}",
+                    server.addr
+                )
+            ),
+            provider("files", r#"["RS256", "ES256", "EdDSA"]"#, "jwks_file = \"jwks.json\"\nforward_token = false\ntoken_from = [\"cookie:session\"]"),
+            route(
+                "/api",
+                "legacy",
+                "auth = { provider = \"fittrack\", require = { scope = \"users:read\" } }"
+            ),
+            if extra_route {
+                route("/other", "legacy", "")
+            } else {
+                String::new()
+            },
+        )
+    };
+    let proxy = Proxy::start_in(dir_with_jwks(), &text(false, "fittrack")).await;
+    let token = es256("ec-1", &claims(json!({})));
+    eventually(Duration::from_secs(5), || async {
+        (call(&proxy, "/api/x", Some(&token), &[]).await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(call(&proxy, "/api/x", Some(&token), &[]).await.status, 200);
+    assert_eq!(call(&proxy, "/api/x", None, &[]).await.status, 401);
+
+    let fittrack = provider_json(&proxy, "fittrack").await;
+    assert_eq!(
+        fittrack,
+        json!({
+            "name": "fittrack",
+            "algorithms": ["ES256"],
+            "audiences": [AUDIENCE],
+            "issuer": ISSUER,
+            "cached_tokens": 1,
+            "claims_to_headers": {"x-user-id": "sub"},
+            "clock_skew": "1m",
+            "forward_token": true,
+            "key_ids": ["ec-1"],
+            "keys": format!("jwks_url http://{}/jwks.json (refreshed every 10m)", server.addr),
+            "keys_loaded": 1,
+            "realm": "fittrack",
+            "token_from": ["header:authorization"],
+        }),
+        "{fittrack}"
+    );
+    let files = provider_json(&proxy, "files").await;
+    assert_eq!(
+        files["key_ids"],
+        json!(["ec-1", "ed-1", "rsa-1"]),
+        "{files}"
+    );
+    assert_eq!(files["keys_loaded"], 3, "{files}");
+    assert_eq!(files["cached_tokens"], 0, "{files}");
+    assert_eq!(files["keys"], "jwks_file jwks.json (3 keys)", "{files}");
+    assert_eq!(files["forward_token"], false, "{files}");
+    assert_eq!(files["token_from"], json!(["cookie:session"]), "{files}");
+    let api = route_json(&proxy, "/api").await;
+    assert_eq!(
+        api["auth"],
+        json!({
+            "mode": "required",
+            "provider": "fittrack",
+            "require": {"scope": ["users:read"]},
+            "outcomes": {"ok": 2, "missing": 1},
+        }),
+        "{api}"
+    );
+    let fetch_ok = || async { fetch_count(&metrics_text(&proxy).await, "fittrack", "ok") };
+    let (fetches, counted_ok) = (server.fetches(), fetch_ok().await);
+    assert_eq!(fetches as f64, counted_ok);
+
+    // An edit that leaves the provider alone: same keys, same cache, no fetch, counts kept.
+    reload_with(&proxy, &text(true, "fittrack")).await;
+    assert!(route_json(&proxy, "/other").await.get("auth").is_none());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.fetches(),
+        fetches,
+        "a fetch after an unrelated reload"
+    );
+    assert_eq!(fetch_ok().await, counted_ok);
+    let kept = provider_json(&proxy, "fittrack").await;
+    assert_eq!(kept["cached_tokens"], 1, "{kept}");
+    assert_eq!(kept["key_ids"], json!(["ec-1"]), "{kept}");
+    assert_eq!(
+        route_json(&proxy, "/api").await["auth"]["outcomes"],
+        json!({"ok": 2, "missing": 1})
+    );
+    assert_eq!(call(&proxy, "/api/x", Some(&token), &[]).await.status, 200);
+    assert_eq!(
+        provider_json(&proxy, "fittrack").await["cached_tokens"],
+        1,
+        "the same token, still one cached verdict"
+    );
+    assert_eq!(
+        route_json(&proxy, "/api").await["auth"]["outcomes"],
+        json!({"ok": 3, "missing": 1})
+    );
+
+    // An edit of the provider (its realm) starts it afresh: an empty cache and a fetch of
+    // its own; the route's counts are the route's and stay.
+    reload_with(&proxy, &text(true, "fittrack-2")).await;
+    let fresh = provider_json(&proxy, "fittrack").await;
+    assert_eq!(fresh["cached_tokens"], 0, "{fresh}");
+    assert_eq!(fresh["realm"], "fittrack-2", "{fresh}");
+    eventually(Duration::from_secs(5), || async {
+        (server.fetches() == fetches + 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        route_json(&proxy, "/api").await["auth"]["outcomes"],
+        json!({"ok": 3, "missing": 1})
+    );
+    assert_eq!(call(&proxy, "/api/x", Some(&token), &[]).await.status, 200);
+    assert_eq!(provider_json(&proxy, "fittrack").await["cached_tokens"], 1);
 }

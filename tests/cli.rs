@@ -342,3 +342,77 @@ fn check_explain_and_diff_speak_of_auth_limits_and_stale_answers() {
     assert!(s.contains("/api/users: rate_limit default 100/1m burst 20 by claim:sub -> default 100/1m burst 40 by claim:sub"), "{s}");
     assert!(s.contains("/api/users: stale_if_error max_stale 1h"), "{s}");
 }
+
+#[test]
+fn diff_speaks_of_providers_added_removed_and_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.secret"),
+        "0123456789abcdef0123456789abcdef",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.secret"),
+        "fedcba9876543210fedcba9876543210",
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/demo/jwks.json"),
+        dir.path().join("jwks.json"),
+    )
+    .unwrap();
+    let provider = |name: &str, rest: &str| {
+        format!("[auth.{name}]\nissuer = \"https://auth.test/\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n{rest}\n")
+    };
+    let file = |providers: &[String], auth: &str| {
+        format!(
+            "[backends.legacy]\nurl = \"http://127.0.0.1:3000\"\n{}\n[[routes]]\nprefix = \"/api\"\nbackend = \"legacy\"\nauth = \"{auth}\"\n\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+            providers.concat()
+        )
+    };
+    let old = file(
+        &[
+            provider("settings", "secret_file = \"a.secret\"\nrealm = \"one\""),
+            provider("keys", "secret_file = \"a.secret\""),
+            provider("gone", "secret_file = \"a.secret\""),
+            provider("same", "secret_file = \"a.secret\""),
+        ],
+        "settings",
+    );
+    let new = file(
+        &[
+            provider("settings", "secret_file = \"a.secret\"\nrealm = \"two\""),
+            provider("keys", "secret_file = \"b.secret\""),
+            provider("same", "secret_file = \"a.secret\""),
+            "[auth.added]\nissuer = \"https://auth.test/\"\naudiences = [\"api\"]\nalgorithms = [\"EdDSA\"]\njwks_file = \"jwks.json\"\n".to_string(),
+        ],
+        "added",
+    );
+    std::fs::write(dir.path().join("old.toml"), &old).unwrap();
+    std::fs::write(dir.path().join("new.toml"), &new).unwrap();
+    let out = run(&["diff", "old.toml", "new.toml"], dir.path());
+    let s = text(&out.stdout);
+    assert!(out.status.success(), "{s}{}", text(&out.stderr));
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            // The new file's providers (in name order), then those it dropped.
+            "auth added: added (jwks_file jwks.json (1 key))",
+            "auth keys: keys secret_file a.secret (1 key) -> secret_file b.secret (1 key)",
+            "auth settings: settings changed",
+            "auth gone: removed",
+            "/api: auth settings (required) -> added (required)",
+        ],
+        "{s}"
+    );
+    // And the other way round.
+    let out = run(&["diff", "new.toml", "old.toml"], dir.path());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("auth gone: added (secret_file a.secret (1 key))\n"),
+        "{s}"
+    );
+    assert!(s.contains("auth added: removed\n"), "{s}");
+    assert!(!s.contains("auth same"), "{s}");
+}
