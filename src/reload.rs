@@ -170,26 +170,20 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
 }
 
 /// The change line for the files routes.toml reads (certificates, JWKS files, secret files):
-/// `watched files changed (one or more of: jwks.json, proxy.pem)`, named as routes.toml names
-/// them. Only whole sets of digests can be compared here, so the line lists every file of
-/// either set rather than claiming which one changed.
+/// `watched files changed: jwks.json, proxy.pem`, each file whose content changed or that only
+/// one of the two tables read, named as routes.toml names them.
 fn files_changed(
     config: &std::path::Path,
     old: &crate::tls::Files,
     new: &crate::tls::Files,
 ) -> String {
     let dir = config.parent().unwrap_or(std::path::Path::new(""));
-    let mut names: Vec<String> = Vec::new();
-    for p in new.paths().chain(old.paths()) {
-        let name = p.strip_prefix(dir).unwrap_or(p).display().to_string();
-        if !names.contains(&name) {
-            names.push(name);
-        }
-    }
-    format!(
-        "watched files changed (one or more of: {})",
-        names.join(", ")
-    )
+    let names: Vec<String> = new
+        .changed(old)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap_or(p).display().to_string())
+        .collect();
+    format!("watched files changed: {}", names.join(", "))
 }
 
 /// New listener certificates take effect for the next handshake, when the files changed at

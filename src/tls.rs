@@ -80,6 +80,25 @@ impl Files {
         self.entries.iter().map(|(p, _)| p.as_path())
     }
 
+    /// The files whose content differs between `old` and this set, or that only one of them
+    /// read: this set's order first, then what only `old` read. Each path once.
+    pub fn changed<'a>(&'a self, old: &'a Files) -> Vec<&'a Path> {
+        let digest = |files: &Files, path: &Path| {
+            files
+                .entries
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, d)| *d)
+        };
+        let mut changed: Vec<&Path> = Vec::new();
+        for path in self.paths().chain(old.paths()) {
+            if digest(self, path) != digest(old, path) && !changed.contains(&path) {
+                changed.push(path);
+            }
+        }
+        changed
+    }
+
     /// Hex SHA-256 over every file read (path and content); `""` when none was.
     pub fn fingerprint(&self) -> String {
         if self.entries.is_empty() {
@@ -443,4 +462,37 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Hex SHA-256 of `bytes`: how the configuration's files are told apart.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::Files;
+    use std::path::Path;
+
+    #[test]
+    fn changed_names_only_the_files_whose_content_or_presence_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let [a, b, c] = ["a.pem", "b.json", "c.secret"].map(|n| dir.path().join(n));
+        for p in [&a, &b, &c] {
+            std::fs::write(p, "one").unwrap();
+        }
+        let read = |paths: &[&Path]| {
+            let mut files = Files::default();
+            for p in paths {
+                files.read(p).unwrap();
+            }
+            files
+        };
+        let old = read(&[&a, &b]);
+        assert!(read(&[&a, &b]).changed(&old).is_empty());
+        std::fs::write(&b, "two").unwrap();
+        assert_eq!(read(&[&a, &b]).changed(&old), [b.as_path()]);
+        // a file only one side read: added, then dropped
+        assert_eq!(
+            read(&[&a, &b, &c]).changed(&old),
+            [b.as_path(), c.as_path()]
+        );
+        assert_eq!(read(&[&b]).changed(&old), [b.as_path(), a.as_path()]);
+    }
 }

@@ -39,12 +39,18 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
     for p in new.providers() {
         match old.providers().iter().find(|o| o.name == p.name) {
             None => out.push(format!("auth {}: added ({})", p.name, p.keys.describe())),
-            Some(o) if o.keys != p.keys => out.push(format!(
-                "auth {}: keys {} -> {}",
-                p.name,
-                o.keys.describe(),
-                p.keys.describe()
-            )),
+            Some(o) if o.keys != p.keys => {
+                let (was, now) = (o.keys.describe(), p.keys.describe());
+                out.push(if was != now {
+                    format!("auth {}: keys {was} -> {now}", p.name)
+                } else if matches!(p.keys, super::auth::KeySource::Url { .. }) {
+                    // the same URL and refresh: its cooldown, CA or timeout changed
+                    format!("auth {}: jwks_url settings changed ({now})", p.name)
+                } else {
+                    // the same file or variable, and as many keys: their content changed
+                    format!("auth {}: keys changed in {now}", p.name)
+                })
+            }
             Some(o) if o != p => out.push(format!("auth {}: settings changed", p.name)),
             Some(_) => {}
         }
