@@ -649,7 +649,8 @@ const NO_MAX_AGE: u64 = u64::MAX;
 fn next_refresh(refresh: Duration, max_age: Option<Duration>) -> Duration {
     match max_age {
         None => refresh,
-        Some(age) => (age * 3 / 4).max(REFRESH_FLOOR).min(refresh),
+        // saturating: a `max-age` of centuries must not overflow (and end the task)
+        Some(age) => (age.saturating_mul(3) / 4).max(REFRESH_FLOOR).min(refresh),
     }
 }
 

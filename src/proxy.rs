@@ -246,16 +246,24 @@ async fn exchange(
             if let Some(plan) = &stale {
                 let status = unanswered.error.status();
                 // `connect`: no connection could be made, or it broke before an answer's head
-                // (refused, reset, closed unanswered). A malformed answer is the proxy's 502.
+                // (refused, reset, closed unanswered). A broken connection is also the proxy's
+                // 502, so `on = ["502"]` still takes it, as it did before `connect` covered it.
+                // A malformed answer is only the proxy's 502.
+                use crate::error::UpstreamErrorKind::{Connect, Reset};
                 let (connect, timeout) = match &unanswered.error {
                     ProxyError::UpstreamUnavailable { kind, .. } => {
-                        use crate::error::UpstreamErrorKind::{Connect, Reset};
                         (matches!(kind, Connect | Reset), false)
                     }
                     ProxyError::UpstreamTimeout { .. } => (false, true),
                     _ => (false, false),
                 };
-                if plan.triggered(status, connect, timeout) {
+                let broke = matches!(
+                    &unanswered.error,
+                    ProxyError::UpstreamUnavailable { kind: Reset, .. }
+                );
+                if plan.triggered(status, connect, timeout)
+                    || (broke && plan.triggered(status, false, false))
+                {
                     if let Some(copy) = serve_stale(cx, plan, status, trace) {
                         debug!(error = %unanswered.error, "answered from the stale store");
                         return Ok(copy);

@@ -143,13 +143,12 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
                 warn!(warning = %w.render(&state.path.display().to_string()), "routes.toml");
             }
             let mut changes = diff(&current.table, &loaded.parsed.table);
-            if loaded.parsed.files != current.files {
-                changes.push(files_changed(
-                    &state.path,
-                    &current.files,
-                    &loaded.parsed.files,
-                ));
-            }
+            // (the same files read in another order, sections moved, is no change of files)
+            changes.extend(files_changed(
+                &state.path,
+                &current.files,
+                &loaded.parsed.files,
+            ));
             let generation = current.generation + 1;
             swap_listener_tls(state, &current, &loaded);
             state.swap(state.build(&loaded, generation, &current));
@@ -171,19 +170,19 @@ fn apply(state: &State, loaded: Result<config::Loaded, config::LoadError>) -> Ou
 
 /// The change line for the files routes.toml reads (certificates, JWKS files, secret files):
 /// `watched files changed: jwks.json, proxy.pem`, each file whose content changed or that only
-/// one of the two tables read, named as routes.toml names them.
+/// one of the two tables read, named as routes.toml names them; `None` when none did.
 fn files_changed(
     config: &std::path::Path,
     old: &crate::tls::Files,
     new: &crate::tls::Files,
-) -> String {
+) -> Option<String> {
     let dir = config.parent().unwrap_or(std::path::Path::new(""));
     let names: Vec<String> = new
         .changed(old)
         .into_iter()
         .map(|p| p.strip_prefix(dir).unwrap_or(p).display().to_string())
         .collect();
-    format!("watched files changed: {}", names.join(", "))
+    (!names.is_empty()).then(|| format!("watched files changed: {}", names.join(", ")))
 }
 
 /// New listener certificates take effect for the next handshake, when the files changed at

@@ -378,6 +378,11 @@ async fn a_stale_answer_is_logged_as_stale() {
         "another query was never stored"
     );
     assert_eq!(r.status, 502);
+    // Its line is written before the next request is sent: the order below is the requests'.
+    eventually(Duration::from_secs(5), || async {
+        (LOG.access_events("/stale/item").len() == 2).then_some(())
+    })
+    .await;
     let r = get(&proxy.url("/stale/item")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.headers["cache-status"], "strangler; fwd=stale");

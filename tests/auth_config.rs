@@ -313,6 +313,12 @@ fn every_provider_key_mistake_is_reported_at_its_line_and_column() {
             "[auth.fittrack] `jwks_url`: \"/.well-known/jwks.json\" must be an absolute http:// or https:// URL",
         ),
         provider_case(
+            // a URL that does not parse is not echoed either when it may hold a password
+            url_provider("htps://user:s3cret@idp.test/jwks.json", ""),
+            "jwks_url = |\"htps",
+            "[auth.fittrack] `jwks_url`: the value must be an absolute http:// or https:// URL",
+        ),
+        provider_case(
             url_provider("https://user:pw@idp.test/jwks.json", ""),
             "jwks_url = |\"https",
             "[auth.fittrack] `jwks_url` must not carry credentials",

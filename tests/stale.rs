@@ -765,19 +765,24 @@ async fn a_connection_refused_closed_or_reset_before_an_answer_is_connect() {
     );
     assert_eq!(stale_count(&proxy, "/api", "stored").await, 1.0);
 
-    // `on = ["502"]`: an answer that is not HTTP is that 502; a broken connection is not.
+    // `on = ["502"]`: an answer that is not HTTP is that 502, and so is a connection that
+    // broke before the head (it was before `connect` covered it too); a refused one is not.
     let b = Backend::start().await;
     let proxy = Proxy::start(&one_route(&b, "max_stale = \"1h\", on = [\"502\"]", "")).await;
     assert_live(&get_at(&proxy, "/api/a").await, 200, "healthy");
+    for (how, what) in [
+        (Conn::Garbage, "not HTTP, on 502"),
+        (Conn::Close, "closed unanswered, on 502"),
+        (Conn::Reset, "reset, on 502"),
+    ] {
+        b.stop().await;
+        b.connections(how);
+        b.restart().await;
+        assert_stale(&get_at(&proxy, "/api/a").await, 1, what);
+    }
     b.stop().await;
-    b.connections(Conn::Garbage);
-    b.restart().await;
-    assert_stale(&get_at(&proxy, "/api/a").await, 1, "not HTTP, on 502");
-    b.stop().await;
-    b.connections(Conn::Close);
-    b.restart().await;
     let r = get_at(&proxy, "/api/a").await;
-    assert_live(&r, 502, "closed unanswered, on 502 only");
+    assert_live(&r, 502, "refused, on 502 only");
     assert_eq!(r.json()["code"], "upstream_unavailable");
 }
 

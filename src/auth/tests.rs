@@ -118,6 +118,9 @@ fn the_background_refresh_comes_ahead_of_max_age_within_its_bounds() {
         // Never later than jwks_refresh.
         (s(600), Some(s(86_400)), s(600)),
         (s(60), Some(s(80)), s(60)),
+        // A max-age of centuries neither overflows nor ends the refresh task.
+        (s(600), Some(s(u64::MAX - 1)), s(600)),
+        (s(600), Some(Duration::MAX), s(600)),
         // Never sooner than 30 s after the fetch, however short max-age is.
         (s(600), Some(s(39)), s(30)),
         (s(600), Some(s(1)), s(30)),

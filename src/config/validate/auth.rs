@@ -388,9 +388,17 @@ impl Ctx {
                 u
             }
             _ => {
+                // A URL with user info is not echoed: it may hold a password.
+                let shown = if text.contains('@') {
+                    "the value".to_string()
+                } else {
+                    format!("{text:?}")
+                };
                 self.err(
                     url.span(),
-                    format!("{section} `jwks_url`: {text:?} must be an absolute http:// or https:// URL"),
+                    format!(
+                        "{section} `jwks_url`: {shown} must be an absolute http:// or https:// URL"
+                    ),
                 );
                 return None;
             }
