@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,59 +16,18 @@ use http::Method;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use support::jwt::{secret_dir, ISSUER, SECRET};
+use support::log::Sink;
 use support::*;
 
-/// A log sink for tracing's JSON formatter.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Sink {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-    /// The access events of requests whose path starts with `prefix`.
-    fn access_events(&self, prefix: &str) -> Vec<Value> {
-        self.text()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|v| {
-                v["target"] == "strangler::access"
-                    && v["fields"]["path"]
-                        .as_str()
-                        .is_some_and(|p| p.starts_with(prefix))
-            })
-            .collect()
-    }
-}
-
 /// Every log line at info and above, as JSON.
-static LOG: LazyLock<Sink> = LazyLock::new(|| {
-    let sink = Sink::default();
-    let writer = sink.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("info")
-        .with_writer(move || writer.clone())
-        .init();
-    sink
-});
+static LOG: LazyLock<Sink> = LazyLock::new(|| Sink::install("info"));
 
 /// The fields of the one access event of `path` (waited for: it is emitted when the body
 /// has gone out).
 async fn logged(path: &str) -> Value {
     let events = eventually(Duration::from_secs(5), || async {
         let e: Vec<Value> = LOG
-            .access_events(path)
+            .access_events_under(path)
             .into_iter()
             .filter(|e| e["fields"]["path"] == path)
             .collect();
@@ -137,7 +96,7 @@ async fn one_access_event_per_request_without_secrets_and_none_when_off() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        sink.access_events("/quiet").len(),
+        sink.access_events_under("/quiet").len(),
         0,
         "the quiet proxy logged requests"
     );
@@ -380,14 +339,14 @@ async fn a_stale_answer_is_logged_as_stale() {
     assert_eq!(r.status, 502);
     // Its line is written before the next request is sent: the order below is the requests'.
     eventually(Duration::from_secs(5), || async {
-        (LOG.access_events("/stale/item").len() == 2).then_some(())
+        (LOG.access_events_under("/stale/item").len() == 2).then_some(())
     })
     .await;
     let r = get(&proxy.url("/stale/item")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.headers["cache-status"], "strangler; fwd=stale");
     let events = eventually(Duration::from_secs(5), || async {
-        let e = LOG.access_events("/stale/item");
+        let e = LOG.access_events_under("/stale/item");
         (e.len() == 3).then_some(e)
     })
     .await;

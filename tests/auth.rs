@@ -247,6 +247,21 @@ fn headers_json(headers: &HeaderMap) -> Value {
     Value::Object(out)
 }
 
+/// A table whose `/` needs a `fittrack` token (ES256) with keys from `jwks` over plain HTTP,
+/// the provider's other `settings` (newline-separated keys) after its `jwks_url`.
+fn url_table(legacy: SocketAddr, jwks: SocketAddr, settings: &str) -> String {
+    format!(
+        "{SERVER}{}{}{}",
+        backend("legacy", legacy),
+        provider(
+            "fittrack",
+            r#"["ES256"]"#,
+            &format!("jwks_url = \"http://{jwks}/jwks.json\"\n{settings}")
+        ),
+        route("/", "legacy", "auth = \"fittrack\""),
+    )
+}
+
 /// A JWKS URL: serves `doc` at any path (with `status`, after `delay`, and with
 /// `Cache-Control` when asked), over TLS when started with a certificate; counts the requests
 /// that reach it and when they came; closes every connection after its answer (so a stopped
@@ -898,18 +913,10 @@ async fn a_jwks_url_rotates_with_single_flight_fetches_and_survives_an_outage() 
     let legacy = counted("legacy").await;
     let k = &*KEYS;
     let server = JwksServer::start(jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).await;
-    let text = format!(
-        "{SERVER}{}{}{}",
-        backend("legacy", legacy.addr),
-        provider(
-            "fittrack",
-            r#"["ES256"]"#,
-            &format!(
-                "jwks_url = \"http://{}/.well-known/jwks.json\"\njwks_cooldown = \"1s\"\njwks_timeout = \"2s\"",
-                server.addr
-            )
-        ),
-        route("/", "legacy", "auth = \"fittrack\""),
+    let text = url_table(
+        legacy.addr,
+        server.addr,
+        "jwks_cooldown = \"1s\"\njwks_timeout = \"2s\"",
     );
     let proxy = Proxy::start(&text).await;
     // The fetch at start.
@@ -1788,18 +1795,10 @@ async fn retry_after_counts_down_to_the_next_allowed_fetch_and_a_retry_then_fetc
     let server = JwksServer::start(jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).await;
     server.set_status(StatusCode::INTERNAL_SERVER_ERROR);
     let cooldown = 5u64;
-    let text = format!(
-        "{SERVER}{}{}{}",
-        backend("legacy", legacy.addr),
-        provider(
-            "fittrack",
-            r#"["ES256"]"#,
-            &format!(
-                "jwks_url = \"http://{}/jwks.json\"\njwks_cooldown = \"{cooldown}s\"",
-                server.addr
-            )
-        ),
-        route("/", "legacy", "auth = \"fittrack\""),
+    let text = url_table(
+        legacy.addr,
+        server.addr,
+        &format!("jwks_cooldown = \"{cooldown}s\""),
     );
     let started = Instant::now();
     let proxy = Proxy::start(&text).await;
@@ -1870,18 +1869,10 @@ async fn an_oversized_jwks_is_invalid_and_a_slow_one_times_out_and_both_keep_the
     let legacy = counted("legacy").await;
     let k = &*KEYS;
     let server = JwksServer::start(jwks(&[(&k.es, Algorithm::ES256, "ec-1")])).await;
-    let text = format!(
-        "{SERVER}{}{}{}",
-        backend("legacy", legacy.addr),
-        provider(
-            "fittrack",
-            r#"["ES256"]"#,
-            &format!(
-                "jwks_url = \"http://{}/jwks.json\"\njwks_cooldown = \"1s\"\njwks_timeout = \"1s\"",
-                server.addr
-            )
-        ),
-        route("/", "legacy", "auth = \"fittrack\""),
+    let text = url_table(
+        legacy.addr,
+        server.addr,
+        "jwks_cooldown = \"1s\"\njwks_timeout = \"1s\"",
     );
     let proxy = Proxy::start(&text).await;
     let known = es256("ec-1", &claims(json!({})));
@@ -2160,18 +2151,10 @@ async fn the_background_refresh_comes_at_three_quarters_of_max_age_before_jwks_r
         Some("public, max-age=44"),
     )
     .await;
-    let text = format!(
-        "{SERVER}{}{}{}",
-        backend("legacy", legacy.addr),
-        provider(
-            "fittrack",
-            r#"["ES256"]"#,
-            &format!(
-                "jwks_url = \"http://{}/jwks.json\"\njwks_refresh = \"60s\"\njwks_cooldown = \"30s\"",
-                server.addr
-            )
-        ),
-        route("/", "legacy", "auth = \"fittrack\""),
+    let text = url_table(
+        legacy.addr,
+        server.addr,
+        "jwks_refresh = \"60s\"\njwks_cooldown = \"30s\"",
     );
     let proxy = Proxy::start(&text).await;
     eventually(Duration::from_secs(5), || async {

@@ -16,7 +16,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use support::jwt::{secret_dir, SECRET};
+use support::log::Sink;
 use support::*;
 
 // -------------------------------------------------------------------------------- backends
@@ -95,43 +96,15 @@ fn one_route(addr: SocketAddr, rest: &str) -> String {
 
 // ---------------------------------------------------------------------------------- log
 
-/// A process-wide JSON sink for the access log, installed by every test before anything
-/// logs: tracing caches callsite interest per process, so one test cannot install it alone.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-static LOG: LazyLock<Sink> = LazyLock::new(|| {
-    let sink = Sink::default();
-    let writer = sink.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("strangler::access=info")
-        .with_writer(move || writer.clone())
-        .init();
-    sink
-});
+static LOG: LazyLock<Sink> = LazyLock::new(|| Sink::install("strangler::access=info"));
 
 fn init() {
     LazyLock::force(&LOG);
 }
 
-/// The access log events of requests to `path`, in order.
+/// The access log events of requests to `path`, in the order written.
 fn access_events(path: &str) -> Vec<Value> {
-    let text = String::from_utf8(LOG.0.lock().unwrap().clone()).unwrap();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "strangler::access" && v["fields"]["path"] == path)
-        .collect()
+    LOG.access_events(path)
 }
 
 // ---------------------------------------------------------------------------------- calls
@@ -336,12 +309,10 @@ async fn a_refused_upload_leaves_the_client_connection_usable() {
 
 // ---------------------------------------------------------------------------------- 2
 
-#[tokio::test]
-async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() {
-    init();
+/// A proxy whose `/api` allows 2 at once, then 1 a minute, per `key`; behind a trusted proxy
+/// (the test client on 127.0.0.1), so X-Forwarded-For sets the client's address.
+async fn keyed_proxy(key: &str) -> (Counted, Proxy) {
     let legacy = counted("legacy").await;
-    // Behind a trusted proxy (the test client on 127.0.0.1), so X-Forwarded-For sets the
-    // client's address.
     let text = format!(
         "{}{}{}",
         server_with("trusted_proxies = [\"127.0.0.1/32\"]"),
@@ -349,10 +320,16 @@ async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() 
         route(
             "/api",
             "legacy",
-            "rate_limit = { limit = 1, per = \"1m\", burst = 2, key = \"header:x-api-key\" }"
+            &format!("rate_limit = {{ limit = 1, per = \"1m\", burst = 2, key = \"{key}\" }}")
         ),
     );
-    let proxy = Proxy::start(&text).await;
+    (legacy, Proxy::start(&text).await)
+}
+
+#[tokio::test]
+async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() {
+    init();
+    let (legacy, proxy) = keyed_proxy("header:x-api-key").await;
     let from = |ip: &'static str| ("x-forwarded-for", ip);
     for key in ["alice", "bob"] {
         assert_eq!(
@@ -408,19 +385,7 @@ async fn each_key_has_its_own_bucket_and_keyless_requests_share_their_address() 
 #[tokio::test]
 async fn a_cookie_key_counts_each_value_and_requests_without_it_by_address() {
     init();
-    let legacy = counted("legacy").await;
-    // Behind a trusted proxy, so X-Forwarded-For sets the client's address.
-    let text = format!(
-        "{}{}{}",
-        server_with("trusted_proxies = [\"127.0.0.1/32\"]"),
-        backend("legacy", legacy.addr),
-        route(
-            "/api",
-            "legacy",
-            "rate_limit = { limit = 1, per = \"1m\", burst = 2, key = \"cookie:session\" }"
-        ),
-    );
-    let proxy = Proxy::start(&text).await;
+    let (legacy, proxy) = keyed_proxy("cookie:session").await;
     let from = |ip: &'static str| ("x-forwarded-for", ip);
     for session in ["session=a", "session=b"] {
         assert_eq!(

@@ -30,6 +30,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use support::jwt::{secret_dir, ISSUER, SECRET};
+use support::log::Sink;
 use support::*;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
@@ -328,43 +329,15 @@ fn one_route(b: &Backend, stale: &str, server_extra: &str) -> String {
     )
 }
 
-/// A process-wide JSON log sink, installed by every test before anything logs: tracing
-/// caches callsite interest per process, so one test cannot install it alone.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-static LOG: LazyLock<Sink> = LazyLock::new(|| {
-    let sink = Sink::default();
-    let writer = sink.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("strangler::access=info")
-        .with_writer(move || writer.clone())
-        .init();
-    sink
-});
+static LOG: LazyLock<Sink> = LazyLock::new(|| Sink::install("strangler::access=info"));
 
 fn init() {
     LazyLock::force(&LOG);
 }
 
-/// The access log events of requests to `path`.
+/// The access log events of requests to `path`, in the order written.
 fn access_events(path: &str) -> Vec<Value> {
-    let text = String::from_utf8(LOG.0.lock().unwrap().clone()).unwrap();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "strangler::access" && v["fields"]["path"] == path)
-        .collect()
+    LOG.access_events(path)
 }
 
 /// Request headers, in order.

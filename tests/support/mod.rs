@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 pub mod jwt;
+pub mod log;
 pub mod rabbitmq;
 pub mod tls;
 
