@@ -47,16 +47,9 @@ strangler_bin
 MINIMAL=target/release/examples/minimal_proxy
 (( SMOKE )) || cargo build --release -q --example minimal_proxy
 
-WORK=$(mktemp -d)
+work_dir
 chmod 755 "$WORK"   # nginx workers (an unprivileged user) read the 64 KiB file in it
 CG=$WORK/callgrind; mkdir -p "$CG"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
 
 BACKEND=$(free_port); SHADOWSVC=$(free_port); USERS=$(free_port)
 STRANGLER=$(free_port); ADMIN=$(free_port); NGINX_PROXY=$(free_port); HYPER=$(free_port)

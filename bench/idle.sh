@@ -61,14 +61,7 @@ if [[ $(ulimit -Hn) != unlimited ]] && (( $(ulimit -Hn) < NOFILE )); then
 fi
 ulimit -n "$NOFILE"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
+work_dir
 
 BACKEND=$(free_port)
 BODY=$(python3 -c '

@@ -1,4 +1,4 @@
-# Shared by bench/run.sh, bench/icount.sh and bench/soak.sh (sourced, not run).
+# Shared by the benchmarks in bench/ (sourced, not run).
 
 # Installs Debian packages when a command is missing: install_missing "cmd..." "package...".
 install_missing() {
@@ -11,6 +11,19 @@ install_missing() {
     apt-get update -qq >/dev/null && apt-get install -y -qq $2 >/dev/null
   fi
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+}
+
+# A scratch directory in WORK and a list of processes in PIDS, both cleaned up at exit: the
+# processes killed and waited for, the directory removed (KEEP=1 keeps it and says where).
+work_dir() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap cleanup_work EXIT
+}
+cleanup_work() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 
 # A free TCP port on loopback.

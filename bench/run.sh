@@ -27,10 +27,7 @@ install_missing "nginx wrk" "nginx wrk"
 cargo build --release -q --bin strangler
 BIN=target/release/strangler
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+work_dir
 
 BACKEND=$(free_port); NGINX_PROXY=$(free_port); STRANGLER=$(free_port); ADMIN=$(free_port)
 BASELINE=${BASELINE:-}; BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)

@@ -32,15 +32,8 @@ install_missing "nginx h2load" "nginx nghttp2-client"
 cargo build --release -q --bin strangler
 BIN=target/release/strangler
 
-WORK=$(mktemp -d)
+work_dir
 chmod 755 "$WORK"   # nginx workers (www-data) stat the flag file in it
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
 
 BACKEND=$(free_port); USERS=$(free_port); WORKOUTS=$(free_port); PROXY=$(free_port); ADMIN=$(free_port)
 
