@@ -204,16 +204,58 @@ async fn check(reloader: &Arc<Reloader>, seen: &mut String) {
     }
 }
 
-/// Reads the file until two consecutive reads agree; `Ok(None)` if they never do.
+/// Reads the file until two consecutive reads agree; `Ok(None)` if they never do. An empty
+/// file is a write in progress (a writer in place truncates first, then writes, and may be
+/// descheduled in between), so two empty reads do not agree: only a file that stays empty for
+/// every read (about 2 s) is taken as empty, and then reported like any other bad file.
 fn read_settled(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     let mut previous = std::fs::read(path)?;
+    let mut always_empty = previous.is_empty();
     for _ in 0..MAX_READS {
         std::thread::sleep(SETTLE);
         let current = std::fs::read(path)?;
-        if current == previous {
+        if current == previous && !current.is_empty() {
             return Ok(Some(current));
         }
+        always_empty &= current.is_empty();
         previous = current;
     }
-    Ok(None)
+    Ok(always_empty.then_some(previous))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_truncated_and_written_late_is_read_whole_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        // A writer in place, descheduled for 150 ms between its truncate and its write: the
+        // first reads see an empty file, and agree with each other.
+        std::fs::write(&path, "").unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(150));
+                std::fs::write(&path, "[server]\n").unwrap();
+            })
+        };
+        assert_eq!(
+            read_settled(&path).unwrap().as_deref(),
+            Some(&b"[server]\n"[..])
+        );
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_file_that_stays_empty_is_read_as_empty_at_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, "").unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(read_settled(&path).unwrap().as_deref(), Some(&b""[..]));
+        assert!(started.elapsed() >= SETTLE * MAX_READS as u32);
+    }
 }
