@@ -17,9 +17,9 @@ use http::header::{HeaderMap, HeaderName, CONTENT_ENCODING};
 use serde::Serialize;
 use serde_json::Value;
 
-pub use json::{pointer_matches, Pattern};
+pub use json::{generalize, pointer_matches, Found, Pattern};
 
-/// At most this many differences are kept per comparison (the verdict stays a mismatch).
+/// At most this many differences are kept per comparison; every one is counted.
 pub const MAX_DIFFERENCES: usize = 50;
 /// Values longer than this (as JSON text) are shortened in reports.
 const MAX_VALUE_CHARS: usize = 256;
@@ -75,7 +75,7 @@ pub enum Kind {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Difference {
-    /// `status`, `header:NAME`, a JSON pointer into the body (`/user/email`), `body`, or
+    /// `status`, `header:NAME`, `trailer:NAME`, `grpc-status`, a JSON pointer into the body (`/user/email`), `body`, or
     /// `body:line N`.
     pub path: String,
     pub kind: Kind,
@@ -86,36 +86,85 @@ pub struct Difference {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Match,
-    Mismatch(Vec<Difference>),
+    /// The first [`MAX_DIFFERENCES`] differences, and how many were found in all.
+    Mismatch {
+        differences: Vec<Difference>,
+        total: usize,
+    },
     /// Not comparable (a body over `max_body` once decoded, or undecodable).
-    Skipped(&'static str),
+    Skipped(Skip),
+}
+
+/// Why an exchange was not compared, as counted in
+/// `strangler_shadow_skipped_total{reason}` and on `/routes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// A body over `compare.max_body` (as sent, or once decoded), or over the process-wide
+    /// shadow byte budget.
+    TooLarge,
+    /// A body in a Content-Encoding the comparison does not decode, or that does not decode.
+    Undecodable,
+    /// The primary's request or answer never completed (the client went away, a deadline).
+    Incomplete,
+    /// The comparison threads were busy and their queue full.
+    QueueFull,
+}
+
+impl Skip {
+    pub const ALL: [Skip; 4] = [
+        Skip::TooLarge,
+        Skip::Undecodable,
+        Skip::Incomplete,
+        Skip::QueueFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::TooLarge => "too_large",
+            Skip::Undecodable => "undecodable",
+            Skip::Incomplete => "incomplete",
+            Skip::QueueFull => "queue_full",
+        }
+    }
 }
 
 /// Compares `primary` and `shadow` under `rules`.
 pub fn compare(primary: &Answer, shadow: &Answer, rules: &Rules) -> Verdict {
-    let mut diffs = Vec::new();
+    let mut diffs = Found::default();
     if primary.status != shadow.status {
-        diffs.push(changed(
-            "status".into(),
-            Value::from(primary.status),
-            Value::from(shadow.status),
-        ));
+        diffs.add(|| {
+            changed(
+                "status".into(),
+                Value::from(primary.status),
+                Value::from(shadow.status),
+            )
+        });
     }
     for name in &rules.headers {
-        let path = format!("header:{name}");
         if rules.ignore.iter().any(|p| p.is_header(name)) {
             continue;
         }
-        let (a, b) = (
-            header_value(&primary.headers, name),
-            header_value(&shadow.headers, name),
-        );
-        if a != b {
-            diffs.push(changed(
-                path,
-                a.map_or(Value::Null, Value::from),
-                b.map_or(Value::Null, Value::from),
-            ));
+        // The same rule for trailer fields: an answer may send a field either way.
+        let none = HeaderMap::new();
+        let sides = [
+            ("header", &primary.headers, &shadow.headers),
+            (
+                "trailer",
+                primary.trailers.as_ref().unwrap_or(&none),
+                shadow.trailers.as_ref().unwrap_or(&none),
+            ),
+        ];
+        for (kind, pa, pb) in sides {
+            let (a, b) = (header_value(pa, name), header_value(pb, name));
+            if a != b {
+                diffs.add(|| {
+                    changed(
+                        format!("{kind}:{name}"),
+                        a.map_or(Value::Null, Value::from),
+                        b.map_or(Value::Null, Value::from),
+                    )
+                });
+            }
         }
     }
     // gRPC: the call's outcome is `grpc-status`; protobuf payloads have no canonical
@@ -123,17 +172,15 @@ pub fn compare(primary: &Answer, shadow: &Answer, rules: &Rules) -> Verdict {
     if primary.is_grpc() || shadow.is_grpc() {
         let (a, b) = (primary.grpc_status(), shadow.grpc_status());
         if a != b || primary.is_grpc() != shadow.is_grpc() {
-            diffs.push(changed(
-                "grpc-status".into(),
-                a.map_or(Value::Null, Value::from),
-                b.map_or(Value::Null, Value::from),
-            ));
+            diffs.add(|| {
+                changed(
+                    "grpc-status".into(),
+                    a.map_or(Value::Null, Value::from),
+                    b.map_or(Value::Null, Value::from),
+                )
+            });
         }
-        return if diffs.is_empty() {
-            Verdict::Match
-        } else {
-            Verdict::Mismatch(diffs)
-        };
+        return diffs.verdict();
     }
     let (a, b) = match (
         decode(primary, rules.max_body),
@@ -143,11 +190,19 @@ pub fn compare(primary: &Answer, shadow: &Answer, rules: &Rules) -> Verdict {
         (Err(why), _) | (_, Err(why)) => return Verdict::Skipped(why),
     };
     body_differences(&a, &b, rules, &mut diffs);
-    if diffs.is_empty() {
-        Verdict::Match
-    } else {
-        diffs.truncate(MAX_DIFFERENCES);
-        Verdict::Mismatch(diffs)
+    diffs.verdict()
+}
+
+impl Found {
+    fn verdict(self) -> Verdict {
+        if self.total == 0 {
+            Verdict::Match
+        } else {
+            Verdict::Mismatch {
+                differences: self.kept,
+                total: self.total,
+            }
+        }
     }
 }
 
@@ -163,15 +218,12 @@ pub fn learn_noise(first: &Answer, second: &Answer, max_body: usize) -> Vec<Stri
     ) else {
         return vec![];
     };
-    let mut diffs = Vec::new();
+    let mut diffs = Found {
+        paths: Some(Default::default()),
+        ..Found::default()
+    };
     json::diff(&a, &b, &mut String::new(), &Rules::default(), &mut diffs);
-    let mut paths: Vec<String> = diffs
-        .into_iter()
-        .map(|d| json::generalize(&d.path))
-        .collect();
-    paths.sort();
-    paths.dedup();
-    paths
+    diffs.paths.unwrap_or_default().into_iter().collect()
 }
 
 fn changed(path: String, primary: Value, shadow: Value) -> Difference {
@@ -193,7 +245,7 @@ fn header_value(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// The body with its Content-Encoding undone, at most `max` bytes.
-fn decode(answer: &Answer, max: usize) -> Result<Bytes, &'static str> {
+fn decode(answer: &Answer, max: usize) -> Result<Bytes, Skip> {
     let encoding = answer
         .headers
         .get(CONTENT_ENCODING)
@@ -206,7 +258,7 @@ fn decode(answer: &Answer, max: usize) -> Result<Bytes, &'static str> {
     let read = match encoding.as_str() {
         "identity" | "" => {
             return if answer.body.len() > max {
-                Err("body over max_body")
+                Err(Skip::TooLarge)
             } else {
                 Ok(answer.body.clone())
             }
@@ -228,16 +280,16 @@ fn decode(answer: &Answer, max: usize) -> Result<Bytes, &'static str> {
                 zlib
             }
         }
-        _ => return Err("unsupported content-encoding"),
+        _ => return Err(Skip::Undecodable),
     };
     match read {
-        Ok(_) if out.len() > max => Err("body over max_body once decoded"),
+        Ok(_) if out.len() > max => Err(Skip::TooLarge),
         Ok(_) => Ok(Bytes::from(out)),
-        Err(_) => Err("body could not be decoded"),
+        Err(_) => Err(Skip::Undecodable),
     }
 }
 
-fn body_differences(a: &Bytes, b: &Bytes, rules: &Rules, diffs: &mut Vec<Difference>) {
+fn body_differences(a: &Bytes, b: &Bytes, rules: &Rules, diffs: &mut Found) {
     if a == b {
         return;
     }
@@ -263,7 +315,7 @@ fn body_differences(a: &Bytes, b: &Bytes, rules: &Rules, diffs: &mut Vec<Differe
                     (x, y) => {
                         let v =
                             |l: Option<&str>| l.map_or(Value::Null, |l| Value::from(shorten(l)));
-                        diffs.push(changed(format!("body:line {n}"), v(x), v(y)));
+                        diffs.add(|| changed(format!("body:line {n}"), v(x), v(y)));
                         break;
                     }
                 }
@@ -277,7 +329,7 @@ fn body_differences(a: &Bytes, b: &Bytes, rules: &Rules, diffs: &mut Vec<Differe
                     None => format!("{} bytes, ends before byte {at}", body.len()),
                 })
             };
-            diffs.push(changed(format!("body:byte {at}"), side(a), side(b)));
+            diffs.add(|| changed(format!("body:byte {at}"), side(a), side(b)));
         }
     }
 }

@@ -21,6 +21,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "strangler_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "strangler_config_last_reload_successful";
 pub const CONFIG_GENERATION: &str = "strangler_config_generation";
 pub const SHADOW_TOTAL: &str = "strangler_shadow_total";
+pub const SHADOW_SKIPPED_TOTAL: &str = "strangler_shadow_skipped_total";
 pub const SHADOW_GATE: &str = "strangler_shadow_gate_max_mismatch_rate";
 pub const FALLBACK_TOTAL: &str = "strangler_fallback_total";
 pub const GUARD_TRIPPED: &str = "strangler_guard_tripped";
@@ -135,6 +136,11 @@ impl Metrics {
             SHADOW_TOTAL,
             Unit::Count,
             "Shadowed requests, by route, shadow backend and outcome.",
+        );
+        describe(
+            SHADOW_SKIPPED_TOTAL,
+            Unit::Count,
+            "Shadowed requests not compared, by route, shadow backend and reason (too_large, undecodable, incomplete, queue_full).",
         );
         recorder.describe_histogram(
             SHADOW_DURATION.into(),

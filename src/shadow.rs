@@ -4,6 +4,7 @@
 //! (`upstream::tee`). Nothing here can delay, change or fail the client's response: the request
 //! path only does a non-blocking permit grab and a spawn.
 
+pub mod judge;
 mod leg;
 pub mod report;
 
@@ -20,8 +21,8 @@ use leg::{Head, Leg, RequestCopy};
 pub use report::{DiffEntry, Diffs};
 
 use crate::carry::CarryOver;
-use crate::compare::{Pattern, Rules};
-use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_GATE, SHADOW_TOTAL};
+use crate::compare::{Pattern, Rules, Skip};
+use crate::metrics::{Metrics, SHADOW_DURATION, SHADOW_GATE, SHADOW_SKIPPED_TOTAL, SHADOW_TOTAL};
 use crate::routes::{BackendId, Route, RouteKey, RouteTable};
 use crate::upstream::tee::{Budget, Held, Tee};
 use crate::upstream::Upstream;
@@ -37,6 +38,9 @@ const NOISE_WARMUP: u64 = 20;
 const NOISE_SAMPLE: f64 = 0.05;
 /// Learned noise paths kept per route.
 const MAX_NOISE_PATHS: usize = 64;
+/// Paths confirmed as real differences (not noise) kept per route: a mismatch only at these
+/// is counted without asking the primary backend again.
+const MAX_REAL_PATHS: usize = 64;
 
 /// The outcomes counted in `strangler_shadow_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +80,12 @@ pub struct RouteShadow {
     pub compared: AtomicU64,
     pub mismatched: AtomicU64,
     noise: Mutex<Vec<String>>,
+    /// Differing paths a confirmation showed are not noise (see `leg::Copy::confirm`).
+    real: Mutex<Vec<String>>,
     noise_samples: AtomicU64,
     outcomes: [Counter; 5],
+    /// `strangler_shadow_skipped_total` by [`Skip`], and the same counts for `/routes`.
+    skips: [(Counter, AtomicU64); 4],
     pub duration: Histogram,
 }
 
@@ -99,10 +107,32 @@ impl RouteShadow {
             compared: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
             noise: Mutex::new(Vec::new()),
+            real: Mutex::new(Vec::new()),
             noise_samples: AtomicU64::new(0),
             outcomes: Outcome::ALL.map(|o| metrics.counter(SHADOW_TOTAL, labels(Some(o.as_str())))),
+            skips: Skip::ALL.map(|s| {
+                let mut l = labels(None);
+                l.push(Label::new("reason", s.as_str()));
+                (metrics.counter(SHADOW_SKIPPED_TOTAL, l), AtomicU64::new(0))
+            }),
             duration: metrics.histogram(SHADOW_DURATION, labels(None)),
         }
+    }
+
+    /// Counts an exchange that was not compared, and why.
+    pub fn skipped(&self, why: Skip) {
+        self.count(Outcome::Skipped);
+        let (counter, count) = &self.skips[why as usize];
+        counter.increment(1);
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Skipped exchanges by reason, every reason listed.
+    pub fn skips(&self) -> Vec<(&'static str, u64)> {
+        Skip::ALL
+            .iter()
+            .map(|&s| (s.as_str(), self.skips[s as usize].1.load(Ordering::Relaxed)))
+            .collect()
     }
 
     pub fn count(&self, outcome: Outcome) {
@@ -133,12 +163,18 @@ impl RouteShadow {
     }
 
     fn learn(&self, paths: Vec<String>) {
-        let mut noise = self.noise.lock().unwrap_or_else(PoisonError::into_inner);
-        for p in paths {
-            if noise.len() < MAX_NOISE_PATHS && !noise.contains(&p) {
-                noise.push(p);
-            }
-        }
+        add_bounded(&self.noise, paths, MAX_NOISE_PATHS);
+    }
+
+    /// Remembers paths a confirmation showed to be real differences.
+    fn confirmed_real(&self, paths: impl IntoIterator<Item = String>) {
+        add_bounded(&self.real, paths, MAX_REAL_PATHS);
+    }
+
+    /// Whether every one of `paths` was confirmed real before.
+    fn all_known_real(&self, paths: &[String]) -> bool {
+        let real = self.real.lock().unwrap_or_else(PoisonError::into_inner);
+        paths.iter().all(|p| real.contains(p))
     }
 
     /// Whether this request also gets a noise copy.
@@ -162,6 +198,15 @@ impl RouteShadow {
     }
 }
 
+fn add_bounded(set: &Mutex<Vec<String>>, paths: impl IntoIterator<Item = String>, max: usize) {
+    let mut set = set.lock().unwrap_or_else(PoisonError::into_inner);
+    for p in paths {
+        if set.len() < max && !set.contains(&p) {
+            set.push(p);
+        }
+    }
+}
+
 /// The shadow state of one generation's route: stats and comparison rules.
 pub struct Slot {
     pub stats: Arc<RouteShadow>,
@@ -177,6 +222,8 @@ pub struct Slot {
 pub struct Shadows {
     tasks: Arc<Semaphore>,
     pub budget: Arc<Budget>,
+    /// Where comparisons run, off the runtime's workers.
+    pub judges: judge::Judges,
     /// By route, answering backend and shadow backend: a comparison's history means nothing
     /// once either side changes.
     stats: CarryOver<(RouteKey, String, String), RouteShadow>,
@@ -188,6 +235,7 @@ impl Default for Shadows {
         Shadows {
             tasks: Arc::new(Semaphore::new(MAX_SHADOW_TASKS)),
             budget: Budget::new(MAX_BUFFERED_BYTES),
+            judges: judge::Judges::new(),
             stats: CarryOver::default(),
             diffs: Diffs::default(),
         }
@@ -252,6 +300,7 @@ impl Shadows {
         if !eligible {
             return None;
         }
+        let learns = slot.noise && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         match self.tasks.clone().try_acquire_owned() {
             Ok(permit) => Some(Plan {
                 _permit: permit,
@@ -259,9 +308,8 @@ impl Shadows {
                 stats: slot.stats.clone(),
                 rules: slot.rules.clone(),
                 max_body: slot.rules.max_body,
-                noise: slot.noise
-                    && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
-                    && slot.stats.noise_sample(),
+                noise: learns && slot.stats.noise_sample(),
+                confirm: learns,
                 events: None,
             }),
             Err(_) => {
@@ -310,6 +358,7 @@ impl Feed {
             status: parts.status.as_u16(),
             headers: parts.headers.clone(),
             latency,
+            answered: Instant::now(),
         };
         self.head_tx?.send(head).ok()?;
         self.response_tee
@@ -372,7 +421,11 @@ pub struct Plan {
     /// The route's own rules; the leg adds learned noise.
     pub rules: Arc<Rules>,
     pub max_body: usize,
+    /// Whether this request also samples the primary backend for noise now.
     pub noise: bool,
+    /// Whether a mismatch at paths not known to be real is first confirmed against a later
+    /// answer of the primary backend (noise routes, safe methods).
+    pub confirm: bool,
     /// Where a mismatch is published (`events = ["mismatch"]`), with the route's key.
     pub events: Option<(Arc<crate::events::Events>, String)>,
 }

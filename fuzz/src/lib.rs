@@ -126,8 +126,24 @@ pub fn compare(data: &[u8]) {
     let backward = strangler::compare::compare(&s, &p, &rules);
     match (&forward, &backward) {
         (Verdict::Match, Verdict::Match) | (Verdict::Skipped(_), Verdict::Skipped(_)) => {}
-        (Verdict::Mismatch(x), Verdict::Mismatch(y)) => {
+        (
+            Verdict::Mismatch {
+                differences: x,
+                total: tx,
+            },
+            Verdict::Mismatch {
+                differences: y,
+                total: ty,
+            },
+        ) => {
             assert!(x.len() <= MAX_DIFFERENCES, "{} differences", x.len());
+            assert_eq!(tx, ty, "totals not symmetric");
+            assert!(*tx >= x.len(), "a total of {tx} below the {} kept", x.len());
+            assert!(
+                x.len() == MAX_DIFFERENCES || x.len() == *tx,
+                "{} kept of {tx} found",
+                x.len()
+            );
             let paths = |d: &[strangler::compare::Difference]| {
                 d.iter().map(|d| d.path.clone()).collect::<Vec<_>>()
             };

@@ -195,6 +195,9 @@ struct RouteView {
     shadow_methods: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shadow_percent: Option<f64>,
+    /// Shadowed exchanges not compared, by reason (every reason listed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<BTreeMap<&'static str, u64>>,
     stage: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     stale: Option<StaleView>,
@@ -222,6 +225,7 @@ struct Comparison {
     mismatch_rate: Option<f64>,
     mismatched: u64,
     ready_to_cut_over: bool,
+    skipped: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Serialize)]
@@ -365,7 +369,7 @@ impl RouteView {
             .as_ref()
             .filter(|_| r.shadow.is_some())
             .map(|slot| Comparison::new(&slot.stats, &r.compare));
-        let (compared, gate, learned_noise, mismatch_rate, mismatched, ready_to_cut_over) =
+        let (compared, gate, learned_noise, mismatch_rate, mismatched, ready_to_cut_over, skipped) =
             match cmp {
                 Some(c) => (
                     Some(c.compared),
@@ -374,8 +378,9 @@ impl RouteView {
                     Some(c.mismatch_rate),
                     Some(c.mismatched),
                     Some(c.ready_to_cut_over),
+                    Some(c.skipped),
                 ),
-                None => (None, None, None, None, None, None),
+                None => (None, None, None, None, None, None, None),
             };
         RouteView {
             auth: r.auth.as_ref().map(|a| RouteAuthView {
@@ -455,6 +460,7 @@ impl RouteView {
                     .parse::<f64>()
                     .unwrap_or(s.percent)
             }),
+            skipped,
             stage: super::stage(active, id),
             stale: r.stale.as_ref().map(|st| {
                 let mut on: Vec<String> = Vec::new();
@@ -529,6 +535,7 @@ impl Comparison {
             mismatched: stats.mismatched.load(Ordering::Relaxed),
             ready_to_cut_over: compared >= c.min_comparisons
                 && rate.is_some_and(|r| r <= c.max_mismatch_rate),
+            skipped: stats.skips().into_iter().collect(),
         }
     }
 }

@@ -51,7 +51,8 @@ fn grpc_answers_compare_by_status_and_grpc_status_not_payload_bytes() {
         compare(&grpc(200, "5", false, b""), &grpc(200, "5", true, b""), &r),
         Verdict::Match
     );
-    let Verdict::Mismatch(d) = compare(&grpc(200, "0", true, b""), &grpc(200, "13", true, b""), &r)
+    let Verdict::Mismatch { differences: d, .. } =
+        compare(&grpc(200, "0", true, b""), &grpc(200, "13", true, b""), &r)
     else {
         panic!("NOT_FOUND vs INTERNAL must differ");
     };
@@ -65,12 +66,12 @@ fn grpc_answers_compare_by_status_and_grpc_status_not_payload_bytes() {
     broken.trailers = None;
     assert!(matches!(
         compare(&grpc(200, "0", true, b""), &broken, &r),
-        Verdict::Mismatch(_)
+        Verdict::Mismatch { .. }
     ));
     // HTTP status still counts.
     assert!(matches!(
         compare(&grpc(200, "0", true, b""), &grpc(503, "0", true, b""), &r),
-        Verdict::Mismatch(_)
+        Verdict::Mismatch { .. }
     ));
 }
 
@@ -85,9 +86,9 @@ fn rules(ignore: &[&str], tolerance: f64) -> Rules {
 
 fn paths(v: &Verdict) -> Vec<String> {
     match v {
-        Verdict::Mismatch(d) => d.iter().map(|d| d.path.clone()).collect(),
+        Verdict::Mismatch { differences: d, .. } => d.iter().map(|d| d.path.clone()).collect(),
         Verdict::Match => vec![],
-        Verdict::Skipped(why) => vec![format!("skipped: {why}")],
+        Verdict::Skipped(why) => vec![format!("skipped: {}", why.as_str())],
     }
 }
 
@@ -154,6 +155,25 @@ fn json_is_compared_structurally() {
         (r#"{"n":100.0}"#, r#"{"n":100.05}"#, &[], 0.001, &[]),
         (r#"{"n":100.0}"#, r#"{"n":100.5}"#, &[], 0.001, &["/n"]),
         (r#"{"n":1}"#, r#"{"n":"1"}"#, &[], 0.0, &["/n"]),
+        // Past the range of doubles: only the exact value, whatever the tolerance.
+        (r#"{"n":1e400}"#, r#"{"n":1.797e308}"#, &[], 0.01, &["/n"]),
+        (r#"{"n":1e400}"#, r#"{"n":1}"#, &[], 0.01, &["/n"]),
+        (r#"{"n":1e400}"#, r#"{"n":1e401}"#, &[], 0.5, &["/n"]),
+        (r#"{"n":-1e400}"#, r#"{"n":1e400}"#, &[], 0.5, &["/n"]),
+        (r#"{"n":1e400}"#, r#"{"n":10e399}"#, &[], 0.0, &[]),
+        (r#"{"n":1e400}"#, r#"{"n":1E+400}"#, &[], 0.0, &[]),
+        (r#"{"n":1e-400}"#, r#"{"n":0}"#, &[], 0.5, &["/n"]),
+        (r#"{"n":1e-400}"#, r#"{"n":0.1e-399}"#, &[], 0.0, &[]),
+        (
+            r#"{"n":1e99999999999999999999}"#,
+            r#"{"n":1e400}"#,
+            &[],
+            0.5,
+            &["/n"],
+        ),
+        (r#"{"n":0.0}"#, r#"{"n":-0e7}"#, &[], 0.0, &[]),
+        (r#"{"n":0.001}"#, r#"{"n":1e-3}"#, &[], 0.0, &[]),
+        (r#"{"n":120}"#, r#"{"n":1.2e2}"#, &[], 0.0, &[]),
         (
             r#"{"meta":{"generated_at":"x"},"v":1}"#,
             r#"{"meta":{"generated_at":"y"},"v":1}"#,
@@ -197,7 +217,7 @@ fn differences_carry_both_values_and_kind() {
         &answer(200, "application/json", r#"{"user":{}}"#),
         &rules(&[], 0.0),
     );
-    let Verdict::Mismatch(d) = v else {
+    let Verdict::Mismatch { differences: d, .. } = v else {
         panic!("{v:?}")
     };
     assert_eq!(
@@ -225,7 +245,7 @@ fn status_and_headers() {
     );
     b.status = 200;
     b.headers.remove(CONTENT_TYPE);
-    let Verdict::Mismatch(d) = compare(&a, &b, &rules(&[], 0.0)) else {
+    let Verdict::Mismatch { differences: d, .. } = compare(&a, &b, &rules(&[], 0.0)) else {
         panic!()
     };
     assert_eq!(d[0].shadow, Value::Null);
@@ -235,7 +255,7 @@ fn status_and_headers() {
 fn text_shows_the_first_differing_line_and_binary_the_sizes() {
     let a = answer(200, "text/plain", "same\nleft\nrest");
     let b = answer(200, "text/plain", "same\nright\nrest");
-    let Verdict::Mismatch(d) = compare(&a, &b, &rules(&[], 0.0)) else {
+    let Verdict::Mismatch { differences: d, .. } = compare(&a, &b, &rules(&[], 0.0)) else {
         panic!()
     };
     assert_eq!(
@@ -260,22 +280,28 @@ fn text_shows_the_first_differing_line_and_binary_the_sizes() {
             &bin(b"\xff\x00\x02\x07"),
             &rules(&[], 0.0)
         ),
-        Verdict::Mismatch(vec![Difference {
-            path: "body:byte 2".into(),
-            kind: Kind::Changed,
-            primary: json!("4 bytes, 0x01 at byte 2"),
-            shadow: json!("4 bytes, 0x02 at byte 2"),
-        }])
+        Verdict::Mismatch {
+            differences: vec![Difference {
+                path: "body:byte 2".into(),
+                kind: Kind::Changed,
+                primary: json!("4 bytes, 0x01 at byte 2"),
+                shadow: json!("4 bytes, 0x02 at byte 2"),
+            }],
+            total: 1
+        }
     );
     // One a prefix of the other: where the shorter ends.
     assert_eq!(
         compare(&bin(b"\xff\x00"), &bin(b"\xff\x00\x09"), &rules(&[], 0.0)),
-        Verdict::Mismatch(vec![Difference {
-            path: "body:byte 2".into(),
-            kind: Kind::Changed,
-            primary: json!("2 bytes, ends before byte 2"),
-            shadow: json!("3 bytes, 0x09 at byte 2"),
-        }])
+        Verdict::Mismatch {
+            differences: vec![Difference {
+                path: "body:byte 2".into(),
+                kind: Kind::Changed,
+                primary: json!("2 bytes, ends before byte 2"),
+                shadow: json!("3 bytes, 0x09 at byte 2"),
+            }],
+            total: 1
+        }
     );
     assert_eq!(
         compare(&bin(b"\xff"), &bin(b"\xff"), &rules(&[], 0.0)),
@@ -330,7 +356,7 @@ fn a_decompression_bomb_is_skipped_not_expanded() {
     r.max_body = 1 << 20;
     assert_eq!(
         compare(&bomb, &bomb, &r),
-        Verdict::Skipped("body over max_body once decoded")
+        Verdict::Skipped(crate::compare::Skip::TooLarge)
     );
 }
 
@@ -346,8 +372,12 @@ fn differences_and_values_are_bounded() {
         &rules(&[], 0.0),
     );
     assert_eq!(paths(&v).len(), MAX_DIFFERENCES);
+    assert!(
+        matches!(v, Verdict::Mismatch { total: 200, .. }),
+        "every difference counted, not only the kept ones: {v:?}"
+    );
     let long = "x".repeat(10_000);
-    let Verdict::Mismatch(d) = compare(
+    let Verdict::Mismatch { differences: d, .. } = compare(
         &answer(200, "application/json", &json!({"s": long}).to_string()),
         &answer(200, "application/json", r#"{"s":"y"}"#),
         &rules(&[], 0.0),

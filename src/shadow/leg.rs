@@ -12,7 +12,7 @@ use tracing::{debug, info};
 
 use super::report::{DiffEntry, Side};
 use super::{Outcome, Plan, Shadows};
-use crate::compare::{compare, learn_noise, Answer, Rules, Verdict};
+use crate::compare::{compare, generalize, learn_noise, Answer, Difference, Skip, Verdict};
 use crate::headers::X_STRANGLER_SHADOW;
 use crate::upstream::body::UpstreamBody;
 use crate::upstream::tee::{Budget, Captured, Held, Tee};
@@ -20,12 +20,17 @@ use crate::upstream::Upstream;
 
 /// How long the leg waits for the primary's body after the primary's own deadline.
 const PRIMARY_GRACE: Duration = Duration::from_secs(1);
+/// A mismatch to be confirmed asks the primary backend again this long after its first
+/// answer: long enough for a timestamp with a resolution of a second to move.
+pub(super) const CONFIRM_AFTER: Duration = Duration::from_millis(1100);
 
 /// The primary's response head, handed over when it arrives.
 pub(super) struct Head {
     pub(super) status: u16,
     pub(super) headers: HeaderMap,
     pub(super) latency: Duration,
+    /// When the head arrived.
+    pub(super) answered: Instant,
 }
 
 /// The request body copy: already known (no body) or still streaming to the primary.
@@ -65,27 +70,32 @@ pub(super) struct Inputs {
 /// Why a side has no answer to compare.
 enum Missing {
     Error(String),
-    Skipped(&'static str),
+    Skipped(Skip),
 }
 
-impl Missing {
-    fn outcome(self) -> Outcome {
-        match self {
+/// How a leg ended.
+enum Judged {
+    Match,
+    Mismatch(Box<DiffEntry>),
+    Error,
+    Skipped(Skip),
+}
+
+impl From<Missing> for Judged {
+    fn from(missing: Missing) -> Self {
+        match missing {
             Missing::Error(why) => {
                 debug!(error = %why, "shadow request failed");
-                Outcome::Error
+                Judged::Error
             }
-            Missing::Skipped(why) => {
-                debug!(why, "shadow answer not compared");
-                Outcome::Skipped
-            }
+            Missing::Skipped(why) => Judged::Skipped(why),
         }
     }
 }
 
 /// The answers a leg collected.
 struct Answers {
-    primary: Option<(Head, Answer)>,
+    primary: Result<(Head, Answer), Skip>,
     shadow: Result<(Answer, Duration, Held), Missing>,
     /// A second answer of the primary backend, for learning noise.
     noise: Option<Answer>,
@@ -98,10 +108,15 @@ impl Leg {
         let shadows = self.copy.shadows.clone();
         let request_id = self.copy.request_id.clone();
         let events = self.copy.plan.events.clone();
-        let (outcome, entry) = self.compare().await;
-        stats.count(outcome);
-        match (&outcome, entry) {
-            (Outcome::Mismatch, Some(entry)) => {
+        let outcome = match self.compare().await {
+            Judged::Match => Outcome::Match,
+            Judged::Error => Outcome::Error,
+            Judged::Skipped(why) => {
+                debug!(route = %stats.prefix, request_id = %request_id, why = why.as_str(), "shadow answer not compared");
+                stats.skipped(why);
+                return;
+            }
+            Judged::Mismatch(entry) => {
                 let first: Vec<&str> = entry
                     .differences
                     .iter()
@@ -113,53 +128,71 @@ impl Leg {
                     let event = crate::events::Event::mismatch(&key, &entry.path, entry.to_json());
                     events.emit(event);
                 }
-                shadows.diffs.push(entry);
+                shadows.diffs.push(*entry);
+                Outcome::Mismatch
             }
-            (o, _) => {
-                debug!(route = %stats.prefix, request_id = %request_id, outcome = o.as_str(), "shadow compared")
-            }
+        };
+        stats.count(outcome);
+        if outcome != Outcome::Mismatch {
+            debug!(route = %stats.prefix, request_id = %request_id, outcome = outcome.as_str(), "shadow compared");
         }
     }
 
-    async fn compare(self) -> (Outcome, Option<DiffEntry>) {
+    async fn compare(self) -> Judged {
         let Leg { copy, inputs } = self;
         let deadline = inputs.primary_deadline;
-        let Some(body) = request_copy(inputs.request_body, deadline).await else {
-            return (Outcome::Skipped, None);
+        let body = match request_copy(inputs.request_body, deadline).await {
+            Ok(body) => body,
+            Err(why) => return Judged::Skipped(why),
         };
         let Some(answers) = copy
-            .send(body, inputs.primary_head, inputs.primary_body, deadline)
+            .send(&body, inputs.primary_head, inputs.primary_body, deadline)
             .await
         else {
-            return (Outcome::Error, None);
+            return Judged::Error;
         };
-        let Some((head, primary)) = answers.primary else {
-            return (Outcome::Skipped, None);
+        let (head, primary) = match answers.primary {
+            Ok(p) => p,
+            Err(why) => return Judged::Skipped(why),
         };
         let (shadow, latency, _held) = match answers.shadow {
             Ok(s) => s,
-            Err(missing) => return (missing.outcome(), None),
+            Err(missing) => return missing.into(),
         };
         copy.plan.stats.duration.record(latency.as_secs_f64());
-        let rules = copy.rules(&primary, answers.noise.as_ref());
-        match compare(&primary, &shadow, &rules) {
-            Verdict::Match => (Outcome::Match, None),
-            Verdict::Skipped(_) => (Outcome::Skipped, None),
-            Verdict::Mismatch(differences) => {
-                let entry = copy.entry(&head, &shadow, latency, differences);
-                (Outcome::Mismatch, Some(entry))
+        let (primary, shadow) = (Arc::new(primary), Arc::new(shadow));
+        let verdict = match copy.judge(&primary, &shadow, answers.noise).await {
+            Ok(v) => v,
+            Err(why) => return Judged::Skipped(why),
+        };
+        let verdict = match verdict {
+            Verdict::Mismatch { differences, .. } if copy.needs_confirming(&differences) => {
+                match copy.confirm(&body, &head, &primary, &shadow).await {
+                    Ok(v) => v,
+                    Err(why) => return Judged::Skipped(why),
+                }
+            }
+            v => v,
+        };
+        match verdict {
+            Verdict::Match => Judged::Match,
+            Verdict::Skipped(why) => Judged::Skipped(why),
+            Verdict::Mismatch { differences, total } => {
+                let entry = copy.entry(&head, &shadow, latency, differences, total);
+                Judged::Mismatch(Box::new(entry))
             }
         }
     }
 }
 
-/// The request body as the primary received it; `None` when it was too large or never ended.
-async fn request_copy(copy: RequestCopy, deadline: Instant) -> Option<Held> {
+/// The request body as the primary received it; skipped when it was too large or never ended.
+async fn request_copy(copy: RequestCopy, deadline: Instant) -> Result<Held, Skip> {
     match copy {
-        RequestCopy::Ready(held) => Some(held),
+        RequestCopy::Ready(held) => Ok(held),
         RequestCopy::Pending(rx) => match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Captured::Body(held))) => Some(held),
-            _ => None,
+            Ok(Ok(Captured::Body(held))) => Ok(held),
+            Ok(Ok(Captured::TooLarge)) => Err(Skip::TooLarge),
+            _ => Err(Skip::Incomplete),
         },
     }
 }
@@ -169,9 +202,14 @@ async fn primary_answer(
     head: oneshot::Receiver<Head>,
     body: oneshot::Receiver<Captured>,
     wait: Instant,
-) -> Option<(Head, Answer)> {
-    let head = tokio::time::timeout_at(wait, head).await.ok()?.ok()?;
-    match tokio::time::timeout_at(wait, body).await.ok()?.ok()? {
+) -> Result<(Head, Answer), Skip> {
+    let Ok(Ok(head)) = tokio::time::timeout_at(wait, head).await else {
+        return Err(Skip::Incomplete);
+    };
+    let Ok(Ok(body)) = tokio::time::timeout_at(wait, body).await else {
+        return Err(Skip::Incomplete);
+    };
+    match body {
         Captured::Body(held) => {
             let answer = Answer {
                 status: head.status,
@@ -179,9 +217,9 @@ async fn primary_answer(
                 body: held.bytes.clone(),
                 trailers: held.trailers.clone(),
             };
-            Some((head, answer))
+            Ok((head, answer))
         }
-        Captured::TooLarge => None,
+        Captured::TooLarge => Err(Skip::TooLarge),
     }
 }
 
@@ -202,16 +240,16 @@ impl Copy {
     /// for every answer. `None` when a copy cannot be made.
     async fn send(
         &self,
-        body: Held,
+        body: &Held,
         head: oneshot::Receiver<Head>,
         primary_body: oneshot::Receiver<Captured>,
         primary_deadline: Instant,
     ) -> Option<Answers> {
-        let shadow_req = self.request(&self.shadow, &body)?;
+        let shadow_req = self.request(&self.shadow, body)?;
         let noise_req = self
             .plan
             .noise
-            .then(|| self.request(&self.primary, &body))
+            .then(|| self.request(&self.primary, body))
             .flatten();
         let (max, budget) = (self.plan.max_body, &self.shadows.budget);
         let deadline = Instant::now() + self.shadow.timeout;
@@ -236,17 +274,79 @@ impl Copy {
         })
     }
 
-    /// The route's rules, plus the noise learned so far and from this request's second
-    /// answer of the primary backend.
-    fn rules(&self, primary: &Answer, second: Option<&Answer>) -> Rules {
-        let stats = &self.plan.stats;
-        if let Some(second) = second {
-            let learned = learn_noise(primary, second, self.plan.max_body);
-            if !learned.is_empty() {
-                stats.learn(learned);
+    /// Learns from this request's second answer of the primary backend (if it has one) and
+    /// compares, on the comparison threads: the route's rules plus the noise learned so far.
+    async fn judge(
+        &self,
+        primary: &Arc<Answer>,
+        shadow: &Arc<Answer>,
+        second: Option<Answer>,
+    ) -> Result<Verdict, Skip> {
+        let (stats, base, max) = (
+            self.plan.stats.clone(),
+            self.plan.rules.clone(),
+            self.plan.max_body,
+        );
+        let (primary, shadow) = (primary.clone(), shadow.clone());
+        let job = move || {
+            if let Some(second) = second {
+                let learned = learn_noise(&primary, &second, max);
+                if !learned.is_empty() {
+                    stats.learn(learned);
+                }
             }
+            compare(&primary, &shadow, &stats.rules(&base))
+        };
+        self.shadows
+            .judges
+            .run(job)
+            .await
+            .map_err(|_| Skip::QueueFull)
+    }
+
+    /// Whether a mismatch must be confirmed before it counts: on a route learning noise, for
+    /// a safe request, when some differing path has not been confirmed real before.
+    fn needs_confirming(&self, differences: &[Difference]) -> bool {
+        if !self.plan.confirm {
+            return false;
         }
-        stats.rules(&self.plan.rules)
+        let paths: Vec<String> = differences.iter().map(|d| generalize(&d.path)).collect();
+        !self.plan.stats.all_known_real(&paths)
+    }
+
+    /// Asks the primary backend again, [`CONFIRM_AFTER`] after its first answer, learns what
+    /// differs between its two answers as noise, and compares again. A field that differs
+    /// only now and then (a millisecond timestamp from a fast monolith) is learned here
+    /// before it can count as a mismatch; paths still differing are remembered as real, so
+    /// the next mismatch at them is counted at once.
+    async fn confirm(
+        &self,
+        body: &Held,
+        head: &Head,
+        primary: &Arc<Answer>,
+        shadow: &Arc<Answer>,
+    ) -> Result<Verdict, Skip> {
+        let Some(req) = self.request(&self.primary, body) else {
+            return Err(Skip::Incomplete);
+        };
+        tokio::time::sleep_until(head.answered + CONFIRM_AFTER).await;
+        let (max, budget) = (self.plan.max_body, &self.shadows.budget);
+        let deadline = Instant::now() + self.primary.timeout;
+        let second = match Box::pin(fetch(&self.primary, req, deadline, max, budget)).await {
+            Ok((answer, _, _)) => answer,
+            Err(Missing::Skipped(why)) => return Err(why),
+            Err(Missing::Error(error)) => {
+                debug!(%error, "noise confirmation failed; the mismatch stands");
+                return self.judge(primary, shadow, None).await;
+            }
+        };
+        let verdict = self.judge(primary, shadow, Some(second)).await?;
+        if let Verdict::Mismatch { differences, .. } = &verdict {
+            self.plan
+                .stats
+                .confirmed_real(differences.iter().map(|d| generalize(&d.path)));
+        }
+        Ok(verdict)
     }
 
     /// The `/diffs` entry of a mismatch.
@@ -255,7 +355,8 @@ impl Copy {
         head: &Head,
         shadow: &Answer,
         latency: Duration,
-        differences: Vec<crate::compare::Difference>,
+        differences: Vec<Difference>,
+        total: usize,
     ) -> DiffEntry {
         let side = |backend: &Upstream, status: u16, latency: Duration| Side {
             backend: backend.name.clone(),
@@ -270,7 +371,7 @@ impl Copy {
             request_id: self.request_id.clone(),
             primary: side(&self.primary, head.status, head.latency),
             shadow: side(&self.shadow, shadow.status, latency),
-            total_differences: differences.len(),
+            total_differences: total,
             differences,
             learned_noise: self.plan.stats.learned_noise(),
         }
@@ -299,7 +400,7 @@ async fn fetch(
             let frame = frame.map_err(|e| Missing::Error(e.to_string()))?;
             tee.frame(&frame);
             if tee.is_done() {
-                return Err(Missing::Skipped("answer over compare.max_body"));
+                return Err(Missing::Skipped(Skip::TooLarge));
             }
         }
         tee.finish();
@@ -320,6 +421,6 @@ async fn fetch(
             latency,
             held,
         )),
-        _ => Err(Missing::Skipped("answer over compare.max_body")),
+        _ => Err(Missing::Skipped(Skip::TooLarge)),
     }
 }

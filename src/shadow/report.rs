@@ -40,10 +40,9 @@ pub struct DiffEntry {
 }
 
 impl DiffEntry {
-    /// Keeps the first differences (the total is kept) and redacts the values of fields
+    /// Keeps the first differences (`total_differences` still counts all of them) and redacts the values of fields
     /// that must never be shown (`REDACTED`); stamps the time.
     pub fn bounded(mut self) -> Self {
-        self.total_differences = self.differences.len();
         self.differences.truncate(MAX_DIFFERENCES_PER_ENTRY);
         for d in &mut self.differences {
             if REDACTED.contains(&d.path.as_str()) {

@@ -101,11 +101,13 @@ impl Body for UpstreamBody {
                         match remaining.checked_sub(len) {
                             Some(left) => {
                                 *remaining = left;
-                                if let (Some(data), Some(tees)) = (frame.data_ref(), tees) {
+                                if let Some(tees) = tees {
+                                    // hyper stops polling once a sized body is complete, and
+                                    // once trailers (which end the body) are written.
+                                    let ended = inner.is_end_stream() || frame.is_trailers();
                                     for t in tees.iter_mut().flatten() {
-                                        t.push(data);
-                                        // hyper stops polling once a sized body is complete.
-                                        if inner.is_end_stream() {
+                                        t.frame(&frame);
+                                        if ended {
                                             t.finish();
                                         }
                                     }
@@ -281,8 +283,9 @@ impl Body for ResponseBody {
                             if let (Some(data), Some(l)) = (f.data_ref(), log.as_mut()) {
                                 l.bytes += data.len() as u64;
                             }
-                            // hyper stops polling once a sized body is complete.
-                            if inner.is_end_stream() {
+                            // hyper stops polling once a sized body is complete, and
+                            // drops the body once it has written the trailers that end it.
+                            if inner.is_end_stream() || f.is_trailers() {
                                 completed(tee, keep, lease);
                                 if let Some(l) = log.take() {
                                     l.emit("complete");
