@@ -5,7 +5,9 @@
 //!
 //! - [`config`]: routes.toml parse and validation never panic, and every error has a line and
 //!   column inside the file.
-//! - [`compare`]: the comparison never panics, is symmetric, and its output is bounded.
+//! - [`compare`]: the comparison never panics, is symmetric, counts at least what it keeps,
+//!   and its output is bounded; a number outside the range of doubles never equals a
+//!   finite one.
 //! - [`headers`]: the request header rewriting leaves no hop-by-hop header (nor one the
 //!   `Connection` header named) and never drops the headers the proxy protects.
 //! - [`proxy`]: raw client bytes (one or more requests, pipelined) through the whole proxy,
@@ -155,6 +157,41 @@ pub fn compare(data: &[u8]) {
             }
         }
         _ => panic!("not symmetric: {forward:?} against {backward:?}"),
+    }
+    numbers_rule(a, b, flags, &forward);
+}
+
+/// A number outside the range of doubles (overflowing to infinity, or underflowing to zero
+/// while not zero) is never equal to a different finite number, whatever the tolerance.
+fn numbers_rule(a: &[u8], b: &[u8], flags: u8, verdict: &Verdict) {
+    let plain_json = flags & 0b110 == 0 && flags >> 4 != 3;
+    let number = |body: &[u8]| match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Number(n)) => Some(n),
+        _ => None,
+    };
+    let (Some(x), Some(y)) = (number(a), number(b)) else {
+        return;
+    };
+    if !plain_json {
+        return;
+    }
+    let outside = |n: &serde_json::Number| {
+        let t = n.as_str();
+        let v: f64 = t.parse().unwrap_or(f64::NAN);
+        let zero_digits = t
+            .split(['e', 'E'])
+            .next()
+            .unwrap_or("")
+            .bytes()
+            .all(|c| matches!(c, b'0' | b'-' | b'.'));
+        !v.is_finite() || (v == 0.0 && !zero_digits)
+    };
+    let finite_and_in_range = |n: &serde_json::Number| !outside(n);
+    if (outside(&x) && finite_and_in_range(&y)) || (outside(&y) && finite_and_in_range(&x)) {
+        assert!(
+            matches!(verdict, Verdict::Mismatch { .. }),
+            "{x} against {y}: {verdict:?}"
+        );
     }
 }
 
