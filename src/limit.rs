@@ -34,8 +34,11 @@ use crate::routes::{LimitKey, RateLimit, Route, RouteKey, RouteTable};
 
 /// How often idle keys are swept and `strangler_ratelimit_keys` is set.
 const SWEEP: Duration = Duration::from_secs(10);
-/// After a failed store round trip, global windows skip the store this long.
+/// A refusal while the store is down asks the client back after this long.
 const STORE_BACKOFF: Duration = Duration::from_secs(1);
+/// After a failed round trip, requests skip the store while a probe asks it this often; the
+/// first answer ends the skip at once.
+const STORE_PROBE: Duration = Duration::from_millis(200);
 /// Key material longer than this is hashed before it names a Redis key.
 const MAX_STORE_KEY: usize = 200;
 
@@ -482,8 +485,11 @@ pub struct Store {
     /// the connection manager: having one says nothing of Redis now).
     answering: std::sync::atomic::AtomicBool,
     born: Instant,
-    /// Milliseconds since `born` before which the store is not asked (after a failure).
+    /// Milliseconds since `born` before which the store is not asked (after a failure: until
+    /// the probe sees it answer).
     skip_until: AtomicU64,
+    /// Whether a probe task is running.
+    probing: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -504,6 +510,7 @@ impl Store {
             answering: std::sync::atomic::AtomicBool::new(true),
             born: Instant::now(),
             skip_until: AtomicU64::new(0),
+            probing: Default::default(),
         })
     }
 
@@ -525,8 +532,27 @@ impl Store {
         self.born.elapsed().as_millis() as u64
     }
 
+    /// A round trip failed: requests skip the store from now on, without waiting on it, and
+    /// one probe task asks it every [`STORE_PROBE`] until it answers. Only the request that
+    /// met the failure waited (at most the store's timeout); when the store is back, the
+    /// first probe that gets an answer restores every request's round trip at once.
+    fn failed(self: &Arc<Self>) {
+        self.answering.store(false, Ordering::Relaxed);
+        self.skip_until.store(u64::MAX, Ordering::Relaxed);
+        if !self.probing.swap(true, Ordering::AcqRel) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(probe(Arc::downgrade(self)));
+            }
+        }
+    }
+
     /// One GCRA step in Redis, within the store's timeout.
-    async fn check(&self, w: &RateLimit, route: &str, material: &[u8]) -> Result<Verdict, String> {
+    async fn check(
+        self: &Arc<Self>,
+        w: &RateLimit,
+        route: &str,
+        material: &[u8],
+    ) -> Result<Verdict, String> {
         if self.millis() < self.skip_until.load(Ordering::Relaxed) {
             return Err("skipped after a recent failure".into());
         }
@@ -552,13 +578,7 @@ impl Store {
                 humantime::format_duration(self.settings.timeout)
             )),
         };
-        self.answering.store(result.is_ok(), Ordering::Relaxed);
-        let (allowed, retry_us, reset_us) = result.inspect_err(|_| {
-            self.skip_until.store(
-                self.millis() + STORE_BACKOFF.as_millis() as u64,
-                Ordering::Relaxed,
-            );
-        })?;
+        let (allowed, retry_us, reset_us) = result.inspect_err(|_| self.failed())?;
         let us = |v: i64| Duration::from_micros(v.max(0) as u64);
         Ok(if allowed == 1 {
             let tolerance = interval.saturating_mul(w.burst) as i64;
@@ -587,12 +607,40 @@ fn store_key(route: &str, policy: &str, material: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Asks the store every [`STORE_PROBE`] until it answers (loading the script, which also
+/// refills a restarted Redis's script cache), then lets requests use it again.
+async fn probe(store: Weak<Store>) {
+    loop {
+        tokio::time::sleep(STORE_PROBE).await;
+        let Some(s) = store.upgrade() else { return };
+        let Some(conn) = s.conn.load_full() else {
+            // Not connected yet: `connect` is still trying; nothing to probe.
+            continue;
+        };
+        let mut conn = (*conn).clone();
+        // A connection the manager knows is broken is remade by this call (one attempt).
+        let wait = s.settings.timeout.max(Duration::from_millis(500));
+        let invocation = s.script.prepare_invoke();
+        let load = invocation.load_async(&mut conn);
+        if let Ok(Ok(_)) = tokio::time::timeout(wait, load).await {
+            s.answering.store(true, Ordering::Relaxed);
+            s.probing.store(false, Ordering::Release);
+            s.skip_until.store(0, Ordering::Relaxed);
+            info!(url_env = %s.settings.url_env, "rate limit store answers again");
+            return;
+        }
+    }
+}
+
 /// Connects to the store, retrying every second, until it works or the store is gone.
 async fn connect(store: Weak<Store>) {
     let mut logged = false;
     loop {
         let Some(s) = store.upgrade() else { return };
+        // One attempt per reconnect: the manager's own backoff (six tries, doubling from
+        // 100 ms) kept a Redis that came back unused for seconds; the probe paces retries.
         let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
             .set_connection_timeout(Some(s.settings.timeout.max(Duration::from_millis(500))))
             .set_response_timeout(Some(s.settings.timeout));
         match redis::aio::ConnectionManager::new_with_config(s.client.clone(), config).await {

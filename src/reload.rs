@@ -75,9 +75,28 @@ impl Reloader {
             .clone()
     }
 
-    /// Reloads the file now. Blocking (reads the file): call from a blocking context.
+    /// Reloads the file now (SIGHUP, `POST /reload`), read as the watcher reads it: until two
+    /// reads agree, an empty file being a write in progress. A SIGHUP sent while an editor or
+    /// a deploy tool is halfway through writing the file waits for the write to finish
+    /// instead of failing on half a file. Blocking (reads the file, sleeps between reads):
+    /// call from a blocking context.
     pub fn reload(&self) -> Outcome {
-        self.apply(config::load(&self.state.path))
+        let path = &self.state.path;
+        let loaded = match watch::read_settled(path) {
+            Ok(Some(bytes)) => config::load_bytes(path, &bytes),
+            Ok(None) => Err(config::LoadError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::other(
+                    "the file kept changing for 2 s while being read; not reloaded (the \
+                     watcher reloads it once it settles, or reload again)",
+                ),
+            }),
+            Err(source) => Err(config::LoadError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        };
+        self.apply(loaded)
     }
 
     /// Reloads from content already read (the watcher reads until two reads agree).

@@ -1791,3 +1791,102 @@ async fn on_error_deny_refuses_and_allow_forwards_while_redis_is_down() {
     })
     .await;
 }
+
+/// Requests per 250 ms bucket over `span`, from 8 concurrent clients on `path` (each its own
+/// tenant, so no bucket ever refuses), and the answers that waited the store's timeout.
+async fn throughput(proxy: &Proxy, path: &str, span: Duration) -> (Vec<usize>, usize) {
+    let started = Instant::now();
+    let buckets = (span.as_millis() / 250) as usize;
+    let counts = Arc::new(std::sync::Mutex::new(vec![0usize; buckets]));
+    let waited = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for client_no in 0..8 {
+        let (url, counts, waited) = (proxy.url(path), counts.clone(), waited.clone());
+        tasks.push(tokio::spawn(async move {
+            let tenant = format!("tp-{client_no}-{}", fastrand::u64(..));
+            let http = client();
+            while started.elapsed() < span {
+                let t = Instant::now();
+                let req = Request::get(&url)
+                    .header("x-tenant", &tenant)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = http.request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = resp.into_body().collect().await;
+                if t.elapsed() >= STORE_TIMEOUT {
+                    waited.fetch_add(1, Ordering::SeqCst);
+                }
+                let at = (started.elapsed().as_millis() / 250) as usize;
+                if let Some(c) = counts.lock().unwrap().get_mut(at) {
+                    *c += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let counts = counts.lock().unwrap().clone();
+    (counts, waited.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (Debian's package)"]
+async fn full_throughput_returns_at_once_when_redis_comes_back() {
+    init();
+    let mut redis = Redis::start().await;
+    let var = "STRANGLER_TEST_REDIS_THROUGHPUT";
+    std::env::set_var(var, redis.url());
+    let legacy = counted("legacy").await;
+    // A window no client reaches: every request is a store round trip, none is refused.
+    let text = format!(
+        "{SERVER}[ratelimit_store]\nurl_env = \"{var}\"\ntimeout = \"{}ms\"\non_error = \"local\"\n\n{}{}",
+        STORE_TIMEOUT.as_millis(),
+        backend("legacy", legacy.addr),
+        route(
+            "/tenant",
+            "legacy",
+            "rate_limit = { limit = 1000000, per = \"1s\", burst = 1000000, key = \"header:x-tenant\", scope = \"global\" }"
+        ),
+    );
+    let proxy = start_global(&text).await;
+    let (before, _) = throughput(&proxy, "/tenant", Duration::from_secs(2)).await;
+    let baseline = before.iter().skip(1).sum::<usize>() as f64 / (before.len() - 1) as f64;
+
+    // Down long enough for any reconnect backoff to grow, with a little traffic meeting it.
+    redis.stop();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(5) {
+        let _ = timed(&proxy, "/tenant", "down").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!store_connected(&proxy).await);
+    redis.restart().await;
+    let back = Instant::now();
+    eventually(Duration::from_secs(1), || async {
+        store_connected(&proxy).await.then_some(())
+    })
+    .await;
+    let connected_after = back.elapsed();
+    let errors = store_errors(&metrics_text(&proxy).await);
+    let (after, waited) = throughput(&proxy, "/tenant", Duration::from_secs(3)).await;
+    eprintln!(
+        "baseline {baseline:.0} requests per 250 ms; store answering {connected_after:?} after the restart; then {after:?}, {waited} answers waited the store's timeout"
+    );
+    assert_eq!(
+        store_errors(&metrics_text(&proxy).await),
+        errors,
+        "store errors after it answered again"
+    );
+    assert_eq!(
+        waited, 0,
+        "answers waited the store's timeout after it came back"
+    );
+    for (i, &n) in after.iter().enumerate() {
+        assert!(
+            n as f64 >= 0.6 * baseline,
+            "250 ms bucket {i} after the restart: {n} requests against {baseline:.0} before: {after:?}"
+        );
+    }
+}

@@ -74,6 +74,63 @@ async fn a_write_seen_half_done_never_counts_as_a_bad_file() {
     assert_eq!(failed_reloads(&m), None, "{m}");
 }
 
+/// What SIGHUP and `POST /reload` run, met halfway through an in-place write: the file is
+/// truncated, and its new content arrives 300 ms later (a writer descheduled in between).
+#[tokio::test]
+async fn a_reload_during_a_slow_in_place_write_waits_for_the_write() {
+    let (proxy, a, b) = start_pair("watch = \"off\"").await;
+    let text = table("watch = \"off\"", a.addr, b.addr, "users");
+    let path = proxy.path();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut file = file;
+        file.write_all(text.as_bytes()).unwrap();
+    });
+    let outcome = strangler::reload::reload_async(proxy.reloader.clone()).await;
+    writer.join().unwrap();
+    assert!(outcome.ok && outcome.changed, "{outcome:?}");
+    let r = routes_json(&proxy).await;
+    assert_eq!(r["last_reload"]["ok"], true, "{r}");
+    assert_eq!(failed_reloads(&metrics_text(&proxy).await), None);
+    assert_eq!(answered_by(&proxy).await, "users");
+}
+
+/// A reload that read a bad file (the operator saved half an edit and sent SIGHUP), then the
+/// file put back as it was: equal to the running table, so nothing is swapped, but the last
+/// reload must read successful again (the alert on it must not fire for a healthy proxy).
+#[tokio::test]
+async fn the_running_content_put_back_after_a_failed_reload_clears_the_failure() {
+    let (proxy, a, b) = start_pair("").await;
+    let good = table("", a.addr, b.addr, "legacy");
+    std::fs::write(proxy.path(), "[backends.legacy]\nurl = ").unwrap();
+    let outcome = strangler::reload::reload_async(proxy.reloader.clone()).await;
+    assert!(!outcome.ok, "{outcome:?}");
+    assert_eq!(routes_json(&proxy).await["last_reload"]["ok"], false);
+    std::fs::write(proxy.path(), &good).unwrap();
+    eventually(Duration::from_secs(5), || async {
+        let r = routes_json(&proxy).await;
+        (r["last_reload"]["ok"] == true).then_some(())
+    })
+    .await;
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(&m, "strangler_config_last_reload_successful", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        routes_json(&proxy).await["generation"],
+        1,
+        "nothing was swapped"
+    );
+    let _ = b;
+}
+
 #[tokio::test]
 async fn temp_file_renamed_over_it_is_picked_up() {
     let (proxy, a, b) = start_pair("").await;

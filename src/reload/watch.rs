@@ -187,7 +187,11 @@ async fn check(reloader: &Arc<Reloader>, seen: &mut String) {
     let sha = crate::tls::sha256_hex(&bytes);
     let key = format!("{sha} {}", files.fingerprint());
     let active = state.active();
-    if key == *seen || (sha == active.sha256 && files == active.files) {
+    // Content equal to the running table needs no reload, unless the last attempt failed
+    // (a SIGHUP that read a half-written file): then the finished file, though equal to the
+    // running table, is a successful reload, and the failure must not stay reported.
+    let running = sha == active.sha256 && files == active.files;
+    if (running && reloader.last().ok) || (!running && key == *seen) {
         *seen = key;
         return;
     }
@@ -208,7 +212,7 @@ async fn check(reloader: &Arc<Reloader>, seen: &mut String) {
 /// file is a write in progress (a writer in place truncates first, then writes, and may be
 /// descheduled in between), so two empty reads do not agree: only a file that stays empty for
 /// every read (about 2 s) is taken as empty, and then reported like any other bad file.
-fn read_settled(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+pub(crate) fn read_settled(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     let mut previous = std::fs::read(path)?;
     let mut always_empty = previous.is_empty();
     for _ in 0..MAX_READS {
