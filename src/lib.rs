@@ -34,6 +34,7 @@ pub mod jwt;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
+pub mod quiet;
 pub mod reload;
 pub mod respond;
 pub mod routes;

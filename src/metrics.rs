@@ -17,6 +17,7 @@ use crate::error::UpstreamErrorKind;
 pub const REQUESTS_TOTAL: &str = "strangler_requests_total";
 pub const REQUEST_DURATION: &str = "strangler_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "strangler_upstream_errors_total";
+pub const UPSTREAM_RETRIES_TOTAL: &str = "strangler_upstream_retries_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "strangler_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "strangler_config_last_reload_successful";
 pub const CONFIG_GENERATION: &str = "strangler_config_generation";
@@ -121,6 +122,11 @@ impl Metrics {
             UPSTREAM_ERRORS_TOTAL,
             Unit::Count,
             "Failed upstream exchanges, by backend and kind.",
+        );
+        describe(
+            UPSTREAM_RETRIES_TOTAL,
+            Unit::Count,
+            "Requests sent again after a failed attempt, by backend and reason (connect-failure, refused-stream, reset).",
         );
         describe(
             FALLBACK_TOTAL,
@@ -236,6 +242,19 @@ impl Metrics {
     }
 
     /// The per-backend upstream error counters, in [`UpstreamErrorKind::ALL`] order.
+    /// `strangler_upstream_retries_total{backend, reason}`, one per retry case.
+    pub fn upstream_retries(&self, backend: &str) -> [Counter; 3] {
+        crate::routes::RetryCase::ALL.map(|c| {
+            self.counter(
+                UPSTREAM_RETRIES_TOTAL,
+                vec![
+                    Label::new("backend", backend.to_string()),
+                    Label::new("reason", c.as_str()),
+                ],
+            )
+        })
+    }
+
     pub fn upstream_errors(&self, backend: &str) -> [Counter; 4] {
         UpstreamErrorKind::ALL.map(|k| {
             self.counter(

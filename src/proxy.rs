@@ -212,8 +212,13 @@ async fn exchange(
     let mut feed = plan.map(|plan| start_shadow(cx, &routed, plan, &out));
     let deadline = out.deadline;
     let (req, fallback) = fallback::first_request(cx, &routed, out, feed.as_mut());
+    let resend = if routed.route.retry_non_idempotent {
+        crate::upstream::Resend::Any
+    } else {
+        crate::upstream::Resend::Idempotent
+    };
     let first = cx.active.upstreams[routed.backend]
-        .send(req, deadline)
+        .send_with(req, deadline, resend)
         .await;
     let outcome = match fallback::settle(cx, &routed, first, fallback, deadline) {
         Ok(outcome) => outcome,
@@ -596,7 +601,18 @@ fn refused(cx: &Context<'_>, trace: &Trace, error: &ProxyError) -> Response<Resp
         .map(|id| cx.active.table.route(id).prefix.as_str());
     let id = cx.request_id;
     if error.status().is_server_error() {
-        warn!(%error, source = ?std::error::Error::source(error), ?route, ?id, "proxy error");
+        // Once per backend (or route) and kind of failure, then at most once per 10 s with
+        // how many were left out: a backend that is down must not write a line per request.
+        let (subject, kind) = match error {
+            ProxyError::UpstreamUnavailable { backend, kind, .. } => {
+                (backend.as_str(), kind.as_str())
+            }
+            ProxyError::UpstreamTimeout { backend, .. } => (backend.as_str(), "timeout"),
+            other => (route.unwrap_or(""), other.code()),
+        };
+        if let Some(left_out) = cx.state.quiet.admit(subject, kind) {
+            warn!(%error, source = ?std::error::Error::source(error), ?route, ?id, similar_left_out = left_out, "proxy error");
+        }
     } else {
         debug!(%error, ?route, ?id, "request refused");
     }

@@ -51,13 +51,84 @@ pub struct Backend {
     pub timeout: Duration,
     /// Where requests go: the URL's host:port unless `endpoints` lists several.
     pub endpoints: Vec<Authority>,
-    /// Retries of idempotent requests whose connection could not be made.
+    /// Attempts after the first, on another endpoint where there is one, for the failures
+    /// in `retry_on` (inside the backend's retry budget).
     pub retries: u32,
+    /// The failures a request is sent again after (`retry_on`).
+    pub retry_on: RetryOn,
     pub health: Option<HealthCheck>,
     /// HTTP/1.1, or HTTP/2 (ALPN `h2` over TLS, prior knowledge over cleartext).
     pub protocol: Protocol,
     /// How an `https://` backend is connected and verified.
     pub tls: Option<crate::tls::ClientTls>,
+}
+
+/// A failure a request may be sent again after, named as Envoy's `retry_on` names them
+/// (nginx's `proxy_next_upstream error` covers all three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCase {
+    /// No connection could be made: the request never left, so any method may go again.
+    ConnectFailure,
+    /// An HTTP/2 backend refused the stream (`REFUSED_STREAM`): it did not process the
+    /// request, so any method may go again.
+    RefusedStream,
+    /// The connection broke after the request was written and before the answer's head
+    /// (reset, closed, an incomplete head): idempotent methods only, unless the route says
+    /// `retry_non_idempotent = true`.
+    Reset,
+}
+
+impl RetryCase {
+    pub const ALL: [RetryCase; 3] = [
+        RetryCase::ConnectFailure,
+        RetryCase::RefusedStream,
+        RetryCase::Reset,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryCase::ConnectFailure => "connect-failure",
+            RetryCase::RefusedStream => "refused-stream",
+            RetryCase::Reset => "reset",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RetryCase> {
+        RetryCase::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+}
+
+/// The set of [`RetryCase`]s a backend retries on (default: all of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryOn([bool; 3]);
+
+impl RetryOn {
+    pub const ALL: RetryOn = RetryOn([true; 3]);
+    pub const NONE: RetryOn = RetryOn([false; 3]);
+
+    pub fn with(mut self, case: RetryCase) -> Self {
+        self.0[case as usize] = true;
+        self
+    }
+
+    pub fn contains(self, case: RetryCase) -> bool {
+        self.0[case as usize]
+    }
+
+    /// The cases, as written in routes.toml.
+    pub fn names(self) -> Vec<&'static str> {
+        RetryCase::ALL
+            .into_iter()
+            .filter(|&c| self.contains(c))
+            .map(RetryCase::as_str)
+            .collect()
+    }
+}
+
+impl Default for RetryOn {
+    fn default() -> Self {
+        RetryOn::ALL
+    }
 }
 
 /// The HTTP version spoken to a backend.
@@ -199,6 +270,9 @@ pub struct Route {
     pub guard: Option<Guard>,
     /// Upgrade protocols besides WebSocket (lower case) this route tunnels; never `h2c`.
     pub upgrades: Vec<String>,
+    /// Whether a request of any method is sent again after a `reset` (default: idempotent
+    /// methods only).
+    pub retry_non_idempotent: bool,
     /// Who may call this route (`auth = ...`).
     pub auth: Option<RouteAuth>,
     /// `rate_limit` windows, each checked (empty: no limit).

@@ -162,6 +162,8 @@ pub struct State {
     answered_by_new: AtomicU64,
     /// The listener's TLS configuration; a reload swaps it when certificate files change.
     pub tls: Option<crate::server::TlsConfig>,
+    /// Repeated warnings of the request path, written once per [`crate::quiet::WINDOW`].
+    pub quiet: crate::quiet::Quiet,
 }
 
 impl State {
@@ -201,6 +203,7 @@ impl State {
                 .tls
                 .as_ref()
                 .map(|t| Arc::new(arc_swap::ArcSwap::new(t.config.clone()))),
+            quiet: crate::quiet::Quiet::default(),
         })
     }
 

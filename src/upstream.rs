@@ -13,6 +13,7 @@
 
 pub mod body;
 mod endpoint;
+pub mod retry;
 pub mod tee;
 
 use std::sync::Arc;
@@ -29,8 +30,9 @@ pub use endpoint::{Endpoint, Lease, Pool};
 
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::metrics::Metrics;
-use crate::routes::Backend;
+use crate::routes::{Backend, Protocol, RetryCase, RetryOn};
 use body::{TooLarge, UpstreamBody};
+pub use retry::Resend;
 
 /// First retry waits about this long; each further one doubles it (with jitter).
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
@@ -59,9 +61,15 @@ pub struct Upstream {
     connect_timeout: Duration,
     pub timeout: Duration,
     retries: u32,
+    retry_on: RetryOn,
+    protocol: Protocol,
     pub endpoints: Vec<Arc<Endpoint>>,
     budget: Arc<RetryBudget>,
+    /// Bytes the request copies kept for retries may hold.
+    resend_budget: Arc<tee::Budget>,
     errors: [Counter; 4],
+    /// `strangler_upstream_retries_total` by [`RetryCase`].
+    retried: [Counter; 3],
 }
 
 impl Upstream {
@@ -87,9 +95,16 @@ impl Upstream {
             connect_timeout: backend.connect_timeout,
             timeout: backend.timeout,
             retries: backend.retries,
+            retry_on: backend.retry_on,
+            protocol: backend.protocol,
             endpoints,
             budget: same.map_or_else(RetryBudget::new, |u| u.budget.clone()),
+            resend_budget: same.map_or_else(
+                || tee::Budget::new(retry::RESEND_BUDGET),
+                |u| u.resend_budget.clone(),
+            ),
             errors: metrics.upstream_errors(&backend.name),
+            retried: metrics.upstream_retries(&backend.name),
         })
     }
 
@@ -132,40 +147,76 @@ impl Upstream {
         Some(req)
     }
 
-    /// Sends the request and waits for the response head until `deadline`. An idempotent
-    /// request that never left (no connection could be made) is tried again on another
-    /// endpoint, with backoff, while the retry budget allows and the deadline is not near.
+    /// Sends the request and waits for the response head until `deadline`; retried as
+    /// [`send_with`](Self::send_with) says for idempotent methods.
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
+        self.send_with(req, deadline, Resend::Idempotent).await
+    }
+
+    /// Sends the request and waits for the response head until `deadline`. An attempt that
+    /// failed before any answer, in a case of the backend's `retry_on`, goes again, up to
+    /// `retries` times, while the retry budget allows and the deadline is not near: on
+    /// another endpoint where there is one (at once), else on the same one after a backoff.
+    /// A request that was written goes again only for `resend`'s methods and when it could be
+    /// copied whole.
+    pub async fn send_with(
+        &self,
+        req: Request<UpstreamBody>,
+        deadline: Instant,
+        resend: Resend,
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
         self.budget.deposit();
-        let idempotent = idempotent(req.method());
         let mut req = req;
+        let written_may_go_again = idempotent(req.method()) || resend == Resend::Any;
+        let mut copy = (self.retries > 0
+            && (written_may_go_again || self.protocol == Protocol::H2))
+            .then(|| retry::Copy::keep(&mut req, &self.resend_budget))
+            .flatten();
         let mut tried: Option<usize> = None;
         for attempt in 0..=self.retries {
             let i = endpoint::pick(&self.endpoints, tried);
             let ep = &self.endpoints[i];
             let outcome =
                 tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout)).await;
-            let failed = match outcome {
+            let (kind, source, unsent) = match outcome {
                 Ok(Ok(done)) => return Ok(done),
-                Ok(Err((kind, source, unsent))) => self.failed(kind, source, unsent),
+                Ok(Err(e)) => e,
                 Err(_) => {
-                    ep.failed();
+                    ep.failed(UpstreamErrorKind::Timeout);
                     self.count(UpstreamErrorKind::Timeout);
                     return Err(self.timeout().into());
                 }
             };
-            let again = idempotent && attempt < self.retries && self.budget.withdraw();
-            req = match failed {
-                Failed {
-                    unsent: Some(r), ..
-                } if again => *r,
-                failed => return Err(failed),
+            let case = retry::case(kind, &source, unsent.is_some());
+            let failed = self.failed(kind, source, unsent);
+            let Some(case) = case.filter(|&c| self.retry_on.contains(c)) else {
+                return Err(failed);
             };
+            let upstream_fault = matches!(failed.error, ProxyError::UpstreamUnavailable { .. });
+            let allowed = upstream_fault
+                && attempt < self.retries
+                && (case != RetryCase::Reset || written_may_go_again);
+            let next = match (allowed, failed.unsent) {
+                (false, unsent) => return Err(Failed { unsent, ..failed }),
+                (true, Some(unsent)) => Some(*unsent),
+                (true, None) => copy.as_mut().and_then(retry::Copy::rebuild),
+            };
+            let Some(next) = next.filter(|_| self.budget.withdraw()) else {
+                return Err(Failed {
+                    error: failed.error,
+                    unsent: None,
+                });
+            };
+            req = next;
+            self.retried[case as usize].increment(1);
             tried = Some(i);
+            if self.endpoints.len() > 1 {
+                continue;
+            }
             let wait =
                 RETRY_BACKOFF * 2u32.pow(attempt) + Duration::from_millis(fastrand::u64(..10));
             if Instant::now() + wait >= deadline {

@@ -104,6 +104,7 @@ struct BackendView {
     name: String,
     protocol: String,
     retries: u32,
+    retry_on: Vec<&'static str>,
     tls: Option<TlsView>,
     url: String,
 }
@@ -112,6 +113,13 @@ struct BackendView {
 struct EndpointView {
     address: String,
     ejected: bool,
+    /// While ejected: the kind of failure that ejected it (after 3 in a row) and until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ejected_after: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ejected_until: Option<String>,
+    /// Ejections in a row without an answer in between (each doubles the backoff).
+    ejections: u32,
     healthy: bool,
     idle: usize,
     in_flight: usize,
@@ -331,12 +339,19 @@ impl BackendView {
             endpoints: active.upstreams[id]
                 .endpoints
                 .iter()
-                .map(|e| EndpointView {
-                    address: e.authority.to_string(),
-                    ejected: e.ejected(),
-                    healthy: e.healthy(),
-                    idle: e.idle(),
-                    in_flight: e.in_flight(),
+                .map(|e| {
+                    let ejection = e.ejection();
+                    EndpointView {
+                        address: e.authority.to_string(),
+                        ejected: ejection.is_some(),
+                        ejected_after: ejection.map(|(_, kind)| kind.as_str()),
+                        ejected_until: ejection
+                            .map(|(until, _)| humantime::format_rfc3339_millis(until).to_string()),
+                        ejections: e.ejections(),
+                        healthy: e.healthy(),
+                        idle: e.idle(),
+                        in_flight: e.in_flight(),
+                    }
                 })
                 .collect(),
             health: b.health.as_ref().map(|h| HealthView {
@@ -347,6 +362,7 @@ impl BackendView {
             name: b.name.clone(),
             protocol: b.protocol.to_string(),
             retries: b.retries,
+            retry_on: b.retry_on.names(),
             tls: b.tls.as_ref().map(|t| TlsView {
                 ca: if t.own_ca { "tls.ca" } else { "system" },
                 client_certificate: t.client_cert,

@@ -134,6 +134,7 @@ pub struct BackendFile {
     pub protocol: Option<Spanned<String>>,
     pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub retries: Option<Spanned<i64>>,
+    pub retry_on: Option<Spanned<Vec<Spanned<String>>>>,
     pub health: Option<Spanned<HealthFile>>,
 }
 
@@ -161,6 +162,7 @@ pub struct RouteFile {
     pub compare: Option<Spanned<CompareFile>>,
     pub guard: Option<Spanned<GuardFile>>,
     pub upgrades: Option<Spanned<Vec<Spanned<String>>>>,
+    pub retry_non_idempotent: Option<Spanned<bool>>,
     pub auth: Option<Spanned<RouteAuthFile>>,
     pub rate_limit: Option<Spanned<RateLimitsFile>>,
     pub stale_if_error: Option<Spanned<StaleFile>>,

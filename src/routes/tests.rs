@@ -188,6 +188,39 @@ canary = { backend = "users", percent = 2.5 }
 }
 
 #[test]
+fn retry_settings_errors_point_at_the_entry() {
+    let src = r#"[backends.legacy]
+url = "http://127.0.0.1:3000"
+retries = 2
+retry_on = ["connect-failure", "sometimes", "connect-failure"]
+
+[[routes]]
+prefix = "/"
+backend = "legacy"
+retry_non_idempotent = "please"
+"#;
+    let got = errors(src);
+    let want = [
+        "routes.toml:4:32: [backends.legacy] `retry_on`: \"sometimes\" is not a retry case",
+        "routes.toml:4:45: [backends.legacy] `retry_on`: \"connect-failure\" is listed twice",
+        "routes.toml:9:24: [[routes]]: invalid type",
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.starts_with(w), "got  {g}\nwant {w}...");
+    }
+    let ok = parse(
+        "[backends.legacy]\nurl = \"http://127.0.0.1:3000\"\nretries = 1\nretry_on = [\"reset\"]\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\nretry_non_idempotent = true\n",
+    )
+    .unwrap()
+    .table;
+    let b = ok.backend(0);
+    assert!(b.retry_on.contains(RetryCase::Reset));
+    assert!(!b.retry_on.contains(RetryCase::ConnectFailure));
+    assert!(ok.routes()[0].retry_non_idempotent);
+}
+
+#[test]
 fn every_error_is_reported_with_its_position() {
     let src = r#"[server]
 listen = "nowhere"
@@ -285,6 +318,13 @@ fn garbage_in_each_key_is_an_error() {
         ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nendpoints = [\"https://10.0.0.1:443\"]\n", "must be \"host:port\""),
         ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nendpoints = [\"10.0.0.1:80\", \"http://10.0.0.1:80\"]\n", "listed twice"),
         ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nretries = 9\n", "`retries` must be between 0 and 5"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nretry_on = [\"reset\", \"sometimes\"]\n", "\"sometimes\" is not a retry case"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nretry_on = [\"reset\", \"reset\"]\n", "\"reset\" is listed twice"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nretry_on = [\"Reset\"]\n", "is not a retry case"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nretry_on = \"reset\"\n", "invalid type"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nretry_on = [5]\n", "invalid type"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nretry_non_idempotent = \"yes\"\n", "invalid type"),
+        ("[[routes]]\nprefix = \"/a\"\nbackend = \"legacy\"\nretry_non_idempotent = 1\n", "invalid type"),
         ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nhealth = { path = \"healthz\" }\n", "must start with /"),
         ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nhealth = { path = \"/healthz\", interval = \"often\" }\n", "invalid duration"),
         ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nhealth = { path = \"/healthz\", every = \"1s\" }\n", "unknown field `every`"),

@@ -33,12 +33,17 @@ pub enum UpstreamBody {
         inner: Incoming,
         remaining: u64,
         limit: u64,
-        /// Its bounded copies, boxed: most requests have none.
-        tees: Option<Box<[Option<Tee>; 3]>>,
+        /// Its bounded copies (shadow, fallback, write event, resend), boxed: most requests
+        /// have none.
+        tees: Option<Box<Tees>>,
     },
-    /// A body the proxy holds whole (a bounded copy, or none).
-    Full(Full<Bytes>),
+    /// A body the proxy holds whole (a bounded copy, or none); taken when sent.
+    Full(Option<Bytes>),
 }
+
+/// The copies a streamed body feeds: shadow, fallback replay, write event, and the resend
+/// copy an upstream keeps to send the request again after a reset.
+type Tees = [Option<Tee>; 4];
 
 impl UpstreamBody {
     /// The client's body, limited to `limit` bytes, optionally copied into `tee` (shadow),
@@ -51,7 +56,7 @@ impl UpstreamBody {
         event: Option<Tee>,
     ) -> Self {
         let mut tees = (tee.is_some() || replay.is_some() || event.is_some())
-            .then(|| Box::new([tee, replay, event]));
+            .then(|| Box::new([tee, replay, event, None]));
         if inner.is_end_stream() {
             finish(tees.as_deref_mut());
         }
@@ -64,16 +69,36 @@ impl UpstreamBody {
     }
 
     pub fn full(bytes: Bytes) -> Self {
-        UpstreamBody::Full(Full::new(bytes))
+        UpstreamBody::Full(Some(bytes))
     }
 
     pub fn empty() -> Self {
-        Self::full(Bytes::new())
+        UpstreamBody::Full(None)
+    }
+
+    /// The whole body, when the proxy holds it (not yet sent).
+    pub fn held(&self) -> Option<Bytes> {
+        match self {
+            UpstreamBody::Full(bytes) => Some(bytes.clone().unwrap_or_default()),
+            UpstreamBody::Streaming { .. } => None,
+        }
+    }
+
+    /// Adds the resend copy to a streamed body that has not been polled yet.
+    pub fn resend_tee(&mut self, tee: Tee) {
+        if let UpstreamBody::Streaming { inner, tees, .. } = self {
+            let tees = tees.get_or_insert_with(|| Box::new([None, None, None, None]));
+            let mut tee = tee;
+            if inner.is_end_stream() {
+                tee.finish();
+            }
+            tees[3] = Some(tee);
+        }
     }
 }
 
 /// The body ended: every copy is handed over.
-fn finish(tees: Option<&mut [Option<Tee>; 3]>) {
+fn finish(tees: Option<&mut Tees>) {
     for t in tees.into_iter().flatten().flatten() {
         t.finish();
     }
@@ -124,23 +149,28 @@ impl Body for UpstreamBody {
                     }
                 })
             }
-            UpstreamBody::Full(full) => Pin::new(full)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
+            UpstreamBody::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Streaming { inner, .. } => inner.is_end_stream(),
-            UpstreamBody::Full(full) => full.is_end_stream(),
+            UpstreamBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Streaming { inner, .. } => inner.size_hint(),
-            UpstreamBody::Full(full) => full.size_hint(),
+            UpstreamBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

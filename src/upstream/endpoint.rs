@@ -2,7 +2,9 @@
 //! health (consecutive failures eject it for a doubling backoff), active health (a probe task
 //! when `health` is configured), and the power-of-two-choices pick among endpoints.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -180,6 +182,10 @@ pub struct Endpoint {
     ejections: AtomicU32,
     /// Milliseconds since `born` until which the endpoint is ejected.
     ejected_until: AtomicU64,
+    /// The [`UpstreamErrorKind`] of the failure that ejected it.
+    ejected_for: AtomicU8,
+    /// Failures while ejected (not logged one by one; reported when it recovers).
+    suppressed: AtomicU64,
     born: std::time::Instant,
     /// The last active probe's verdict (true without probes).
     probe_ok: AtomicBool,
@@ -210,6 +216,8 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            ejected_for: AtomicU8::new(0),
+            suppressed: AtomicU64::new(0),
             born: std::time::Instant::now(),
             probe_ok: AtomicBool::new(true),
         });
@@ -253,26 +261,69 @@ impl Endpoint {
         self.healthy() && !self.ejected()
     }
 
-    /// Counts a failure; the `EJECT_AFTER`th in a row ejects the endpoint.
-    pub fn failed(&self) {
+    /// Counts a failure; the `EJECT_AFTER`th in a row ejects the endpoint. Failures while it
+    /// is ejected are the same event (requests that were in flight when it died): counted
+    /// for the recovery line, never another ejection, so the backoff grows per episode (an
+    /// ejection that ends without a success in between), not per failed request.
+    pub fn failed(&self, kind: UpstreamErrorKind) {
+        let now = self.now_ms();
+        if self.ejected_until.load(Ordering::Acquire) > now {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if self.failures.fetch_add(1, Ordering::AcqRel) + 1 < EJECT_AFTER {
             return;
         }
-        self.failures.store(0, Ordering::Release);
-        let n = self.ejections.fetch_add(1, Ordering::AcqRel);
+        let n = self.ejections.load(Ordering::Acquire);
         let backoff = EJECT_BASE.saturating_mul(1 << n.min(5)).min(EJECT_MAX);
-        self.ejected_until.store(
-            self.now_ms() + backoff.as_millis() as u64,
-            Ordering::Release,
-        );
-        warn!(backend = %self.backend, endpoint = %self.authority, backoff = %humantime::format_duration(backoff), "endpoint ejected after repeated failures");
+        let until = now + backoff.as_millis() as u64;
+        // One of the failures arriving together ejects; the others see it ejected.
+        let ejected = self
+            .ejected_until
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u <= now).then_some(until)
+            })
+            .is_ok();
+        if !ejected {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.failures.store(0, Ordering::Release);
+        self.ejections.fetch_add(1, Ordering::AcqRel);
+        self.ejected_for.store(kind as u8, Ordering::Release);
+        warn!(backend = %self.backend, endpoint = %self.authority, after = kind.as_str(), episode = n + 1, backoff = %humantime::format_duration(backoff), "endpoint ejected after {EJECT_AFTER} failures in a row");
     }
 
+    /// An answer came: the failures in a row end, and an ejected endpoint is back at once.
     fn succeeded(&self) {
         self.failures.store(0, Ordering::Release);
-        if self.ejections.swap(0, Ordering::AcqRel) > 0 {
-            info!(backend = %self.backend, endpoint = %self.authority, "endpoint recovered");
+        if self.ejections.load(Ordering::Acquire) == 0 {
+            return;
         }
+        if self.ejections.swap(0, Ordering::AcqRel) > 0 {
+            self.ejected_until.store(0, Ordering::Release);
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            info!(backend = %self.backend, endpoint = %self.authority, failures_while_ejected = suppressed, "endpoint recovered");
+        }
+    }
+
+    /// While ejected: until when (wall clock), and the kind of failure that ejected it.
+    pub fn ejection(&self) -> Option<(std::time::SystemTime, UpstreamErrorKind)> {
+        let (until, now) = (self.ejected_until.load(Ordering::Acquire), self.now_ms());
+        if until <= now {
+            return None;
+        }
+        let left = Duration::from_millis(until - now);
+        let kind = UpstreamErrorKind::ALL
+            .get(usize::from(self.ejected_for.load(Ordering::Acquire)))
+            .copied()
+            .unwrap_or(UpstreamErrorKind::Connect);
+        Some((std::time::SystemTime::now() + left, kind))
+    }
+
+    /// Ejections in a row without an answer in between (0 once one came).
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Acquire)
     }
 
     /// Sends `req` on a pooled or new connection of this endpoint.
@@ -299,7 +350,7 @@ impl Endpoint {
                 None => match Box::pin(self.connect_shared(connect_timeout)).await {
                     Ok(s) => (s, false),
                     Err(e) => {
-                        self.failed();
+                        self.failed(UpstreamErrorKind::Connect);
                         return Err((UpstreamErrorKind::Connect, e, Some(req)));
                     }
                 },
@@ -308,7 +359,7 @@ impl Endpoint {
                 if reused {
                     continue;
                 }
-                self.failed();
+                self.failed(UpstreamErrorKind::Connect);
                 return Err((UpstreamErrorKind::Connect, Box::new(e), Some(req)));
             }
             match sender.send(req).await {
@@ -339,7 +390,7 @@ impl Endpoint {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
             // A tunnel nobody asked for: the connection is the upstream's now, and nothing
             // it sends may reach the client unrouted.
-            self.failed();
+            self.failed(UpstreamErrorKind::Protocol);
             return Err("the upstream switched protocols without being asked to");
         }
         self.succeeded();
@@ -365,7 +416,7 @@ impl Endpoint {
             UpstreamErrorKind::Reset
         };
         if !client_fault {
-            self.failed();
+            self.failed(kind);
         }
         (kind, Box::new(error), unsent)
     }
@@ -619,7 +670,7 @@ mod tests {
             assert_eq!(pick(&eps, None), 1);
         }
         for _ in 0..EJECT_AFTER {
-            eps[1].failed();
+            eps[1].failed(UpstreamErrorKind::Reset);
         }
         assert!(eps[1].ejected());
         for _ in 0..50 {
@@ -630,7 +681,7 @@ mod tests {
             );
         }
         for _ in 0..EJECT_AFTER {
-            eps[0].failed();
+            eps[0].failed(UpstreamErrorKind::Reset);
         }
         let picks: Vec<usize> = (0..50).map(|_| pick(&eps, None)).collect();
         assert!(picks.contains(&1), "all ejected: still picked, never none");
@@ -642,22 +693,37 @@ mod tests {
     }
 
     #[test]
-    fn ejection_backoff_doubles_and_success_resets_it() {
+    fn one_ejection_per_episode_doubling_and_an_answer_ends_it() {
         let ep = &endpoints(1)[0];
         for _ in 0..EJECT_AFTER {
-            ep.failed();
+            ep.failed(UpstreamErrorKind::Reset);
         }
         let first = ep.ejected_until.load(Ordering::Acquire);
+        assert!(ep.ejected() && first <= 1_000 + 50, "{first}");
+        // The requests in flight when it died fail too: the same event, not more ejections.
+        for _ in 0..100 {
+            ep.failed(UpstreamErrorKind::Reset);
+        }
+        assert_eq!(ep.ejections(), 1);
+        assert_eq!(ep.ejected_until.load(Ordering::Acquire), first);
+        assert_eq!(ep.suppressed.load(Ordering::Relaxed), 100);
+        let (_, kind) = ep.ejection().unwrap();
+        assert_eq!(kind, UpstreamErrorKind::Reset);
+        // The backoff ends without an answer, and it fails again: a second episode, twice as
+        // long.
+        ep.ejected_until.store(0, Ordering::Release);
         for _ in 0..EJECT_AFTER {
-            ep.failed();
+            ep.failed(UpstreamErrorKind::Connect);
         }
         let second = ep.ejected_until.load(Ordering::Acquire) - ep.now_ms();
-        assert!(
-            first <= 1_000 + 50 && second > 1_500,
-            "{first} then {second}"
-        );
+        assert!(second > 1_500 && second <= 2_000, "{second}");
+        assert_eq!(ep.ejections(), 2);
+        assert_eq!(ep.ejection().unwrap().1, UpstreamErrorKind::Connect);
+        // An answer (a request, or a passing health probe) returns it at once.
         ep.succeeded();
-        assert_eq!(ep.ejections.load(Ordering::Acquire), 0);
+        assert!(!ep.ejected() && ep.ejection().is_none());
+        assert_eq!(ep.ejections(), 0);
+        assert_eq!(ep.suppressed.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -444,6 +444,7 @@ impl Ctx {
             protocol: None,
             endpoints: None,
             retries: None,
+            retry_on: None,
             health: None,
         };
         let before = self.errors.len();

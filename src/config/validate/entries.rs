@@ -2,7 +2,7 @@
 //! that look at the whole table.
 
 use super::*;
-use crate::routes::Protocol;
+use crate::routes::{Protocol, RetryCase, RetryOn};
 use crate::tls::ServerTls;
 
 /// Defaults of `[server]` (see the README's routes.toml reference).
@@ -285,10 +285,15 @@ impl Ctx {
             }
             n.clamp(0, MAX_RETRIES) as u32
         });
+        let retry_on = f
+            .retry_on
+            .as_ref()
+            .map_or_else(RetryOn::default, |r| self.retry_on(&name, r));
         let health = f.health.as_ref().map(|h| self.health(&name, h.get_ref()));
         Some(Backend {
             endpoints,
             retries,
+            retry_on,
             health,
             name,
             url: text.clone(),
@@ -429,12 +434,38 @@ impl Ctx {
             compare,
             guard,
             upgrades,
+            retry_non_idempotent: f
+                .retry_non_idempotent
+                .as_ref()
+                .is_some_and(|r| *r.get_ref()),
             auth,
             rate_limits,
             stale,
             events,
             line,
         })
+    }
+
+    /// `retry_on = ["connect-failure", "refused-stream", "reset"]`: each case once.
+    fn retry_on(&mut self, name: &str, list: &Spanned<Vec<Spanned<String>>>) -> RetryOn {
+        let mut on = RetryOn::NONE;
+        for item in list.get_ref() {
+            match RetryCase::parse(item.get_ref()) {
+                Some(case) if on.contains(case) => self.err(
+                    item.span(),
+                    format!("[backends.{name}] `retry_on`: {:?} is listed twice", item.get_ref()),
+                ),
+                Some(case) => on = on.with(case),
+                None => self.err(
+                    item.span(),
+                    format!(
+                        "[backends.{name}] `retry_on`: {:?} is not a retry case (one of \"connect-failure\", \"refused-stream\", \"reset\")",
+                        item.get_ref()
+                    ),
+                ),
+            }
+        }
+        on
     }
 
     /// `upgrades = ["name", ...]`: protocol names (RFC 9110 tokens), never `h2c`.
@@ -582,6 +613,7 @@ fn placeholder(name: String) -> Backend {
         timeout: DEFAULT_TIMEOUT,
         endpoints: vec![],
         retries: 0,
+        retry_on: RetryOn::default(),
         health: None,
         protocol: Protocol::Http1,
         tls: None,
