@@ -180,8 +180,10 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     failures: AtomicU32,
     ejections: AtomicU32,
-    /// Milliseconds since `born` until which the endpoint is ejected.
+    /// Milliseconds since `born` until which the endpoint is ejected, and when the current
+    /// (or last) ejection began.
     ejected_until: AtomicU64,
+    ejected_at: AtomicU64,
     /// The [`UpstreamErrorKind`] of the failure that ejected it.
     ejected_for: AtomicU8,
     /// Failures while ejected (not logged one by one; reported when it recovers).
@@ -216,6 +218,7 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            ejected_at: AtomicU64::new(0),
             ejected_for: AtomicU8::new(0),
             suppressed: AtomicU64::new(0),
             born: std::time::Instant::now(),
@@ -288,14 +291,21 @@ impl Endpoint {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.ejected_at.store(now, Ordering::Release);
         self.failures.store(0, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::AcqRel);
         self.ejected_for.store(kind as u8, Ordering::Release);
         warn!(backend = %self.backend, endpoint = %self.authority, after = kind.as_str(), episode = n + 1, backoff = %humantime::format_duration(backoff), "endpoint ejected after {EJECT_AFTER} failures in a row");
     }
 
-    /// An answer came: the failures in a row end, and an ejected endpoint is back at once.
-    fn succeeded(&self) {
+    /// An answer came to an exchange that began at `started` (ms since `born`): the failures
+    /// in a row end, and an ejected endpoint is back at once. An answer to an exchange that
+    /// began before the current ejection says nothing of the endpoint now (it may have been
+    /// written just before it died) and changes nothing.
+    fn succeeded(&self, started: u64) {
+        if started < self.ejected_at.load(Ordering::Acquire) {
+            return;
+        }
         self.failures.store(0, Ordering::Release);
         if self.ejections.load(Ordering::Acquire) == 0 {
             return;
@@ -333,6 +343,7 @@ impl Endpoint {
         connect_timeout: Duration,
     ) -> Result<(Response<Incoming>, Lease), ExchangeError> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let started = self.now_ms();
         // Owns the in-flight count from here: dropped on failure, handed over on success.
         let lease = Lease {
             sender: None,
@@ -365,7 +376,7 @@ impl Endpoint {
             match sender.send(req).await {
                 Ok(resp) => {
                     return self
-                        .answered(resp, sender, lease, asked_upgrade)
+                        .answered(resp, sender, lease, (asked_upgrade, started))
                         .map_err(|why| (UpstreamErrorKind::Protocol, why.into(), None))
                 }
                 Err(mut e) => match e.take_message() {
@@ -385,7 +396,7 @@ impl Endpoint {
         mut resp: Response<Incoming>,
         sender: Sender,
         mut lease: Lease,
-        asked_upgrade: bool,
+        (asked_upgrade, started): (bool, u64),
     ) -> Result<(Response<Incoming>, Lease), &'static str> {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
             // A tunnel nobody asked for: the connection is the upstream's now, and nothing
@@ -393,7 +404,7 @@ impl Endpoint {
             self.failed(UpstreamErrorKind::Protocol);
             return Err("the upstream switched protocols without being asked to");
         }
-        self.succeeded();
+        self.succeeded(started);
         if reframed(&mut resp) {
             debug!(backend = %self.backend, endpoint = %self.authority, "answer with both Content-Length and Transfer-Encoding: relayed by Transfer-Encoding, connection not reused");
         } else {
@@ -712,6 +723,7 @@ mod tests {
         // The backoff ends without an answer, and it fails again: a second episode, twice as
         // long.
         ep.ejected_until.store(0, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(5));
         for _ in 0..EJECT_AFTER {
             ep.failed(UpstreamErrorKind::Connect);
         }
@@ -719,8 +731,11 @@ mod tests {
         assert!(second > 1_500 && second <= 2_000, "{second}");
         assert_eq!(ep.ejections(), 2);
         assert_eq!(ep.ejection().unwrap().1, UpstreamErrorKind::Connect);
-        // An answer (a request, or a passing health probe) returns it at once.
-        ep.succeeded();
+        // An answer to an exchange begun before the ejection changes nothing; one begun after
+        // it (a request, or a passing health probe) returns it at once.
+        ep.succeeded(ep.ejected_at.load(Ordering::Acquire) - 1);
+        assert!(ep.ejected() && ep.ejections() == 2);
+        ep.succeeded(ep.now_ms());
         assert!(!ep.ejected() && ep.ejection().is_none());
         assert_eq!(ep.ejections(), 0);
         assert_eq!(ep.suppressed.load(Ordering::Relaxed), 0);
