@@ -171,9 +171,8 @@ impl Upstream {
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         self.budget.deposit();
         let mut req = req;
-        let written_may_go_again = idempotent(req.method()) || resend == Resend::Any;
-        let mut copy = (self.retries > 0
-            && (written_may_go_again || self.protocol == Protocol::H2))
+        let written = idempotent(req.method()) || resend == Resend::Any;
+        let mut copy = (self.retries > 0 && (written || self.protocol == Protocol::H2))
             .then(|| retry::Copy::keep(&mut req, &self.resend_budget))
             .flatten();
         let mut tried: Option<usize> = None;
@@ -182,7 +181,7 @@ impl Upstream {
             let ep = &self.endpoints[i];
             let outcome =
                 tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout)).await;
-            let (kind, source, unsent) = match outcome {
+            let error = match outcome {
                 Ok(Ok(done)) => return Ok(done),
                 Ok(Err(e)) => e,
                 Err(_) => {
@@ -191,28 +190,7 @@ impl Upstream {
                     return Err(self.timeout().into());
                 }
             };
-            let case = retry::case(kind, &source, unsent.is_some());
-            let failed = self.failed(kind, source, unsent);
-            let Some(case) = case.filter(|&c| self.retry_on.contains(c)) else {
-                return Err(failed);
-            };
-            let upstream_fault = matches!(failed.error, ProxyError::UpstreamUnavailable { .. });
-            let allowed = upstream_fault
-                && attempt < self.retries
-                && (case != RetryCase::Reset || written_may_go_again);
-            let next = match (allowed, failed.unsent) {
-                (false, unsent) => return Err(Failed { unsent, ..failed }),
-                (true, Some(unsent)) => Some(*unsent),
-                (true, None) => copy.as_mut().and_then(retry::Copy::rebuild),
-            };
-            let Some(next) = next.filter(|_| self.budget.withdraw()) else {
-                return Err(Failed {
-                    error: failed.error,
-                    unsent: None,
-                });
-            };
-            req = next;
-            self.retried[case as usize].increment(1);
+            req = self.again(error, attempt, written, &mut copy)?;
             tried = Some(i);
             if self.endpoints.len() > 1 {
                 continue;
@@ -228,6 +206,49 @@ impl Upstream {
             tokio::time::sleep(wait).await;
         }
         unreachable_failed(&self.name)
+    }
+
+    /// After a failed attempt: the request to send next (a retry, counted against the budget
+    /// and in the metrics), or the failure that stands. `written`: whether a request that
+    /// was written may go again (its method, or the route's `retry_non_idempotent`).
+    fn again(
+        &self,
+        (kind, source, unsent): endpoint::ExchangeError,
+        attempt: u32,
+        written: bool,
+        copy: &mut Option<retry::Copy>,
+    ) -> Result<Request<UpstreamBody>, Failed> {
+        let case = retry::case(kind, &source, unsent.is_some());
+        let Failed { error, unsent } = self.failed(kind, source, unsent);
+        let case = case.filter(|&c| {
+            self.retry_on.contains(c)
+                && (c != RetryCase::Reset || written)
+                && attempt < self.retries
+                && matches!(error, ProxyError::UpstreamUnavailable { .. })
+        });
+        let Some(case) = case else {
+            return Err(Failed { error, unsent });
+        };
+        let next = match unsent {
+            Some(never_left) => *never_left,
+            None => match copy.as_mut().and_then(retry::Copy::rebuild) {
+                Some(again) => again,
+                None => {
+                    return Err(Failed {
+                        error,
+                        unsent: None,
+                    })
+                }
+            },
+        };
+        if !self.budget.withdraw() {
+            // A request that was never processed may still go to a fallback; a written one
+            // may not.
+            let unsent = (case != RetryCase::Reset).then(|| Box::new(next));
+            return Err(Failed { error, unsent });
+        }
+        self.retried[case as usize].increment(1);
+        Ok(next)
     }
 
     /// A failed exchange as the proxy answers it: the client's fault (its body), or the
