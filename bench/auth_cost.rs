@@ -103,7 +103,11 @@ fn main() {
     let providers = registry.providers(table, &metrics);
     let routes = registry.routes(table, &providers);
     let runtime = routes[0].as_ref().expect("the route has auth");
-    let route_auth = table.route(0).auth.as_ref().unwrap();
+    let route_auth = table
+        .route(strangler::routes::RouteId::new(0))
+        .auth
+        .as_ref()
+        .unwrap();
     let provider = table.provider(route_auth.provider);
 
     let now = strangler::jwt::now();

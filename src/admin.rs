@@ -252,7 +252,7 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 /// The route's stage, or `rolled back by guard` while its guard is tripped.
-pub fn stage(active: &Active, id: usize) -> String {
+pub fn stage(active: &Active, id: crate::routes::RouteId) -> String {
     match &active.routes[id].guard {
         Some(g) if g.is_tripped() => "rolled back by guard".to_string(),
         _ => active.table.stage(id).to_string(),

@@ -85,6 +85,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the request presented credentials (a token, good or bad): not `missing`,
+    /// `anonymous` or a preflight.
+    pub fn presented(self) -> bool {
+        !matches!(
+            self,
+            Outcome::Anonymous | Outcome::Preflight | Outcome::Refused(Reason::Missing)
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => OK,
@@ -99,7 +108,7 @@ impl Outcome {
 pub struct Passed {
     pub claims: Option<Arc<Claims>>,
     /// The `strangler_auth_total` outcome (in observe mode, maybe a refusal reason).
-    pub outcome: &'static str,
+    pub outcome: Outcome,
 }
 
 /// A request the auth phase refuses.
@@ -111,6 +120,29 @@ pub struct Refusal {
     pub scope: Option<String>,
     /// For `keys_unavailable`: when a fetch may be tried again.
     pub retry_after: Duration,
+}
+
+impl Refusal {
+    /// The proxy's answer to the refusal (RFC 6750 §3.1): 401, 400, 403 or 503.
+    pub fn into_error(self) -> crate::error::ProxyError {
+        use crate::error::AuthError;
+        let error = match self.reason {
+            Reason::Missing => AuthError::Missing,
+            Reason::Malformed => AuthError::Malformed,
+            Reason::InsufficientScope => AuthError::InsufficientScope {
+                scope: self.scope.unwrap_or_default(),
+            },
+            Reason::KeysUnavailable => AuthError::Unavailable {
+                retry_after: self.retry_after,
+            },
+            _ => AuthError::Invalid,
+        };
+        crate::error::ProxyError::Auth {
+            realm: self.realm,
+            error,
+            reason: self.reason.as_str(),
+        }
+    }
 }
 
 /// Per-route counts by outcome, kept across reloads by route identity: `/routes` and the
@@ -180,20 +212,12 @@ impl RouteAuthRuntime {
         self.stats.record(metrics, route, outcome);
         let reason = match outcome {
             Outcome::Refused(r) => r,
-            _ => {
-                return Ok(Passed {
-                    claims,
-                    outcome: outcome.as_str(),
-                })
-            }
+            _ => return Ok(Passed { claims, outcome }),
         };
         if route_auth.mode == Mode::Observe {
             debug!(provider = %rt.name, %route, %reason, "auth (observe): would refuse");
             // A token that verified but lacks a required value still says who the caller is.
-            return Ok(Passed {
-                claims,
-                outcome: outcome.as_str(),
-            });
+            return Ok(Passed { claims, outcome });
         }
         Err(Refusal {
             reason,

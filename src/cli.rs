@@ -8,7 +8,9 @@ use http::{HeaderMap, Method};
 
 use crate::config::Loaded;
 use crate::routes::diff::{diff, label};
-use crate::routes::{canary_bucket, format_percent, in_canary, Route, RouteTable, Sticky};
+use crate::routes::{
+    canary_bucket, format_percent, in_canary, RequestKey, Route, RouteTable, Sticky,
+};
 
 /// Renders rows as left-aligned columns.
 fn columns(rows: &[Vec<String>]) -> String {
@@ -36,7 +38,8 @@ pub fn check_report(loaded: &Loaded) -> String {
             .map(String::from)
             .to_vec(),
     ];
-    for (id, r) in t.routes().iter().enumerate() {
+    for id in t.route_ids() {
+        let r = t.route(id);
         rows.push(vec![
             label(r),
             t.stage(id).to_string(),
@@ -321,8 +324,14 @@ fn refusal(a: &crate::routes::RouteAuth, reason: crate::jwt::Reason) -> String {
 }
 
 /// The `shadow:`, `fallback:` and `guard:` lines of `explain`.
-fn safety_lines(out: &mut String, t: &RouteTable, r: &Route, method: &Method, answering: usize) {
-    let name = |b: usize| t.backend(b).name.clone();
+fn safety_lines(
+    out: &mut String,
+    t: &RouteTable,
+    r: &Route,
+    method: &Method,
+    answering: crate::routes::BackendId,
+) {
+    let name = |b: crate::routes::BackendId| t.backend(b).name.clone();
     match &r.shadow {
         None => out.push_str("shadow:   none\n"),
         Some(s) => {
@@ -367,16 +376,16 @@ fn canary_line(
     client: IpAddr,
     claims: Option<&crate::jwt::Claims>,
 ) {
-    let name = |b: usize| t.backend(b).name.clone();
+    let name = |b: crate::routes::BackendId| t.backend(b).name.clone();
     match &r.canary {
         None => out.push_str("canary:   none\n"),
         Some(c) => {
             let what = match &c.sticky {
-                Sticky::Header(h) => format!("header {h}"),
-                Sticky::Cookie(n) => format!("cookie {n}"),
-                Sticky::Ip => format!("client ip {client}"),
-                Sticky::Claim(c) => format!("claim {c}"),
-                Sticky::Random => String::new(),
+                Sticky::Key(RequestKey::Header(h)) => format!("header {h}"),
+                Sticky::Key(RequestKey::Cookie(n)) => format!("cookie {n}"),
+                Sticky::Key(RequestKey::Client) => format!("client ip {client}"),
+                Sticky::Key(RequestKey::Claim(c)) => format!("claim {c}"),
+                Sticky::Key(RequestKey::Route) | Sticky::Random => String::new(),
             };
             let key = c.sticky_key(headers, client, claims).map(|k| (what, k));
             let pct = format_percent(c.percent);

@@ -150,15 +150,20 @@ impl Guards {
     /// come and go: only an edit of a route's own entry (or `POST /guard/reset`) clears its
     /// guard.
     pub fn slots(&self, table: &RouteTable, metrics: &Metrics) -> Vec<Option<Arc<GuardState>>> {
-        let routes = table.routes();
-        let keys =
-            (0..routes.len()).map(|id| routes[id].guard.is_some().then(|| table.entry_key(id)));
+        let keys = table
+            .route_ids()
+            .map(|id| table.route(id).guard.is_some().then(|| table.entry_key(id)));
         self.by_entry.renew(
             keys,
             |key| {
                 // Keys are made for guarded routes only.
                 let route = key.route();
-                let g = route.guard.clone().unwrap_or_default();
+                let g = route.guard.clone().unwrap_or(Guard {
+                    max_error_rate: 1.0,
+                    window: Duration::from_secs(60),
+                    min_requests: u64::MAX,
+                    to: crate::routes::BackendId::new(0),
+                });
                 let to = key.guard_to().unwrap_or_default().to_string();
                 GuardState::new(&route.prefix, g, to, self.base, metrics)
             },
@@ -184,7 +189,7 @@ mod tests {
             max_error_rate: rate,
             window: Duration::from_secs(window_s),
             min_requests: min,
-            to: 0,
+            to: crate::routes::BackendId::new(0),
         };
         let metrics = Metrics::new();
         GuardState::new(

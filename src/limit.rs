@@ -27,10 +27,9 @@ use tracing::{debug, info, warn};
 
 use crate::carry::CarryOver;
 use crate::config::{OnStoreError, RateLimitStore};
-use crate::headers::cookie;
 use crate::jwt::Claims;
 use crate::metrics::{Metrics, RATELIMIT_KEYS, RATELIMIT_STORE_ERRORS_TOTAL, RATELIMIT_TOTAL};
-use crate::routes::{LimitKey, RateLimit, Route, RouteKey, RouteTable};
+use crate::routes::{RateLimit, RequestKey, Route, RouteKey, RouteTable};
 
 /// How often idle keys are swept and `strangler_ratelimit_keys` is set.
 const SWEEP: Duration = Duration::from_secs(10);
@@ -76,7 +75,22 @@ pub enum Verdict {
     Unknown,
 }
 
-/// The outcome labels of `strangler_ratelimit_total`.
+/// What the rate-limit phase decided for one request (the access log's `ratelimit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Limited,
+    /// A dry-run window would have refused it.
+    WouldLimit,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        OUTCOMES[self as usize]
+    }
+}
+
+/// The outcome labels of `strangler_ratelimit_total`, in [`Decision`] order.
 const ALLOWED: usize = 0;
 const LIMITED: usize = 1;
 const WOULD_LIMIT: usize = 2;
@@ -324,13 +338,13 @@ impl Limits {
                         limited: Some(retry_after),
                         policy: limits.policy.clone(),
                         state: state_header(w, 0, reset),
-                        outcome: Some("limited"),
+                        outcome: Decision::Limited,
                     };
                 }
                 Verdict::Limited { .. } => {
                     state.count(metrics, WOULD_LIMIT);
                     debug!(route = %route.prefix, policy = %w.name, "rate limit (dry run): would limit");
-                    outcome = Some("would_limit");
+                    outcome = Some(Decision::WouldLimit);
                 }
             }
         }
@@ -341,7 +355,7 @@ impl Limits {
             limited: None,
             policy: limits.policy.clone(),
             state: tightest.and_then(|(w, r, reset)| state_header(w, r, reset)),
-            outcome: outcome.or(Some("allowed")),
+            outcome: outcome.unwrap_or(Decision::Allowed),
         }
     }
 
@@ -382,8 +396,8 @@ pub struct Checked {
     pub policy: Option<HeaderValue>,
     /// `RateLimit` of the tightest enforced window.
     pub state: Option<HeaderValue>,
-    /// For the access log: `allowed`, `limited` or `would_limit`.
-    pub outcome: Option<&'static str>,
+    /// For the access log.
+    pub outcome: Decision,
 }
 
 /// `"default";q=100;w=60, "burst";q=20;w=1` (draft-ietf-httpapi-ratelimit-headers).
@@ -408,35 +422,33 @@ fn state_header(w: &RateLimit, remaining: u64, reset: Duration) -> Option<Header
     HeaderValue::from_str(&format!("\"{}\";r={remaining};t={t}", w.name)).ok()
 }
 
-/// What a window counts by, for this request: the key's value, or the client's address when
-/// the request has none (never unlimited). Kinds are tagged so values never collide.
+/// The bytes a window counts a request under: its key's value, tagged with the key's kind
+/// so values of different kinds never share a bucket; a request without the key is counted
+/// by its client's address (never one shared bucket for everyone without it).
 fn key_material(
-    key: &LimitKey,
+    key: &RequestKey,
     headers: &HeaderMap,
     client: std::net::IpAddr,
     claims: Option<&Claims>,
 ) -> Vec<u8> {
-    let tagged = |tag: u8, value: &[u8]| {
-        let mut v = Vec::with_capacity(value.len() + 1);
-        v.push(tag);
-        v.extend_from_slice(value);
-        v
+    let tag = match key {
+        RequestKey::Route => return vec![b'r'],
+        RequestKey::Header(_) => b'h',
+        RequestKey::Cookie(_) => b'c',
+        RequestKey::Claim(_) => b'j',
+        RequestKey::Client => b'i',
     };
-    let found = match key {
-        LimitKey::Route => return vec![b'r'],
-        LimitKey::Ip => None,
-        LimitKey::Header(name) => headers
-            .get(name)
-            .filter(|v| !v.is_empty())
-            .map(|v| tagged(b'h', v.as_bytes())),
-        LimitKey::Cookie(name) => cookie(headers, name)
-            .filter(|v| !v.is_empty())
-            .map(|v| tagged(b'c', v.as_bytes())),
-        LimitKey::Claim(name) => claims
-            .and_then(|c| crate::jwt::claim_text(c, name))
-            .map(|v| tagged(b'j', v.as_bytes())),
+    let (tag, value) = match key.read(headers, client, claims) {
+        Some(value) => (tag, value),
+        None => (
+            b'i',
+            std::borrow::Cow::Owned(client.to_string().into_bytes()),
+        ),
     };
-    found.unwrap_or_else(|| tagged(b'i', client.to_string().as_bytes()))
+    let mut v = Vec::with_capacity(value.len() + 1);
+    v.push(tag);
+    v.extend_from_slice(&value);
+    v
 }
 
 /// Sweeps idle keys and sets `strangler_ratelimit_keys{route}`, until the registry is gone.

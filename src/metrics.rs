@@ -327,13 +327,13 @@ impl RouteMetrics {
     pub fn for_backend(
         &self,
         metrics: &Metrics,
-        id: usize,
+        id: crate::routes::BackendId,
         route: &str,
         backend: &str,
     ) -> Option<&Responses> {
         Some(
             self.slots
-                .get(id)?
+                .get(id.index())?
                 .get_or_init(|| Responses::new(metrics, route, backend)),
         )
     }

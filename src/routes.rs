@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod diff;
 pub mod events;
+mod key;
 pub mod limits;
 
 use std::borrow::Cow;
@@ -23,16 +24,90 @@ use http::header::{HeaderMap, HeaderName};
 use http::uri::{Authority, Scheme};
 use http::Method;
 
-use crate::headers::cookie;
 use crate::jwt::Claims;
 
 pub use auth::{KeySource, Mode, Provider, ProviderId, RouteAuth, TokenSource};
-pub use limits::{LimitKey, RateLimit, Stale};
+pub use key::{is_cookie_name, RequestKey, EXPECTED as KEY_EXPECTED};
+pub use limits::{RateLimit, Stale};
 
-/// Index of a backend in [`RouteTable::backends`].
-pub type BackendId = usize;
-/// Index of a route in [`RouteTable::routes`].
-pub type RouteId = usize;
+/// A backend of one table: its position in [`RouteTable::backends`], and of its upstream in
+/// a snapshot. Only meaningful with the table it came from (a reload renumbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(usize);
+
+/// A route of one table: its position in [`RouteTable::routes`], and of its runtime in a
+/// snapshot. Only meaningful with the table it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(usize);
+
+impl BackendId {
+    pub const fn new(index: usize) -> Self {
+        BackendId(index)
+    }
+
+    pub const fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl RouteId {
+    pub const fn new(index: usize) -> Self {
+        RouteId(index)
+    }
+
+    pub const fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Values by id, in id order: a backend's upstream, a route's runtime. Indexed by the id
+/// type only, so a route's id can never pick a backend's value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ById<I, T> {
+    items: Vec<T>,
+    id: std::marker::PhantomData<fn(I)>,
+}
+
+impl<I, T> ById<I, T> {
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.items.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        &self.items
+    }
+}
+
+impl<I, T> FromIterator<T> for ById<I, T> {
+    fn from_iter<It: IntoIterator<Item = T>>(iter: It) -> Self {
+        ById {
+            items: iter.into_iter().collect(),
+            id: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> std::ops::Index<BackendId> for ById<BackendId, T> {
+    type Output = T;
+    fn index(&self, id: BackendId) -> &T {
+        &self.items[id.0]
+    }
+}
+
+impl<T> std::ops::Index<RouteId> for ById<RouteId, T> {
+    type Output = T;
+    fn index(&self, id: RouteId) -> &T {
+        &self.items[id.0]
+    }
+}
 
 /// An upstream as declared under `[backends.NAME]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,27 +249,22 @@ pub struct Shadow {
     pub methods: Vec<Method>,
 }
 
-/// How a canary request is assigned to its bucket.
+/// Who stays on which side of a canary: a key read from the request, or a random draw per
+/// request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Sticky {
     /// Per-request random.
     Random,
-    Header(HeaderName),
-    Cookie(String),
-    Ip,
-    /// A verified JWT claim (`claim:sub`): a user stays on one side by identity.
-    Claim(String),
+    /// The same key, the same side (`claim:sub`: a user by identity; never `route`).
+    Key(RequestKey),
 }
 
-/// As in routes.toml's `sticky`: `random`, `ip`, `header:NAME`, `cookie:NAME`.
+/// As in routes.toml's `sticky`: `random`, `ip`, `header:NAME`, `cookie:NAME`, `claim:NAME`.
 impl fmt::Display for Sticky {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Sticky::Random => f.write_str("random"),
-            Sticky::Ip => f.write_str("ip"),
-            Sticky::Header(h) => write!(f, "header:{h}"),
-            Sticky::Cookie(c) => write!(f, "cookie:{c}"),
-            Sticky::Claim(c) => write!(f, "claim:{c}"),
+            Sticky::Key(k) => k.fmt(f),
         }
     }
 }
@@ -220,12 +290,7 @@ impl Canary {
     ) -> Option<Cow<'a, [u8]>> {
         match &self.sticky {
             Sticky::Random => None,
-            Sticky::Header(name) => headers.get(name).map(|v| Cow::Borrowed(v.as_bytes())),
-            Sticky::Cookie(name) => cookie(headers, name).map(|v| Cow::Borrowed(v.as_bytes())),
-            Sticky::Ip => Some(Cow::Owned(client.to_string().into_bytes())),
-            Sticky::Claim(name) => {
-                crate::jwt::claim_text(claims?, name).map(|t| Cow::Owned(t.into_bytes()))
-            }
+            Sticky::Key(key) => key.read(headers, client, claims),
         }
     }
 }
@@ -244,7 +309,7 @@ pub struct Compare {
 }
 
 /// `[routes.guard]`, with defaults filled in.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Guard {
     pub max_error_rate: f64,
     pub window: Duration,
@@ -499,11 +564,14 @@ impl RouteTable {
     ) -> Self {
         let mut index: HashMap<String, Vec<RouteId>> = HashMap::new();
         for (id, route) in routes.iter().enumerate() {
-            index.entry(route.key.clone()).or_default().push(id);
+            index
+                .entry(route.key.clone())
+                .or_default()
+                .push(RouteId(id));
         }
         for ids in index.values_mut() {
             // Stable: equal specificity keeps file order.
-            ids.sort_by_key(|&id| std::cmp::Reverse(routes[id].specificity()));
+            ids.sort_by_key(|&id| std::cmp::Reverse(routes[id.0].specificity()));
         }
         let mut claim_headers: Vec<HeaderName> = providers
             .iter()
@@ -540,7 +608,12 @@ impl RouteTable {
     }
 
     pub fn backend(&self, id: BackendId) -> &Backend {
-        &self.backends[id]
+        &self.backends[id.0]
+    }
+
+    /// Every backend's id, in file order.
+    pub fn backend_ids(&self) -> impl Iterator<Item = BackendId> {
+        (0..self.backends.len()).map(BackendId)
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -548,7 +621,12 @@ impl RouteTable {
     }
 
     pub fn route(&self, id: RouteId) -> &Route {
-        &self.routes[id]
+        &self.routes[id.0]
+    }
+
+    /// Every route's id, in file order.
+    pub fn route_ids(&self) -> impl Iterator<Item = RouteId> {
+        (0..self.routes.len()).map(RouteId)
     }
 
     pub fn legacy(&self) -> Option<BackendId> {
@@ -556,13 +634,16 @@ impl RouteTable {
     }
 
     pub fn backend_id(&self, name: &str) -> Option<BackendId> {
-        self.backends.iter().position(|b| b.name == name)
+        self.backends
+            .iter()
+            .position(|b| b.name == name)
+            .map(BackendId)
     }
 
     /// The identity of route `id`'s entry across reloads (see [`EntryKey`]).
     pub fn entry_key(&self, id: RouteId) -> EntryKey {
-        let mut route = self.routes[id].clone();
-        let name = |b: BackendId| Some(self.backends[b].name.clone());
+        let mut route = self.routes[id.0].clone();
+        let name = |b: BackendId| Some(self.backends[b.0].name.clone());
         let names = [
             name(route.backend),
             route.shadow.as_ref().and_then(|s| name(s.backend)),
@@ -575,16 +656,16 @@ impl RouteTable {
                 .map(|a| self.providers[a.provider].name.clone()),
         ];
         route.line = 0;
-        route.backend = 0;
-        route.fallback = route.fallback.map(|_| 0);
+        route.backend = BackendId(0);
+        route.fallback = route.fallback.map(|_| BackendId(0));
         if let Some(s) = route.shadow.as_mut() {
-            s.backend = 0;
+            s.backend = BackendId(0);
         }
         if let Some(c) = route.canary.as_mut() {
-            c.backend = 0;
+            c.backend = BackendId(0);
         }
         if let Some(g) = route.guard.as_mut() {
-            g.to = 0;
+            g.to = BackendId(0);
         }
         if let Some(a) = route.auth.as_mut() {
             a.provider = 0;
@@ -600,7 +681,7 @@ impl RouteTable {
             if let Some(ids) = self.index.get(candidate) {
                 if let Some(&id) = ids
                     .iter()
-                    .find(|&&id| self.routes[id].accepts(method, host))
+                    .find(|&&id| self.routes[id.0].accepts(method, host))
                 {
                     return Some(id);
                 }
@@ -615,7 +696,7 @@ impl RouteTable {
 
     /// The stage of a route, derived from its backend, shadow and canary.
     pub fn stage(&self, id: RouteId) -> Stage {
-        let route = &self.routes[id];
+        let route = &self.routes[id.0];
         if let Some(c) = route.canary.as_ref().filter(|c| c.percent > 0.0) {
             return Stage::Canary(c.percent);
         }
@@ -625,7 +706,7 @@ impl RouteTable {
             (true, Some(_)) => Stage::Shadowing,
             (false, None) => Stage::CutOver,
             (false, Some(s)) if is_legacy(s.backend) => Stage::ReverseShadow,
-            (false, Some(s)) => Stage::CutOverShadowed(self.backends[s.backend].name.clone()),
+            (false, Some(s)) => Stage::CutOverShadowed(self.backends[s.backend.0].name.clone()),
         }
     }
 
@@ -637,7 +718,7 @@ impl RouteTable {
             for (i, &id) in ids.iter().enumerate() {
                 if let Some(&by) = ids[..i]
                     .iter()
-                    .find(|&&a| self.routes[id].filters_within(&self.routes[a]))
+                    .find(|&&a| self.routes[id.0].filters_within(&self.routes[a.0]))
                 {
                     hidden.push((id, by));
                 }
@@ -651,7 +732,7 @@ impl RouteTable {
     pub fn has_catch_all(&self) -> bool {
         self.index
             .get("/")
-            .is_some_and(|ids| ids.iter().any(|&id| self.routes[id].specificity() == 0))
+            .is_some_and(|ids| ids.iter().any(|&id| self.routes[id.0].specificity() == 0))
     }
 }
 

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -45,8 +44,7 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 /// the rules, at most this many per connection before it is closed.
 const H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
 
-/// The listener's TLS configuration, swapped when its certificate files change.
-pub type TlsConfig = Arc<ArcSwap<rustls::ServerConfig>>;
+pub use crate::tls::TlsConfig;
 
 /// TLS on a listener: its configuration and the counters of handshakes that did not complete.
 pub struct Tls {
@@ -221,32 +219,48 @@ pub async fn serve<S, F>(
             peer,
             called: None,
         };
-        let protocols = protocols.clone();
-        let conn_shutdown = shutdown.clone();
         // Disabled (the default filter), the span allocates nothing and costs a branch a poll.
         let span = tracing::debug_span!("conn", %peer, listener = name);
-        // Two task types: the plain HTTP/1.1 one (the usual listener) carries none of the TLS
-        // and HTTP/2 states, which would make every connection's task several KiB larger.
-        if protocols.plain_http1() {
-            tokio::spawn(
-                async move {
-                    plain_http1(&protocols, stream, handler, conn_shutdown).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
-        } else {
-            tokio::spawn(
-                async move {
-                    connection(&protocols, stream, handler, conn_shutdown).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
-        }
+        let conn = (protocols.clone(), stream, handler, shutdown.clone());
+        spawn_connection(conn, permit, span);
     }
     drop(listener);
     drain(&permits, max, limits.drain_timeout, name).await;
+}
+
+/// Serves one accepted connection on its own task, holding its permit until it ends. Two
+/// task types: the plain HTTP/1.1 one (the usual listener) carries none of the TLS and
+/// HTTP/2 states, which would make every connection's task several KiB larger.
+fn spawn_connection<S, F>(
+    (protocols, stream, handler, shutdown): (
+        Arc<Protocols>,
+        TcpStream,
+        Handler<'static, S>,
+        Shutdown,
+    ),
+    permit: tokio::sync::OwnedSemaphorePermit,
+    span: tracing::Span,
+) where
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    if protocols.plain_http1() {
+        tokio::spawn(
+            async move {
+                plain_http1(&protocols, stream, handler, shutdown).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    } else {
+        tokio::spawn(
+            async move {
+                connection(&protocols, stream, handler, shutdown).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
 }
 
 /// What hyper calls for each request of a connection: the listener's handler, given the

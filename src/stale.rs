@@ -29,6 +29,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use metrics::{Counter, Gauge, Label};
 
 use crate::carry::CarryOver;
+use crate::error::ProxyError;
 use crate::jwt::Claims;
 use crate::metrics::{Metrics, STALE_BYTES, STALE_TOTAL};
 use crate::routes::{Route, RouteKey, RouteTable, Stale};
@@ -440,6 +441,31 @@ impl Plan {
             && ((connect && self.settings.on_connect)
                 || (timeout && self.settings.on_timeout)
                 || (!connect && !timeout && self.settings.on_status.contains(&status.as_u16())))
+    }
+
+    /// Whether the route answers this backend answer (a 5xx head) from its store instead: a
+    /// status listed in `on`.
+    pub fn replaces_answer(&self, status: StatusCode) -> bool {
+        status.is_server_error() && self.triggered(status, false, false)
+    }
+
+    /// Whether the route answers this failure (no answer from the backends) from its store:
+    /// `connect` (no connection could be made, or it broke before an answer's head: refused,
+    /// reset, closed unanswered), `timeout`, or the status the proxy would answer. A broken
+    /// connection is also the proxy's 502, so `on = ["502"]` still takes it; a malformed
+    /// answer is only the proxy's 502.
+    pub fn replaces_failure(&self, error: &ProxyError) -> bool {
+        use crate::error::UpstreamErrorKind::{Connect, Reset};
+        let status = error.status();
+        let (connect, timeout) = match error {
+            ProxyError::UpstreamUnavailable { kind, .. } => {
+                (matches!(kind, Connect | Reset), false)
+            }
+            ProxyError::UpstreamTimeout { .. } => (false, true),
+            _ => (false, false),
+        };
+        let broke = matches!(error, ProxyError::UpstreamUnavailable { kind: Reset, .. });
+        self.triggered(status, connect, timeout) || (broke && self.triggered(status, false, false))
     }
 
     /// The stored copy, as a response, if there is one young enough.

@@ -19,7 +19,7 @@ use crate::guard::{GuardState, Guards};
 use crate::headers::RequestIds;
 use crate::limit::{Limits, RouteLimits};
 use crate::metrics::{Metrics, Responses, RouteMetrics, NO_ROUTE};
-use crate::routes::{BackendId, RouteId, RouteTable};
+use crate::routes::{BackendId, ById, RouteId, RouteTable};
 use crate::shadow::{self, Shadows};
 use crate::stale::{RouteStale, StaleStore};
 use crate::traffic::{RouteTraffic, Traffic};
@@ -53,10 +53,10 @@ pub struct Active {
     /// Of the files behind the listener's TLS configuration (`""` without TLS).
     pub server_tls: String,
     pub table: RouteTable,
-    /// Parallel to `table.backends()`.
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// Parallel to `table.routes()`.
-    pub routes: Vec<RouteRuntime>,
+    /// Each backend's client, by the backend's id in `table`.
+    pub upstreams: ById<BackendId, Arc<Upstream>>,
+    /// Each route's runtime, by the route's id in `table`.
+    pub routes: ById<RouteId, RouteRuntime>,
     /// Parallel to `table.providers()`.
     pub providers: Vec<Arc<ProviderRuntime>>,
     no_route: Responses,
@@ -73,7 +73,7 @@ impl Active {
     ) -> Self {
         let table = loaded.parsed.table.clone();
         let metrics = &state.metrics;
-        let old: &[Arc<Upstream>] = previous.map_or(&[], |p| &p.upstreams);
+        let old: &[Arc<Upstream>] = previous.map_or(&[], |p| p.upstreams.as_slice());
         let upstreams = table
             .backends()
             .iter()
@@ -86,27 +86,25 @@ impl Active {
         for p in &providers {
             p.start();
         }
-        let auth = state.auth.routes(&table, &providers);
-        let limits = state.limits.routes(&table);
-        let stale = state.stale.routes(&table);
-        let routes = shadows
-            .into_iter()
-            .zip(guards)
-            .zip(traffic)
-            .zip(auth)
-            .zip(limits)
-            .zip(stale)
-            .map(
-                |(((((shadow, guard), traffic), auth), limits), stale)| RouteRuntime {
-                    metrics: RouteMetrics::new(table.backends().len()),
-                    shadow,
-                    guard,
-                    traffic,
-                    auth,
-                    limits,
-                    stale,
-                },
-            )
+        // Each registry renews its per-route state once for the whole table (keeping what
+        // outlives the reload), then each route takes its own.
+        let mut shadow = shadows.into_iter();
+        let mut guard = guards.into_iter();
+        let mut traffic = traffic.into_iter();
+        let mut auth = state.auth.routes(&table, &providers).into_iter();
+        let mut limits = state.limits.routes(&table).into_iter();
+        let mut stale = state.stale.routes(&table).into_iter();
+        let routes = table
+            .route_ids()
+            .map(|_| RouteRuntime {
+                metrics: RouteMetrics::new(table.backends().len()),
+                shadow: shadow.next().flatten(),
+                guard: guard.next().flatten(),
+                traffic: traffic.next().unwrap_or_default(),
+                auth: auth.next().flatten(),
+                limits: limits.next().flatten(),
+                stale: stale.next().flatten(),
+            })
             .collect();
         Active {
             generation,
@@ -161,7 +159,7 @@ pub struct State {
     answered: AtomicU64,
     answered_by_new: AtomicU64,
     /// The listener's TLS configuration; a reload swaps it when certificate files change.
-    pub tls: Option<crate::server::TlsConfig>,
+    pub tls: Option<crate::tls::TlsConfig>,
     /// Repeated warnings of the request path, written once per [`crate::quiet::WINDOW`].
     pub quiet: crate::quiet::Quiet,
 }
@@ -262,7 +260,8 @@ impl State {
         let r = active.table.route(route);
         let runtime = &active.routes[route];
         let Some(backend) = backend else {
-            let none = active.table.backends().len();
+            // The slot after the last backend: answered by none.
+            let none = BackendId::new(active.table.backends().len());
             if let Some(m) = runtime
                 .metrics
                 .for_backend(metrics, none, &r.prefix, NO_ROUTE)

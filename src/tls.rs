@@ -18,6 +18,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sha2::{Digest, Sha256};
 
+/// The listener's TLS configuration, swapped when its certificate files change.
+pub type TlsConfig = Arc<arc_swap::ArcSwap<ServerConfig>>;
+
 /// ALPN ids.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";

@@ -196,7 +196,7 @@ async fn the_demo_route_table_is_valid_and_flows_through_the_proxy() {
         t.routes()
             .iter()
             .position(|r| r.prefix == p)
-            .map(|id| t.stage(id).to_string())
+            .map(|id| t.stage(strangler::routes::RouteId::new(id)).to_string())
     };
     assert_eq!(stage_of("/api/users").as_deref(), Some("shadowing"));
     assert_eq!(stage_of("/api/workouts").as_deref(), Some("legacy"));

@@ -275,7 +275,9 @@ impl RoutesView {
                 .zip(&active.providers)
                 .map(|(p, rt)| ProviderView::new(p, rt))
                 .collect(),
-            backends: (0..active.table.backends().len())
+            backends: active
+                .table
+                .backend_ids()
                 .map(|id| BackendView::new(&active, id))
                 .collect(),
             coverage: CoverageView {
@@ -313,7 +315,9 @@ impl RoutesView {
                 timeout: humantime::format_duration(s.timeout).to_string(),
                 url_env: s.url_env.clone(),
             }),
-            routes: (0..active.table.routes().len())
+            routes: active
+                .table
+                .route_ids()
                 .map(|id| RouteView::new(&active, id))
                 .collect(),
             source: state.path.display().to_string(),
@@ -333,7 +337,7 @@ impl RoutesView {
 
 impl BackendView {
     /// A backend with the live state of its endpoints.
-    fn new(active: &Active, id: usize) -> Self {
+    fn new(active: &Active, id: crate::routes::BackendId) -> Self {
         let b = active.table.backend(id);
         BackendView {
             endpoints: active.upstreams[id]
@@ -374,11 +378,11 @@ impl BackendView {
 }
 
 impl RouteView {
-    fn new(active: &Active, id: usize) -> Self {
+    fn new(active: &Active, id: crate::routes::RouteId) -> Self {
         let t = &active.table;
         let r = t.route(id);
         let runtime = &active.routes[id];
-        let name = |b: usize| t.backend(b).name.clone();
+        let name = |b: crate::routes::BackendId| t.backend(b).name.clone();
         let names = |m: &[http::Method]| m.iter().map(|m| m.as_str().to_string()).collect();
         let cmp = runtime
             .shadow

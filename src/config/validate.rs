@@ -19,7 +19,7 @@ use toml::Spanned;
 use super::file::{BackendFile, CanaryFile, CompareFile, GuardFile, RouteFile, ServerFile};
 use crate::config::{ServerSettings, Watch};
 use crate::routes::{
-    Backend, BackendId, Canary, Compare, Guard, Route, RouteTable, Shadow, Sticky,
+    Backend, BackendId, Canary, Compare, Guard, RequestKey, Route, RouteTable, Shadow, Sticky,
 };
 use crate::units::{parse_duration, parse_size};
 

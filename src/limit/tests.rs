@@ -8,7 +8,7 @@ fn window(limit: u64, per: Duration, burst: u64) -> RateLimit {
         limit,
         per,
         burst,
-        key: LimitKey::Ip,
+        key: RequestKey::Client,
         dry_run: false,
         max_keys: 1000,
         global: false,
@@ -92,14 +92,14 @@ async fn keys_are_kept_apart_and_bounded() {
 fn a_request_without_the_key_is_limited_by_its_address() {
     let ip: IpAddr = "203.0.113.9".parse().unwrap();
     let mut h = HeaderMap::new();
-    let by_header = LimitKey::Header(http::HeaderName::from_static("x-api-key"));
+    let by_header = RequestKey::Header(http::HeaderName::from_static("x-api-key"));
     let keyless = key_material(&by_header, &h, ip, None);
-    assert_eq!(keyless, key_material(&LimitKey::Ip, &h, ip, None));
+    assert_eq!(keyless, key_material(&RequestKey::Client, &h, ip, None));
     h.insert("x-api-key", HeaderValue::from_static("203.0.113.9"));
     // A header whose value is an address is not that address's bucket.
     assert_ne!(key_material(&by_header, &h, ip, None), keyless);
-    assert_eq!(key_material(&LimitKey::Route, &h, ip, None), b"r");
-    let claim = LimitKey::Claim("sub".into());
+    assert_eq!(key_material(&RequestKey::Route, &h, ip, None), b"r");
+    let claim = RequestKey::Claim("sub".into());
     assert_eq!(key_material(&claim, &h, ip, None), keyless);
     let claims: Claims = serde_json::json!({"sub": "u1"})
         .as_object()

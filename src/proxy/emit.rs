@@ -3,17 +3,16 @@
 //! waits: events go to [`Events::emit`], which drops and counts when its buffer is full.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use super::{Context, Routed};
+use super::{Ctx, Routed};
 use crate::events::{Body, Event, Events, RequestFacts};
 use crate::routes::events::RouteEvents;
-use crate::routes::Route;
+
 use crate::upstream::tee::{Captured, Tee};
 
 /// Whether a method changes state (a `write` event is published for its 2xx answers).
@@ -65,7 +64,7 @@ pub(super) struct Write {
 /// A write event for this request, if its route publishes them and events are on; with the
 /// tee that copies its request body (when the route captures bodies).
 pub(super) fn plan_write(
-    cx: &Context<'_>,
+    cx: &Ctx<'_>,
     routed: &Routed<'_>,
     req: &Request<Incoming>,
 ) -> Option<(Write, Option<Tee>)> {
@@ -155,17 +154,16 @@ impl Write {
 
 /// A sampled `request` event of an answered request (refused ones too, with backend
 /// `none`).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn request_event(
+    cx: &Ctx<'_>,
     events: &Events,
-    route: &Route,
-    backend: Option<&str>,
     method: &Method,
     pq: Option<&PathAndQuery>,
-    request_id: &str,
     status: StatusCode,
-    latency: Duration,
 ) {
+    let Some(route) = cx.route.map(|id| cx.active.table.route(id)) else {
+        return;
+    };
     let Some(settings) = route.events.as_ref().filter(|e| e.request) else {
         return;
     };
@@ -173,13 +171,14 @@ pub(super) fn request_event(
         return;
     }
     let path = shown_path(settings, pq);
+    let backend = cx.backend.map(|b| cx.active.table.backend(b).name.as_str());
     let facts = RequestFacts {
-        request_id,
+        request_id: cx.request_id.to_str().unwrap_or_default(),
         route: &route.prefix,
         method: method.as_str(),
         path: &path,
         backend: backend.unwrap_or(crate::metrics::NO_ROUTE),
         status: status.as_u16(),
     };
-    events.emit(Event::request(&settings.key, &facts, latency));
+    events.emit(Event::request(&settings.key, &facts, cx.start.elapsed()));
 }

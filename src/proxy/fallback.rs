@@ -15,14 +15,15 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{idempotent, Context, Outbound, Routed};
+use super::choose::Outbound;
+use super::{idempotent, Ctx, Routed};
 use crate::error::ProxyError;
 use crate::metrics::FALLBACK_TOTAL;
 use crate::routes::BackendId;
 use crate::shadow;
 use crate::upstream::body::UpstreamBody;
 use crate::upstream::tee::{Budget, Captured, Tee};
-use crate::upstream::{Failed, Lease, Upstream};
+use crate::upstream::{Failed, Lease, Resend, Upstream};
 
 /// An answer head, with the connection it came on and the backend that gave it.
 pub(super) struct Answered {
@@ -43,10 +44,34 @@ pub(super) struct Unanswered {
 pub(super) type Second<'a> =
     Pin<Box<dyn Future<Output = Result<Answered, Unanswered>> + Send + 'a>>;
 
+/// Sends the request: to the chosen backend (its own retries inside), then to the route's
+/// fallback where that is safe. The shadow leg (`feed`) gets the request body as it streams.
+pub(super) async fn send(
+    cx: &Ctx<'_>,
+    routed: &Routed<'_>,
+    out: Outbound,
+    feed: Option<&mut shadow::Feed>,
+) -> Result<Answered, Unanswered> {
+    let deadline = out.deadline;
+    let (req, fallback) = first_request(cx, routed, out, feed);
+    let resend = if routed.route.retry_non_idempotent {
+        Resend::Any
+    } else {
+        Resend::Idempotent
+    };
+    let first = cx.active.upstreams[routed.backend]
+        .send_with(req, deadline, resend)
+        .await;
+    match settle(cx, routed, first, fallback, deadline) {
+        Ok(outcome) => outcome,
+        Err(second) => second.await,
+    }
+}
+
 /// The first attempt's request for the chosen backend (its body teed to the shadow leg
 /// through `feed`), and what it takes to send it again to the route's fallback.
-pub(super) fn first_request(
-    cx: &Context<'_>,
+fn first_request(
+    cx: &Ctx<'_>,
     routed: &Routed<'_>,
     out: Outbound,
     feed: Option<&mut shadow::Feed>,
@@ -72,8 +97,8 @@ pub(super) fn first_request(
 /// The first attempt's outcome, counted by the route's guard: it stands (`Ok`), or the
 /// fallback's turn comes (`Err`, a boxed future: the second attempt is rare, and inline it
 /// would enlarge every request's future).
-pub(super) fn settle<'a>(
-    cx: &'a Context<'a>,
+fn settle<'a>(
+    cx: &'a Ctx<'a>,
     routed: &'a Routed<'a>,
     first: Result<(Response<Incoming>, Lease), Failed>,
     fallback: Option<(BackendId, Retry)>,
@@ -100,7 +125,7 @@ pub(super) fn settle<'a>(
 
 /// The fallback's turn, when the first attempt's outcome allows it.
 async fn to_fallback(
-    cx: &Context<'_>,
+    cx: &Ctx<'_>,
     routed: &Routed<'_>,
     to: BackendId,
     first: Result<(Response<Incoming>, Lease), Failed>,
@@ -192,7 +217,7 @@ fn next(
 }
 
 /// `strangler_fallback_total{route, from, to}`, and a debug line.
-fn count(cx: &Context<'_>, routed: &Routed<'_>, to: BackendId) {
+fn count(cx: &Ctx<'_>, routed: &Routed<'_>, to: BackendId) {
     let table = &cx.active.table;
     let route = &routed.route.prefix;
     let (from, to) = (&table.backend(routed.backend).name, &table.backend(to).name);
@@ -214,7 +239,7 @@ fn count(cx: &Context<'_>, routed: &Routed<'_>, to: BackendId) {
 /// one it watches (not the legacy one, not where it rolls back to). Client faults are not
 /// the backend's errors.
 fn guard_watch(
-    cx: &Context<'_>,
+    cx: &Ctx<'_>,
     routed: &Routed<'_>,
     first: &Result<(Response<Incoming>, Lease), Failed>,
 ) {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{format_percent, Route, RouteTable};
+use super::{format_percent, BackendId, Route, RouteId, RouteTable};
 
 /// A route's name in a diff: its prefix as written, plus its filters when it has any.
 pub fn label(route: &Route) -> String {
@@ -60,14 +60,13 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
             out.push(format!("auth {}: removed", o.name));
         }
     }
-    let old_ids: HashMap<String, usize> = old
-        .routes()
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.identity(), i))
+    let old_ids: HashMap<String, RouteId> = old
+        .route_ids()
+        .map(|i| (old.route(i).identity(), i))
         .collect();
     let mut kept = vec![false; old.routes().len()];
-    for (id, route) in new.routes().iter().enumerate() {
+    for id in new.route_ids() {
+        let route = new.route(id);
         let stage = new.stage(id);
         let Some(&oid) = old_ids.get(&route.identity()) else {
             let backend = &new.backend(route.backend).name;
@@ -77,7 +76,7 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
             ));
             continue;
         };
-        kept[oid] = true;
+        kept[oid.index()] = true;
         let old_stage = old.stage(oid);
         if old_stage != stage {
             out.push(format!("{}: {old_stage} -> {stage}", label(route)));
@@ -86,8 +85,9 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
             out.push(format!("{}: {change}", label(route)));
         }
     }
-    for (oid, route) in old.routes().iter().enumerate() {
-        if !kept[oid] {
+    for oid in old.route_ids() {
+        let route = old.route(oid);
+        if !kept[oid.index()] {
             out.push(format!(
                 "{}: removed (was {})",
                 label(route),
@@ -100,7 +100,7 @@ pub fn diff(old: &RouteTable, new: &RouteTable) -> Vec<String> {
 
 /// Changes that the stage does not already say.
 fn field_changes(ot: &RouteTable, o: &Route, nt: &RouteTable, n: &Route) -> Vec<String> {
-    let name = |t: &RouteTable, id: Option<usize>| {
+    let name = |t: &RouteTable, id: Option<BackendId>| {
         id.map_or("none".to_string(), |id| t.backend(id).name.clone())
     };
     let mut out = Vec::new();

@@ -2,7 +2,6 @@
 //! `stale_if_error` settings. Pure data: buckets and stored answers live in `crate::limit`
 //! and `crate::stale`.
 
-use std::fmt;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -17,7 +16,7 @@ pub struct RateLimit {
     pub per: Duration,
     /// How many may pass at once (the bucket's size; default `limit`).
     pub burst: u64,
-    pub key: LimitKey,
+    pub key: super::RequestKey,
     /// Count and log what would be limited, and forward it.
     pub dry_run: bool,
     /// Keys tracked at most (per replica).
@@ -31,32 +30,6 @@ impl RateLimit {
     pub fn interval(&self) -> Duration {
         let nanos = self.per.as_nanos() / u128::from(self.limit.max(1));
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
-    }
-}
-
-/// What a rate limit counts by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LimitKey {
-    /// The client's address (after `trusted_proxies`).
-    Ip,
-    Header(HeaderName),
-    Cookie(String),
-    /// A verified JWT claim (the route needs `auth`).
-    Claim(String),
-    /// One bucket for the whole route.
-    Route,
-}
-
-/// As in routes.toml's `key`: `ip`, `header:NAME`, `cookie:NAME`, `claim:NAME`, `route`.
-impl fmt::Display for LimitKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LimitKey::Ip => f.write_str("ip"),
-            LimitKey::Header(h) => write!(f, "header:{h}"),
-            LimitKey::Cookie(c) => write!(f, "cookie:{c}"),
-            LimitKey::Claim(c) => write!(f, "claim:{c}"),
-            LimitKey::Route => f.write_str("route"),
-        }
     }
 }
 

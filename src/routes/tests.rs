@@ -116,7 +116,7 @@ backend = "users"
     for (method, host, path, want) in cases {
         assert_eq!(
             t.lookup(&method, host, path),
-            want,
+            want.map(RouteId::new),
             "{method} {host:?} {path}"
         );
     }
@@ -172,7 +172,9 @@ backend = "legacy"
 canary = { backend = "users", percent = 2.5 }
 "#,
     );
-    let stages: Vec<String> = (0..6).map(|id| t.stage(id).to_string()).collect();
+    let stages: Vec<String> = (0..6)
+        .map(|id| t.stage(RouteId::new(id)).to_string())
+        .collect();
     assert_eq!(
         stages,
         [
@@ -184,7 +186,7 @@ canary = { backend = "users", percent = 2.5 }
             "canary 2.5%"
         ]
     );
-    assert_eq!(t.backend(1).base_path, "/v2");
+    assert_eq!(t.backend(BackendId::new(1)).base_path, "/v2");
 }
 
 #[test]
@@ -214,7 +216,7 @@ retry_non_idempotent = "please"
     )
     .unwrap()
     .table;
-    let b = ok.backend(0);
+    let b = ok.backend(BackendId::new(0));
     assert!(b.retry_on.contains(RetryCase::Reset));
     assert!(!b.retry_on.contains(RetryCase::ConnectFailure));
     assert!(ok.routes()[0].retry_non_idempotent);

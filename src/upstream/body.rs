@@ -282,6 +282,52 @@ impl Drop for ResponseBody {
     }
 }
 
+/// An upstream frame on its way to the client: copied into the tees, counted in the access
+/// log; at the body's end (`ended`, the last data of a sized body, or the trailers that end
+/// it) the copies are handed over and the connection given back; an error drops them.
+#[inline]
+fn passed(
+    frame: Option<&Result<Frame<Bytes>, hyper::Error>>,
+    ended: bool,
+    tee: &mut Option<Tee>,
+    keep: &mut Option<Box<Tee>>,
+    lease: &mut Option<Lease>,
+    log: &mut Option<Box<AccessLog>>,
+) {
+    match frame {
+        Some(Ok(f)) => {
+            if let Some(t) = tee.as_mut() {
+                t.frame(f);
+            }
+            if let Some(t) = keep.as_mut() {
+                t.frame(f);
+            }
+            if let (Some(data), Some(l)) = (f.data_ref(), log.as_mut()) {
+                l.bytes += data.len() as u64;
+            }
+            // hyper stops polling once a sized body is complete, and drops the body once it
+            // has written the trailers that end it.
+            if ended || f.is_trailers() {
+                completed(tee, keep, lease);
+                if let Some(l) = log.take() {
+                    l.emit("complete");
+                }
+            }
+        }
+        None => {
+            completed(tee, keep, lease);
+            if let Some(l) = log.take() {
+                l.emit("complete");
+            }
+        }
+        Some(Err(_)) => {
+            *tee = None;
+            *keep = None;
+            *lease = None;
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -302,38 +348,8 @@ impl Body for ResponseBody {
                 log,
             } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) {
-                    match &frame {
-                        Some(Ok(f)) => {
-                            if let Some(t) = tee.as_mut() {
-                                t.frame(f);
-                            }
-                            if let Some(t) = keep.as_mut() {
-                                t.frame(f);
-                            }
-                            if let (Some(data), Some(l)) = (f.data_ref(), log.as_mut()) {
-                                l.bytes += data.len() as u64;
-                            }
-                            // hyper stops polling once a sized body is complete, and
-                            // drops the body once it has written the trailers that end it.
-                            if inner.is_end_stream() || f.is_trailers() {
-                                completed(tee, keep, lease);
-                                if let Some(l) = log.take() {
-                                    l.emit("complete");
-                                }
-                            }
-                        }
-                        None => {
-                            completed(tee, keep, lease);
-                            if let Some(l) = log.take() {
-                                l.emit("complete");
-                            }
-                        }
-                        Some(Err(_)) => {
-                            *tee = None;
-                            *keep = None;
-                            *lease = None;
-                        }
-                    }
+                    let ended = inner.is_end_stream();
+                    passed(frame.as_ref(), ended, tee, keep, lease, log);
                     return Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)));
                 }
                 // The timer is only armed for bodies that actually wait.

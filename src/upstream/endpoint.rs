@@ -661,7 +661,7 @@ mod tests {
             "[backends.b]\nurl = \"http://127.0.0.1:1000\"\n[[routes]]\nprefix = \"/\"\nbackend = \"b\"\n",
         )
         .unwrap();
-        let backend = parsed.table.backend(0);
+        let backend = parsed.table.backend(crate::routes::BackendId::new(0));
         (0..n)
             .map(|i| {
                 Endpoint::new(
@@ -788,7 +788,11 @@ mod tests {
             "[backends.b]\nurl = \"http://{authority}\"\n[[routes]]\nprefix = \"/\"\nbackend = \"b\"\n"
         ))
         .unwrap();
-        Endpoint::new("b", authority, parsed.table.backend(0))
+        Endpoint::new(
+            "b",
+            authority,
+            parsed.table.backend(crate::routes::BackendId::new(0)),
+        )
     }
 
     async fn get(ep: &Arc<Endpoint>) -> (Response<Incoming>, Lease) {

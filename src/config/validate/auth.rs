@@ -527,7 +527,7 @@ impl Ctx {
                 .ok()
                 .filter(|h| h != http::header::COOKIE)
                 .map(TokenSource::Header),
-            Some(("cookie", c)) if !c.is_empty() && !c.contains([';', '=', ' ', ',']) => {
+            Some(("cookie", c)) if crate::routes::is_cookie_name(c) => {
                 Some(TokenSource::Cookie(c.to_string()))
             }
             _ => None,

@@ -214,8 +214,11 @@ impl Ctx {
             backends.push(b);
         }
         let legacy = match marked.as_slice() {
-            [] => backends.iter().position(|b| b.name == "legacy"),
-            [(id, _)] => Some(*id),
+            [] => backends
+                .iter()
+                .position(|b| b.name == "legacy")
+                .map(BackendId::new),
+            [(id, _)] => Some(BackendId::new(*id)),
             [_, rest @ ..] => {
                 for (_, span) in rest {
                     self.err(
@@ -227,7 +230,7 @@ impl Ctx {
             }
         };
         if let Some(id) = legacy {
-            backends[id].legacy = true;
+            backends[id.index()].legacy = true;
         }
         (backends, legacy)
     }
@@ -340,7 +343,7 @@ impl Ctx {
         let names: HashMap<String, BackendId> = backends
             .iter()
             .enumerate()
-            .map(|(i, b)| (b.name.clone(), i))
+            .map(|(i, b)| (b.name.clone(), BackendId::new(i)))
             .collect();
         let mut routes: Vec<Route> = Vec::new();
         let mut seen: HashMap<crate::routes::RouteKey, usize> = HashMap::new();
@@ -414,7 +417,7 @@ impl Ctx {
             .as_ref()
             .and_then(|e| self.route_events(e, f.prefix.get_ref(), f.shadow.is_some(), has_events));
         if let (Some(c), None) = (&canary, &f.auth) {
-            if let Sticky::Claim(claim) = &c.sticky {
+            if let Sticky::Key(RequestKey::Claim(claim)) = &c.sticky {
                 let span = f.canary.as_ref().map_or(0..0, Spanned::span);
                 self.err(
                     span,

@@ -77,22 +77,15 @@ impl Ctx {
 
     fn sticky(&mut self, s: &Spanned<String>) -> Option<Sticky> {
         let text = s.get_ref();
-        let sticky = match text.split_once(':') {
-            _ if text == "ip" => Some(Sticky::Ip),
-            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes())
-                .ok()
-                .map(Sticky::Header),
-            Some(("cookie", name)) if !name.is_empty() && !name.contains([';', '=', ' ']) => {
-                Some(Sticky::Cookie(name.to_string()))
-            }
-            Some(("claim", name)) if !name.is_empty() => Some(Sticky::Claim(name.to_string())),
-            _ => None,
-        };
+        // Every request of a route has the same `route` key: it would never split.
+        let sticky = RequestKey::parse(text)
+            .filter(|k| *k != RequestKey::Route)
+            .map(Sticky::Key);
         if sticky.is_none() {
             self.err(
                 s.span(),
                 format!(
-                    "`canary.sticky` {text:?}: expected \"header:NAME\", \"cookie:NAME\", \"claim:NAME\" or \"ip\""
+                    "`canary.sticky` {text:?}: expected \"header:NAME\", \"cookie:NAME\" (a token), \"claim:NAME\" or \"ip\""
                 ),
             );
         }
@@ -214,7 +207,8 @@ impl Ctx {
                 message: format!("route `{}` can never match: the route on line {} accepts every request it would", h.prefix, b.line),
             });
         }
-        for (id, route) in table.routes().iter().enumerate() {
+        for id in table.route_ids() {
+            let route = table.route(id);
             if route.guard.is_some()
                 && Some(route.backend) == table.legacy()
                 && route.canary.is_none()

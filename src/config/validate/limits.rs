@@ -6,7 +6,7 @@ use toml::Spanned;
 use super::*;
 use crate::config::file::{RateLimitFile, RateLimitStoreFile, RateLimitsFile, StaleFile};
 use crate::config::{OnStoreError, RateLimitStore};
-use crate::routes::{LimitKey, RateLimit, Stale};
+use crate::routes::{RateLimit, RequestKey, Stale};
 
 /// Keys a window tracks at most, per replica.
 const DEFAULT_MAX_KEYS: i64 = 100_000;
@@ -120,7 +120,7 @@ impl Ctx {
         }
         // A bad key is reported and the window's other keys are still checked.
         let key = match &w.key {
-            None => Some(LimitKey::Ip),
+            None => Some(RequestKey::Client),
             Some(k) => self.limit_key(k, has_auth),
         };
         let dry_run = match w.mode.as_ref().map(|m| m.get_ref().as_str()) {
@@ -171,39 +171,19 @@ impl Ctx {
         })
     }
 
-    fn limit_key(&mut self, k: &Spanned<String>, has_auth: bool) -> Option<LimitKey> {
+    fn limit_key(&mut self, k: &Spanned<String>, has_auth: bool) -> Option<RequestKey> {
         let text = k.get_ref();
-        let key = match text.split_once(':') {
-            _ if text == "ip" => Some(LimitKey::Ip),
-            _ if text == "route" => Some(LimitKey::Route),
-            Some(("header", h)) => HeaderName::from_bytes(h.as_bytes())
-                .ok()
-                .map(LimitKey::Header),
-            // A cookie's name is a token (RFC 6265 §4.1.1, RFC 9110 §5.6.2): any other
-            // name never matches a cookie, and every request would be counted by address.
-            Some(("cookie", c))
-                if !c.is_empty()
-                    && c.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
-            {
-                Some(LimitKey::Cookie(c.to_string()))
-            }
-            Some(("claim", c)) if !c.is_empty() => {
-                if !has_auth {
-                    self.err(
-                        k.span(),
-                        format!("`rate_limit.key` \"claim:{c}\" needs `auth` on the route: claims come from a verified token"),
-                    );
-                }
-                Some(LimitKey::Claim(c.to_string()))
-            }
-            _ => None,
-        };
-        if key.is_none() {
-            self.err(
+        let key = RequestKey::parse(text);
+        match &key {
+            None => self.err(
                 k.span(),
-                format!("`rate_limit.key` {text:?}: expected \"ip\", \"header:NAME\", \"cookie:NAME\", \"claim:NAME\" or \"route\""),
-            );
+                format!("`rate_limit.key` {text:?}: {}", crate::routes::KEY_EXPECTED),
+            ),
+            Some(RequestKey::Claim(c)) if !has_auth => self.err(
+                k.span(),
+                format!("`rate_limit.key` \"claim:{c}\" needs `auth` on the route: claims come from a verified token"),
+            ),
+            Some(_) => {}
         }
         key
     }
