@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# strangler and the FitTrack demo services, from one workspace build.
+# strangler and the FitTrack demo services, from one build stage. The proxy is built without
+# the `demo` feature: its image carries no demo service code (`strangler demo` is not in it).
 #   docker build -t strangler .                          # the proxy (default target)
 #   docker build --target legacy-stub -t legacy-stub .   # the demo monolith
 #   docker build --target users-service -t users-service .
@@ -9,7 +10,8 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --workspace --bins
+RUN cargo build --release --locked -p legacy-stub -p users-service --bins \
+ && cargo build --release --locked -p strangler --no-default-features --bin strangler
 
 FROM debian:bookworm-slim AS runtime
 # The system trust store, for https:// backends verified without `tls.ca`.

@@ -25,6 +25,7 @@ pub mod carry;
 pub mod cli;
 pub mod compare;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod events;

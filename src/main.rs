@@ -64,6 +64,7 @@ enum Command {
     /// Print what changing OLD into NEW does to each route.
     Diff { old: PathBuf, new: PathBuf },
     /// Run the FitTrack demo: legacy-stub, users-service and the proxy on routes.toml.
+    #[cfg(feature = "demo")]
     Demo {
         #[command(flatten)]
         config: ConfigArg,
@@ -81,6 +82,7 @@ fn main() -> ExitCode {
     }));
     match command {
         Command::Run(c) => serve(&c.config, None),
+        #[cfg(feature = "demo")]
         Command::Demo { config, users_bug } => serve(&config.config, Some(users_bug)),
         Command::Check(c) => check(&c.config),
         Command::Explain {
@@ -125,8 +127,15 @@ fn load(path: &std::path::Path) -> Option<Loaded> {
     }
 }
 
+/// The demo's setting: users-service's deliberate bug, if any. A build without the `demo`
+/// feature has no demo: no value of this type exists there.
+#[cfg(feature = "demo")]
+type Demo = Option<users_service::Bug>;
+#[cfg(not(feature = "demo"))]
+type Demo = std::convert::Infallible;
+
 /// Serves `path`; `demo` is `Some(users-service bug)` for the demo.
-fn serve(path: &std::path::Path, demo: Option<Option<users_service::Bug>>) -> ExitCode {
+fn serve(path: &std::path::Path, demo: Option<Demo>) -> ExitCode {
     no_huge_pages();
     let Some(loaded) = load(path) else {
         return ExitCode::FAILURE;
@@ -147,9 +156,7 @@ fn serve(path: &std::path::Path, demo: Option<Option<users_service::Bug>>) -> Ex
     };
     let result = runtime.block_on(async {
         if let Some(bug) = demo {
-            strangler::demo::run(loaded, bug, shutdown_signal())
-                .await
-                .map_err(|e| e.to_string())
+            demo_run(loaded, bug).await
         } else {
             strangler::run(loaded, shutdown_signal())
                 .await
@@ -163,6 +170,18 @@ fn serve(path: &std::path::Path, demo: Option<Option<users_service::Bug>>) -> Ex
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "demo")]
+async fn demo_run(loaded: strangler::config::Loaded, bug: Demo) -> Result<(), String> {
+    strangler::demo::run(loaded, bug, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "demo"))]
+async fn demo_run(_: strangler::config::Loaded, bug: Demo) -> Result<(), String> {
+    match bug {}
 }
 
 /// Transparent huge pages off for this process (Linux), unless `MIMALLOC_ALLOW_THP` is set.
