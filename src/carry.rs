@@ -67,7 +67,8 @@ impl<K: Eq + Hash, V> CarryOver<K, V> {
             .collect()
     }
 
-    /// How many values are kept (for tests and `/routes`).
+    /// How many values are kept.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.kept
             .lock()
@@ -75,6 +76,7 @@ impl<K: Eq + Hash, V> CarryOver<K, V> {
             .len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

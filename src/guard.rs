@@ -173,11 +173,6 @@ impl Guards {
     }
 }
 
-/// How long a guard's window steps are (for tests and docs).
-pub fn step(window: Duration) -> Duration {
-    window / BUCKETS as u32
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -5,48 +5,66 @@
 //!    (`tls`: certificates by SNI, client certificates), and serves HTTP/1.1 or HTTP/2 on it
 //!    (ALPN, or the h2c preface).
 //! 2. `proxy::handle` takes a request id and loads the active snapshot once
-//!    (`state::Active`: route table, upstream clients, each route's runtime). A reload
-//!    swapping in a new snapshot does not affect requests that already loaded one.
-//! 3. Its phases: route (`routes::RouteTable::lookup`), choose the backend (guard, canary),
-//!    admit, prepare (`headers`), start the shadow (`shadow::start`), send (`upstream`, with
-//!    retry and fallback in `proxy::fallback`), respond: the body streams back
-//!    (`upstream::body::ResponseBody`), bounded by the backend's timeout; upgrades become a
-//!    tunnel task.
-//! 4. Anything that goes wrong is an `error::ProxyError`, answered as JSON by `respond`.
+//!    (`state::Active`: route table, upstream clients by `BackendId`, each route's runtime
+//!    by `RouteId`). A reload swapping in a new snapshot does not affect requests that
+//!    already loaded one.
+//! 3. Its phases, in order, over one per-request context (`proxy` lists them):
+//!    - request: checks and the route lookup (`routes::RouteTable::lookup`), `auth`
+//!      (`auth`, `jwt`), `rate_limit` (`limit`);
+//!    - choose: who answers (`guard`, the canary in `routes`), the body limit;
+//!    - copies: the shadow leg (`shadow`, compared on its own threads by `compare`), the
+//!      stale-if-error plan (`stale`), the write event (`events`);
+//!    - prepare: clean headers (`headers`), the backend's target and deadline;
+//!    - send: the chosen backend with its retries (`upstream`), then the route's fallback;
+//!    - answer: the body streams back (`upstream::body`) bounded by the backend's timeout,
+//!      teed to the copies; an upgrade becomes a tunnel; a failure may be answered by the
+//!      stored copy (`stale`);
+//!    - finish: metrics (`metrics`, `traffic`), the request event, the access log
+//!      (`access`).
+//! 4. Anything that goes wrong is an `error::ProxyError`, answered as JSON by `respond`;
+//!    repeated warnings are kept quiet (`quiet`).
 //!
 //! Around it: `config` (loading and validating routes.toml and the certificate files it
 //! names), `reload` (load -> validate -> swap, keep last good; certificates too), `carry`
-//! (per-route state across reloads), `admin` (probes, metrics, `/routes`).
+//! (per-route state across reloads), `admin` (probes, metrics, `/routes`, the board).
+//!
+//! **The public surface** is what `main`, the fuzz crate, the benchmarks and the tests use:
+//! [`run`] and [`Server`] (start and stop a proxy), `config` (load and validate a table),
+//! `routes` (the validated table), `reload`, `state` and `proxy` (a running proxy's state,
+//! for tests), `compare` (the comparison engine, fuzzed), `headers` (header hygiene,
+//! fuzzed), `cli` (`check`, `explain`, `diff`), `shadow`, `server`, `auth`, `jwt` and
+//! `metrics` (what the tests read back), and `demo` (with the `demo` feature). Everything
+//! else is `pub(crate)`.
 
-pub mod access;
-pub mod admin;
+pub(crate) mod access;
+pub(crate) mod admin;
 pub mod auth;
-pub mod carry;
+pub(crate) mod carry;
 pub mod cli;
 pub mod compare;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod error;
-pub mod events;
-pub mod guard;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod guard;
 pub mod headers;
 pub mod jwt;
-pub mod limit;
+pub(crate) mod limit;
 pub mod metrics;
 pub mod proxy;
-pub mod quiet;
+pub(crate) mod quiet;
 pub mod reload;
-pub mod respond;
+pub(crate) mod respond;
 pub mod routes;
 pub mod server;
 pub mod shadow;
-pub mod stale;
+pub(crate) mod stale;
 pub mod state;
-pub mod tls;
-pub mod traffic;
-pub mod units;
-pub mod upstream;
+pub(crate) mod tls;
+pub(crate) mod traffic;
+pub(crate) mod units;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

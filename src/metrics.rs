@@ -241,7 +241,6 @@ impl Metrics {
             .register_histogram(&Key::from_parts(name, labels), &METADATA)
     }
 
-    /// The per-backend upstream error counters, in [`UpstreamErrorKind::ALL`] order.
     /// `strangler_upstream_retries_total{backend, reason}`, one per retry case.
     pub fn upstream_retries(&self, backend: &str) -> [Counter; 3] {
         crate::routes::RetryCase::ALL.map(|c| {
@@ -255,6 +254,7 @@ impl Metrics {
         })
     }
 
+    /// The per-backend upstream error counters, in `UpstreamErrorKind::ALL` order.
     pub fn upstream_errors(&self, backend: &str) -> [Counter; 4] {
         UpstreamErrorKind::ALL.map(|k| {
             self.counter(

@@ -1,5 +1,5 @@
 //! The request service: one request's life as a fixed list of phases over one per-request
-//! [`Ctx`], in request order (`exchange` reads as the list):
+//! `Ctx`, in request order (`exchange` reads as the list):
 //!
 //! 1. **request** (`request.rs`): checks before routing and the route lookup; `auth`
 //!    (`crate::auth`); `rate_limit` (`crate::limit`).
@@ -16,7 +16,7 @@
 //! 7. **finish** (here): metrics, the `request` event, the access log (written when the body
 //!    ends), the answer's headers.
 //!
-//! A phase is a function that can be read alone; what it learns goes into [`Ctx`] as typed
+//! A phase is a function that can be read alone; what it learns goes into `Ctx` as typed
 //! values (never strings matched again). A new feature adds its module, one phase function
 //! and one line in `exchange`. Errors become responses in one place (`refused`). Nothing here
 //! blocks, locks, or buffers a body; no phase is a boxed future unless the route uses its

@@ -38,6 +38,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Formats a byte count the way operators write it (`10MiB`, `512KiB`, `1000B`).
+#[cfg(test)]
 pub fn format_size(n: u64) -> String {
     for (unit, mult) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
         if n >= mult && n.is_multiple_of(mult) {

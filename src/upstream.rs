@@ -26,7 +26,7 @@ use metrics::Counter;
 use tokio::time::Instant;
 
 use endpoint::RetryBudget;
-pub use endpoint::{Endpoint, Lease, Pool};
+pub use endpoint::{Endpoint, Lease};
 
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::metrics::Metrics;
