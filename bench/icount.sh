@@ -12,6 +12,8 @@
 #                                    exit 1 when strangler plain costs more than BUDGET * 1.10
 #                                    instructions per request (a CI gate)
 #   N=4000 C=8 WARMUP=1000           requests measured, keep-alive connections, warm-up requests
+#   PLAIN_ONLY=1 bench/icount.sh     strangler plain only, at the full N (a before/after check
+#                                    of two builds: BIN=... PLAIN_ONLY=1 bench/icount.sh)
 #
 # Method: each proxy runs under `valgrind --tool=callgrind --instr-atstart=no`, so nothing is
 # counted until asked. For each target: WARMUP requests with instrumentation off (pools, caches
@@ -261,7 +263,7 @@ measure() { # $1 target name, $2 pid under callgrind, $3 port, $4 path, $5 dump 
 
 START=$SECONDS
 echo "callgrind: N=$N requests per target over $C keep-alive connections, $WARMUP warm-up requests; x-user-id: $USER_ID" >&2
-if (( SMOKE )); then
+if (( SMOKE )) || [[ ${PLAIN_ONLY:-0} == 1 ]]; then
   TARGETS=("strangler plain")
   measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
 else

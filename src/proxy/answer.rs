@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 use crate::headers::*;
 use crate::shadow;
 use crate::stale;
-use crate::upstream::body::ResponseBody;
+use crate::upstream::body::{Kept, ResponseBody};
 
 /// The client's answer to an exchange that was sent.
 pub(super) fn answer(
@@ -41,17 +41,22 @@ pub(super) fn answer(
             return Ok(copy);
         }
     }
-    // The second copy of the answer: the stale store's (a GET) or a write event's (a write):
-    // never both, a request has one method.
     let store = &cx.state.registries.stale;
     let stored = copies
         .stale
-        .and_then(|p| p.answered(store, status, answered.resp.headers()));
+        .and_then(|p| p.answered(store, status, answered.resp.headers()))
+        .map(Kept::Stale);
     let written = copies.write.and_then(|w| {
         let backend = &cx.active.table.backend(answered.backend).name;
         w.answered(backend, status, answered.resp.headers())
     });
-    respond(cx, answered, copies.upgrade, feed, stored.or(written))
+    respond(
+        cx,
+        answered,
+        copies.upgrade,
+        feed,
+        stored.or(written.map(Kept::Write)),
+    )
 }
 
 /// Stale-if-error after the backends failed: the stored copy, when the route's `on` takes
@@ -89,7 +94,7 @@ fn respond(
     answered: Answered,
     client_upgrade: Option<OnUpgrade>,
     feed: Option<shadow::Feed>,
-    keep: Option<crate::upstream::tee::Tee>,
+    keep: Option<Kept>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let Answered {
         resp,

@@ -180,6 +180,22 @@ impl Body for UpstreamBody {
 #[error("upstream response body not finished within the backend timeout")]
 pub struct BodyTimeout;
 
+/// The second copy an answer may carry besides the shadow's: for the stale store (the
+/// answer to a GET) or for a write event (the answer to a write). A request has one method,
+/// so never both.
+pub enum Kept {
+    Stale(Tee),
+    Write(Tee),
+}
+
+impl Kept {
+    fn tee(&mut self) -> &mut Tee {
+        match self {
+            Kept::Stale(t) | Kept::Write(t) => t,
+        }
+    }
+}
+
 /// The body sent to the client.
 pub enum ResponseBody {
     Upstream {
@@ -189,7 +205,8 @@ pub enum ResponseBody {
         on_timeout: Option<metrics::Counter>,
         tee: Option<Tee>,
         /// A second copy, for the stale store (boxed: rare).
-        keep: Option<Box<Tee>>,
+        /// The answer's second copy, if the request makes one (boxed: rare).
+        keep: Option<Box<Kept>>,
         /// The connection, given back once the body is complete.
         lease: Option<Lease>,
         /// The access log entry, emitted when the body ends or is dropped.
@@ -199,12 +216,12 @@ pub enum ResponseBody {
 }
 
 /// The upstream body is complete: hand the copies over and the connection back.
-fn completed(tee: &mut Option<Tee>, keep: &mut Option<Box<Tee>>, lease: &mut Option<Lease>) {
+fn completed(tee: &mut Option<Tee>, keep: &mut Option<Box<Kept>>, lease: &mut Option<Lease>) {
     if let Some(t) = tee.as_mut() {
         t.finish();
     }
-    if let Some(t) = keep.as_mut() {
-        t.finish();
+    if let Some(k) = keep.as_mut() {
+        k.tee().finish();
     }
     if let Some(l) = lease.take() {
         l.release();
@@ -234,7 +251,7 @@ impl ResponseBody {
         deadline: Instant,
         on_timeout: metrics::Counter,
         tee: Option<Tee>,
-        keep: Option<Tee>,
+        keep: Option<Kept>,
         lease: Lease,
     ) -> Self {
         let (mut tee, mut keep, mut lease) = (tee, keep.map(Box::new), Some(lease));
@@ -290,7 +307,7 @@ fn passed(
     frame: Option<&Result<Frame<Bytes>, hyper::Error>>,
     ended: bool,
     tee: &mut Option<Tee>,
-    keep: &mut Option<Box<Tee>>,
+    keep: &mut Option<Box<Kept>>,
     lease: &mut Option<Lease>,
     log: &mut Option<Box<AccessLog>>,
 ) {
@@ -299,8 +316,8 @@ fn passed(
             if let Some(t) = tee.as_mut() {
                 t.frame(f);
             }
-            if let Some(t) = keep.as_mut() {
-                t.frame(f);
+            if let Some(k) = keep.as_mut() {
+                k.tee().frame(f);
             }
             if let (Some(data), Some(l)) = (f.data_ref(), log.as_mut()) {
                 l.bytes += data.len() as u64;
