@@ -140,7 +140,7 @@ async fn exchange(
     let mut feed = copies
         .shadow
         .take()
-        .map(|plan| choose::start_shadow(cx, &routed, plan, &out));
+        .map(|plan| choose::start_shadow(cx, &routed, *plan, &out));
     let outcome = fallback::send(cx, &routed, out, feed.as_mut()).await;
     answer::answer(cx, outcome, copies, feed)
 }
@@ -148,6 +148,7 @@ async fn exchange(
 /// After the answer: metrics (a stale answer counts as the failure it replaced: a degraded
 /// route must look degraded), the `request` event, the access log (written when the body
 /// ends), the rate-limit and request-id headers.
+#[inline]
 fn finish(
     cx: &mut Ctx<'_>,
     mut resp: Response<ResponseBody>,

@@ -151,6 +151,14 @@ fn ip_text_is_the_display_form_of_every_address() {
         let mut buf = [0u8; IP_TEXT_MAX];
         assert_eq!(ip_text(ip, &mut buf), ip.to_string().as_bytes(), "{c}");
     }
+    // IPv4 is written digit by digit: every octet value in every position.
+    for n in 0..=255u8 {
+        for ip in [[n, 0, 9, 10], [99, n, 100, 1], [1, 2, n, 255], [0, 0, 0, n]] {
+            let ip = IpAddr::from(ip);
+            let mut buf = [0u8; IP_TEXT_MAX];
+            assert_eq!(ip_text(ip, &mut buf), ip.to_string().as_bytes(), "{ip}");
+        }
+    }
 }
 
 #[test]

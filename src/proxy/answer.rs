@@ -17,6 +17,7 @@ use crate::stale;
 use crate::upstream::body::{Kept, ResponseBody};
 
 /// The client's answer to an exchange that was sent.
+#[inline]
 pub(super) fn answer(
     cx: &mut Ctx<'_>,
     outcome: Result<Answered, Unanswered>,
@@ -28,7 +29,7 @@ pub(super) fn answer(
         Err(Unanswered { error, backend }) => {
             // Counted against the backend tried last.
             cx.backend = Some(backend);
-            return match on_failure(cx, copies.stale.as_ref(), &error) {
+            return match on_failure(cx, copies.stale.as_deref(), &error) {
                 Some(copy) => Ok(copy),
                 None => Err(error),
             };
@@ -44,11 +45,11 @@ pub(super) fn answer(
     let store = &cx.state.registries.stale;
     let stored = copies
         .stale
-        .and_then(|p| p.answered(store, status, answered.resp.headers()))
+        .and_then(|p| (*p).answered(store, status, answered.resp.headers()))
         .map(Kept::Stale);
     let written = copies.write.and_then(|w| {
         let backend = &cx.active.table.backend(answered.backend).name;
-        w.answered(backend, status, answered.resp.headers())
+        (*w).answered(backend, status, answered.resp.headers())
     });
     respond(
         cx,

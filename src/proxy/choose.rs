@@ -55,16 +55,18 @@ pub(super) fn admit(cx: &Ctx<'_>, req: &Request<Incoming>) -> Result<(), ProxyEr
 }
 
 /// The copies one request makes besides its answer, decided before its headers are cleaned.
+/// Each boxed: a plain route makes none, and this is held across the send and moved into the
+/// answer, so it stays a few words.
 pub(super) struct Copies {
     /// The client's side of an upgrade the route tunnels.
     pub upgrade: Option<OnUpgrade>,
     /// A shadow leg to start (the request was chosen for mirroring).
-    pub shadow: Option<shadow::Plan>,
+    pub shadow: Option<Box<shadow::Plan>>,
     /// What stale-if-error does with this request.
-    pub stale: Option<stale::Plan>,
+    pub stale: Option<Box<stale::Plan>>,
     /// A write event waiting for its answer, and the tee of its request body.
-    pub write: Option<Write>,
-    pub capture: Option<Tee>,
+    pub write: Option<Box<Write>>,
+    pub capture: Option<Box<Tee>>,
 }
 
 /// The copies of this request: whether it is mirrored (a request marked as a shadow copy
@@ -77,7 +79,7 @@ pub(super) fn copies(cx: &Ctx<'_>, routed: &Routed<'_>, req: &mut Request<Incomi
                 .shadows()
                 .plan(slot, routed.backend, req.method(), req.headers(), upgrade)?;
         plan.events = mismatch_events(cx, routed.route);
-        Some(plan)
+        Some(Box::new(plan))
     });
     let stale = routed.runtime.stale.as_ref().and_then(|counters| {
         let host = request_host(req.headers(), req.uri()).ok().flatten();
@@ -85,14 +87,14 @@ pub(super) fn copies(cx: &Ctx<'_>, routed: &Routed<'_>, req: &mut Request<Incomi
         let plan = stale::Plan::new(routed.route, counters, req, host, claims)?;
         // A token was presented but gave no claims (observe mode forwarded a bad one).
         let presented = claims.is_none() && cx.auth.is_some_and(|o| o.presented());
-        Some(if presented {
+        Some(Box::new(if presented {
             plan.presented_credentials()
         } else {
             plan
-        })
+        }))
     });
     let (write, capture) = match emit::plan_write(cx, routed, req) {
-        Some((write, capture)) => (Some(write), capture),
+        Some((write, capture)) => (Some(Box::new(write)), capture.map(Box::new)),
         None => (None, None),
     };
     Copies {
@@ -169,7 +171,7 @@ pub(super) fn prepare(
         pq,
         deadline: cx.start + upstream.timeout,
         upgrade,
-        capture: copies.capture.take(),
+        capture: copies.capture.take().map(|t| *t),
     })
 }
 

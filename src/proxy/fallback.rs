@@ -46,6 +46,7 @@ pub(super) type Second<'a> =
 
 /// Sends the request: to the chosen backend (its own retries inside), then to the route's
 /// fallback where that is safe. The shadow leg (`feed`) gets the request body as it streams.
+#[inline]
 pub(super) async fn send(
     cx: &Ctx<'_>,
     routed: &Routed<'_>,

@@ -12,6 +12,7 @@ use crate::headers::*;
 use crate::routes::RouteId;
 
 /// Request checks that come before routing, then the route lookup.
+#[inline]
 pub(super) fn route(cx: &mut Ctx<'_>, req: &Request<Incoming>) -> Result<RouteId, ProxyError> {
     let bad = |reason| Err(ProxyError::BadRequest { reason });
     if req.method() == Method::CONNECT {

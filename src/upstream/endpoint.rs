@@ -183,7 +183,9 @@ pub struct Endpoint {
     /// Milliseconds since `born` until which the endpoint is ejected, and when the current
     /// (or last) ejection began.
     ejected_until: AtomicU64,
-    ejected_at: AtomicU64,
+    /// Ejections since the endpoint was made: an exchange notes it when it begins, and an
+    /// answer to an exchange begun before the latest ejection says nothing of the endpoint now.
+    ejection_epoch: AtomicU32,
     /// The [`UpstreamErrorKind`] of the failure that ejected it.
     ejected_for: AtomicU8,
     /// Failures while ejected (not logged one by one; reported when it recovers).
@@ -218,7 +220,7 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
-            ejected_at: AtomicU64::new(0),
+            ejection_epoch: AtomicU32::new(0),
             ejected_for: AtomicU8::new(0),
             suppressed: AtomicU64::new(0),
             born: std::time::Instant::now(),
@@ -291,19 +293,19 @@ impl Endpoint {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.ejected_at.store(now, Ordering::Release);
+        self.ejection_epoch.fetch_add(1, Ordering::AcqRel);
         self.failures.store(0, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::AcqRel);
         self.ejected_for.store(kind as u8, Ordering::Release);
         warn!(backend = %self.backend, endpoint = %self.authority, after = kind.as_str(), episode = n + 1, backoff = %humantime::format_duration(backoff), "endpoint ejected after {EJECT_AFTER} failures in a row");
     }
 
-    /// An answer came to an exchange that began at `started` (ms since `born`): the failures
+    /// An answer came to an exchange that began in ejection epoch `started`: the failures
     /// in a row end, and an ejected endpoint is back at once. An answer to an exchange that
     /// began before the current ejection says nothing of the endpoint now (it may have been
     /// written just before it died) and changes nothing.
-    fn succeeded(&self, started: u64) {
-        if started < self.ejected_at.load(Ordering::Acquire) {
+    fn succeeded(&self, started: u32) {
+        if started != self.ejection_epoch.load(Ordering::Acquire) {
             return;
         }
         self.failures.store(0, Ordering::Release);
@@ -343,7 +345,7 @@ impl Endpoint {
         connect_timeout: Duration,
     ) -> Result<(Response<Incoming>, Lease), ExchangeError> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let started = self.now_ms();
+        let started = self.ejection_epoch.load(Ordering::Acquire);
         // Owns the in-flight count from here: dropped on failure, handed over on success.
         let lease = Lease {
             sender: None,
@@ -396,7 +398,7 @@ impl Endpoint {
         mut resp: Response<Incoming>,
         sender: Sender,
         mut lease: Lease,
-        (asked_upgrade, started): (bool, u64),
+        (asked_upgrade, started): (bool, u32),
     ) -> Result<(Response<Incoming>, Lease), &'static str> {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
             // A tunnel nobody asked for: the connection is the upstream's now, and nothing
@@ -723,7 +725,6 @@ mod tests {
         // The backoff ends without an answer, and it fails again: a second episode, twice as
         // long.
         ep.ejected_until.store(0, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(5));
         for _ in 0..EJECT_AFTER {
             ep.failed(UpstreamErrorKind::Connect);
         }
@@ -733,9 +734,9 @@ mod tests {
         assert_eq!(ep.ejection().unwrap().1, UpstreamErrorKind::Connect);
         // An answer to an exchange begun before the ejection changes nothing; one begun after
         // it (a request, or a passing health probe) returns it at once.
-        ep.succeeded(ep.ejected_at.load(Ordering::Acquire) - 1);
+        ep.succeeded(ep.ejection_epoch.load(Ordering::Acquire) - 1);
         assert!(ep.ejected() && ep.ejections() == 2);
-        ep.succeeded(ep.now_ms());
+        ep.succeeded(ep.ejection_epoch.load(Ordering::Acquire));
         assert!(!ep.ejected() && ep.ejection().is_none());
         assert_eq!(ep.ejections(), 0);
         assert_eq!(ep.suppressed.load(Ordering::Relaxed), 0);
