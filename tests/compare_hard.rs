@@ -22,72 +22,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn shadowed(primary: SocketAddr, shadow: SocketAddr, backend_extra: &str, compare: &str) -> String {
     format!(
         "{}[backends.legacy]\nurl = \"http://{primary}\"\nlegacy = true\n{backend_extra}\n[backends.users]\nurl = \"http://{shadow}\"\n{backend_extra}\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\nshadow = \"users\"\n[routes.compare]\n{compare}\n",
         server("watch = \"off\"")
     )
-}
-
-fn count(m: &str, outcome: &str) -> f64 {
-    metric(m, "strangler_shadow_total", &[("outcome", outcome)]).unwrap_or(0.0)
-}
-
-/// Waits until `n` legs have ended (any outcome but dropped); returns the metrics text.
-async fn settled(proxy: &Proxy, n: f64) -> String {
-    settled_within(proxy, n, Duration::from_secs(20)).await
-}
-
-async fn settled_within(proxy: &Proxy, n: f64, deadline: Duration) -> String {
-    eventually(deadline, || async {
-        let m = metrics_text(proxy).await;
-        let done: f64 = ["match", "mismatch", "error", "skipped"]
-            .iter()
-            .map(|o| count(&m, o))
-            .sum();
-        (done >= n).then_some(m)
-    })
-    .await
-}
-
-/// An HTTP/1.1 backend that answers every request on a connection with `answer`, byte for
-/// byte (keep-alive; requests have no body).
-async fn raw_h1(answer: &'static [u8]) -> Running {
-    let (l, addr) = listener().await;
-    let (tx, mut stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                _ = &mut stop => return,
-                r = l.accept() => r.unwrap(),
-            };
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Running {
-        addr,
-        stop: Some(tx),
-    }
 }
 
 /// A body of one data frame and, when given, trailer fields.
@@ -159,14 +99,6 @@ fn chunked_with_trailer(body: &str, checksum: &str) -> &'static [u8] {
     Box::leak(text.into_boxed_str()).as_bytes()
 }
 
-fn plain(body: &str) -> &'static [u8] {
-    let text = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    Box::leak(text.into_boxed_str()).as_bytes()
-}
-
 #[tokio::test]
 async fn http1_answers_with_trailer_fields_are_compared() {
     // (primary, shadow, compare section, expected outcome, expected first difference)
@@ -181,20 +113,20 @@ async fn http1_answers_with_trailer_fields_are_compared() {
         // A real body difference behind a primary's trailers: found, not skipped.
         (
             chunked_with_trailer(ADA, "a1"),
-            plain(ADA_LOWER),
+            json_answer(ADA_LOWER),
             "",
             "mismatch",
             Some("/user/email"),
         ),
         (
             chunked_with_trailer(ADA, "a1"),
-            plain(ADA),
+            json_answer(ADA),
             "",
             "match",
             None,
         ),
         (
-            plain(ADA),
+            json_answer(ADA),
             chunked_with_trailer(ADA, "a1"),
             "",
             "match",
@@ -217,7 +149,7 @@ async fn http1_answers_with_trailer_fields_are_compared() {
         ),
     ];
     for (i, (p, s, compare, outcome, first)) in cases.into_iter().enumerate() {
-        let (primary, shadow) = (raw_h1(p).await, raw_h1(s).await);
+        let (primary, shadow) = (fixed_h1(p).await, fixed_h1(s).await);
         let proxy = Proxy::start(&shadowed(primary.addr, shadow.addr, "", compare)).await;
         for _ in 0..3 {
             let r = get(&proxy.url("/api/users/1")).await;
@@ -228,8 +160,8 @@ async fn http1_answers_with_trailer_fields_are_compared() {
                 "case {i}"
             );
         }
-        let m = settled(&proxy, 3.0).await;
-        assert_eq!(count(&m, outcome), 3.0, "case {i}: {m}");
+        let m = shadow_legs_ended(&proxy, 3.0, Duration::from_secs(20)).await;
+        assert_eq!(shadow_outcome(&m, outcome), 3.0, "case {i}: {m}");
         if let Some(first) = first {
             let diffs = get(&proxy.admin_url("/diffs")).await.json();
             assert_eq!(
@@ -268,8 +200,8 @@ async fn http2_answers_with_trailer_fields_are_compared() {
             let r = get(&proxy.url("/api/users/1")).await;
             assert_eq!(r.status, 200);
         }
-        let m = settled(&proxy, 3.0).await;
-        assert_eq!(count(&m, outcome), 3.0, "{compare}: {m}");
+        let m = shadow_legs_ended(&proxy, 3.0, Duration::from_secs(20)).await;
+        assert_eq!(shadow_outcome(&m, outcome), 3.0, "{compare}: {m}");
         if let Some(first) = first {
             let diffs = get(&proxy.admin_url("/diffs")).await.json();
             assert_eq!(diffs[0]["differences"][0]["path"], first, "{diffs}");
@@ -305,11 +237,18 @@ async fn total_differences_counts_every_difference_and_numbers_never_overflow_in
         ),
     ];
     for (p, s, compare, total, kept) in cases {
-        let (primary, shadow) = (raw_h1(plain(p)).await, raw_h1(plain(s)).await);
+        let (primary, shadow) = (
+            fixed_h1(json_answer(p)).await,
+            fixed_h1(json_answer(s)).await,
+        );
         let proxy = Proxy::start(&shadowed(primary.addr, shadow.addr, "", compare)).await;
         get(&proxy.url("/x")).await;
-        let m = settled(&proxy, 1.0).await;
-        assert_eq!(count(&m, "mismatch"), 1.0, "{compare} {p:.40}: {m}");
+        let m = shadow_legs_ended(&proxy, 1.0, Duration::from_secs(20)).await;
+        assert_eq!(
+            shadow_outcome(&m, "mismatch"),
+            1.0,
+            "{compare} {p:.40}: {m}"
+        );
         let diffs = get(&proxy.admin_url("/diffs")).await.json();
         assert_eq!(diffs[0]["total_differences"], total, "{p:.40}");
         assert_eq!(
@@ -320,12 +259,18 @@ async fn total_differences_counts_every_difference_and_numbers_never_overflow_in
     }
     // The same overflowing value on both sides is equal.
     let (primary, shadow) = (
-        raw_h1(plain(r#"{"n":1e400}"#)).await,
-        raw_h1(plain(r#"{"n":10E399}"#)).await,
+        fixed_h1(json_answer(r#"{"n":1e400}"#)).await,
+        fixed_h1(json_answer(r#"{"n":10E399}"#)).await,
     );
     let proxy = Proxy::start(&shadowed(primary.addr, shadow.addr, "", "")).await;
     get(&proxy.url("/x")).await;
-    assert_eq!(count(&settled(&proxy, 1.0).await, "match"), 1.0);
+    assert_eq!(
+        shadow_outcome(
+            &shadow_legs_ended(&proxy, 1.0, Duration::from_secs(20)).await,
+            "match"
+        ),
+        1.0
+    );
 }
 
 /// A backend answering in microseconds with a timestamp of centisecond resolution (two calls
@@ -369,18 +314,18 @@ async fn a_timestamp_that_rarely_differs_between_two_calls_is_learned_before_it_
         assert_eq!(get(&proxy.url("/api/users/7")).await.status, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let m = settled(&proxy, 40.0).await;
+    let m = shadow_legs_ended(&proxy, 40.0, Duration::from_secs(20)).await;
     let route = route_json(&proxy, "/").await;
     assert_eq!(
-        count(&m, "mismatch"),
+        shadow_outcome(&m, "mismatch"),
         0.0,
         "{}",
         get(&proxy.admin_url("/diffs")).await.text()
     );
-    assert_eq!(count(&m, "match"), 40.0, "{m}");
+    assert_eq!(shadow_outcome(&m, "match"), 40.0, "{m}");
     assert_eq!(route["learned_noise"], json!(["/generated_at"]));
     // A real difference is still one, confirmed once and then counted at once.
-    let buggy = raw_h1(plain(
+    let buggy = fixed_h1(json_answer(
         r#"{"generated_at":"x","user":{"id":7,"email":"ADA@X"}}"#,
     ))
     .await;
@@ -389,8 +334,8 @@ async fn a_timestamp_that_rarely_differs_between_two_calls_is_learned_before_it_
     for _ in 0..5 {
         get(&proxy.url("/api/users/7")).await;
     }
-    let m = settled(&proxy, 5.0).await;
-    assert_eq!(count(&m, "mismatch"), 5.0, "{m}");
+    let m = shadow_legs_ended(&proxy, 5.0, Duration::from_secs(20)).await;
+    assert_eq!(shadow_outcome(&m, "mismatch"), 5.0, "{m}");
     let diffs = get(&proxy.admin_url("/diffs")).await.json();
     assert_eq!(diffs[0]["differences"][0]["path"], "/user/email", "{diffs}");
     assert_eq!(diffs[0]["total_differences"], 1, "{diffs}");

@@ -190,6 +190,72 @@ pub async fn start_raw(kind: Misbehave) -> Running {
     }
 }
 
+/// An HTTP/1.1 backend that answers every request on a connection with `answer`, byte for
+/// byte (keep-alive; requests without a body): chosen bytes, trailers and framing included.
+pub async fn fixed_h1(answer: &'static [u8]) -> Running {
+    let (l, addr) = listener().await;
+    let (tx, stop) = stopper();
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            let (mut s, _) = tokio::select! {
+                _ = &mut stop => return,
+                r = l.accept() => r.unwrap(),
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Running {
+        addr,
+        stop: Some(tx),
+    }
+}
+
+/// A 200 answer with a JSON `body` and its Content-Length, for [`fixed_h1`].
+pub fn json_answer(body: &str) -> &'static [u8] {
+    let text = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    Box::leak(text.into_boxed_str()).as_bytes()
+}
+
+/// `strangler_shadow_total{outcome}` (summed over routes), 0 when absent.
+pub fn shadow_outcome(m: &str, outcome: &str) -> f64 {
+    metric(m, "strangler_shadow_total", &[("outcome", outcome)]).unwrap_or(0.0)
+}
+
+/// Waits until `n` shadow legs have ended (any outcome but dropped); the metrics text.
+pub async fn shadow_legs_ended(proxy: &Proxy, n: f64, deadline: Duration) -> String {
+    eventually(deadline, || async {
+        let m = metrics_text(proxy).await;
+        let done: f64 = ["match", "mismatch", "error", "skipped"]
+            .iter()
+            .map(|o| shadow_outcome(&m, o))
+            .sum();
+        (done >= n).then_some(m)
+    })
+    .await
+}
+
 /// An address nothing listens on (bound, then released).
 pub async fn closed_port() -> SocketAddr {
     let (l, a) = listener().await;
