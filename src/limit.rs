@@ -38,6 +38,8 @@ const STORE_BACKOFF: Duration = Duration::from_secs(1);
 /// After a failed round trip, requests skip the store while a probe asks it this often; the
 /// first answer ends the skip at once.
 const STORE_PROBE: Duration = Duration::from_millis(200);
+/// The key the probe runs the script on (its own bucket: it never touches a route's).
+const PROBE_KEY: &str = "strangler:rl:probe";
 /// Key material longer than this is hashed before it names a Redis key.
 const MAX_STORE_KEY: usize = 200;
 
@@ -630,11 +632,16 @@ async fn probe(store: Weak<Store>) {
             continue;
         };
         let mut conn = (*conn).clone();
-        // A connection the manager knows is broken is remade by this call (one attempt).
+        // A connection the manager knows is broken is remade by this call (one attempt). The
+        // probe is what requests do, on a key of its own: a Redis that answers but cannot run
+        // the script or write (a read-only replica after a failover, out of memory) stays
+        // skipped, instead of flapping between the store and `on_error`. It also loads the
+        // script into a Redis that restarted empty.
         let wait = s.settings.timeout.max(Duration::from_millis(500));
-        let invocation = s.script.prepare_invoke();
-        let load = invocation.load_async(&mut conn);
-        if let Ok(Ok(_)) = tokio::time::timeout(wait, load).await {
+        let mut invocation = s.script.key(PROBE_KEY);
+        invocation.arg(1).arg(1);
+        let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
+        if let Ok(Ok(_)) = tokio::time::timeout(wait, call).await {
             s.answering.store(true, Ordering::Relaxed);
             s.probing.store(false, Ordering::Release);
             s.skip_until.store(0, Ordering::Relaxed);

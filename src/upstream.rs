@@ -190,7 +190,8 @@ impl Upstream {
                     return Err(self.timeout().into());
                 }
             };
-            req = self.again(error, attempt, written, &mut copy)?;
+            let (next, case) = self.again(error, attempt, written, &mut copy)?;
+            req = next;
             tried = Some(i);
             if self.endpoints.len() > 1 {
                 continue;
@@ -198,9 +199,11 @@ impl Upstream {
             let wait =
                 RETRY_BACKOFF * 2u32.pow(attempt) + Duration::from_millis(fastrand::u64(..10));
             if Instant::now() + wait >= deadline {
+                // A request that was never processed may still go to a fallback; a copy of one
+                // that was written and lost may not.
                 return Err(Failed {
                     error: self.timeout(),
-                    unsent: Some(Box::new(req)),
+                    unsent: (case != RetryCase::Reset).then(|| Box::new(req)),
                 });
             }
             tokio::time::sleep(wait).await;
@@ -217,7 +220,7 @@ impl Upstream {
         attempt: u32,
         written: bool,
         copy: &mut Option<retry::Copy>,
-    ) -> Result<Request<UpstreamBody>, Failed> {
+    ) -> Result<(Request<UpstreamBody>, RetryCase), Failed> {
         let case = retry::case(kind, &source, unsent.is_some());
         let Failed { error, unsent } = self.failed(kind, source, unsent);
         let case = case.filter(|&c| {
@@ -248,7 +251,7 @@ impl Upstream {
             return Err(Failed { error, unsent });
         }
         self.retried[case as usize].increment(1);
-        Ok(next)
+        Ok((next, case))
     }
 
     /// A failed exchange as the proxy answers it: the client's fault (its body), or the

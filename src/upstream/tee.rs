@@ -156,9 +156,16 @@ impl Tee {
         if self.tx.is_none() || data.is_empty() {
             return;
         }
+        // Nobody waits for the copy any more (a shadow leg that gave up, a retry copy whose
+        // attempt is over): stop copying and give the bytes back.
+        if matches!(&self.tx, Some(Deliver::Channel(tx)) if tx.is_closed()) {
+            self.tx = None;
+            self.give_up();
+            return;
+        }
         let budget = self.held.budget.clone();
         if self.len + data.len() > self.max || !budget.reserve(data.len(), &mut self.held) {
-            self.parts = Vec::new();
+            self.give_up();
             if let Some(tx) = self.tx.take() {
                 tx.send(Captured::TooLarge);
             }
@@ -166,6 +173,16 @@ impl Tee {
         }
         self.len += data.len();
         self.parts.push(data.clone());
+    }
+
+    /// Drops what was copied and its share of the budget at once, not when the body ends.
+    fn give_up(&mut self) {
+        self.parts = Vec::new();
+        let empty = Reservation {
+            budget: self.held.budget.clone(),
+            bytes: 0,
+        };
+        drop(std::mem::replace(&mut self.held, empty));
     }
 
     /// Records the trailer fields (they end the body; `finish` follows). Small: bounded by
@@ -251,6 +268,23 @@ mod tests {
         tee.push(&Bytes::from_static(b"12345"));
         tee.finish();
         assert!(matches!(rx.try_recv(), Ok(Captured::TooLarge)));
+    }
+
+    #[test]
+    fn a_copy_nobody_waits_for_stops_and_gives_its_bytes_back() {
+        let budget = Budget::new(100);
+        let (mut tee, rx) = Tee::new(100, &budget);
+        tee.push(&Bytes::from_static(b"12345"));
+        assert_eq!(budget.used(), 5);
+        drop(rx);
+        tee.push(&Bytes::from_static(b"6789"));
+        assert_eq!(budget.used(), 0, "released when the receiver went away");
+        assert!(tee.is_done());
+        // Past the cap, the reservation goes at once too.
+        let (mut tee, _rx) = Tee::new(4, &budget);
+        tee.push(&Bytes::from_static(b"123"));
+        tee.push(&Bytes::from_static(b"45"));
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
