@@ -113,46 +113,28 @@ impl Killable {
     }
 }
 
-/// A backend that reads each request, then closes the connection without an answer (the
-/// request was written and lost: a reset before the head), counting them.
-async fn resetting() -> (Running, Arc<AtomicUsize>) {
+/// A raw backend on 127.0.0.1:0 that runs `handle` on each connection and counts the
+/// requests it took (`handle` returns whether it read one).
+async fn raw_counting<F, Fut>(handle: F) -> (Running, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
     let (l, addr) = listener().await;
     let seen = Arc::new(AtomicUsize::new(0));
     let counted = seen.clone();
     let (tx, mut stop) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         loop {
-            let (mut s, _) = tokio::select! {
+            let (s, _) = tokio::select! {
                 _ = &mut stop => return,
                 r = l.accept() => r.unwrap(),
             };
-            let counted = counted.clone();
+            let (counted, served) = (counted.clone(), handle(s));
             tokio::spawn(async move {
-                // The whole request, head and Content-Length body: written, then lost.
-                let mut buf = vec![0u8; 1 << 16];
-                let mut seen = Vec::new();
-                let mut want = None;
-                while want.is_none_or(|w| seen.len() < w) {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                    if want.is_none() {
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            want = Some(end + 4 + len);
-                        }
-                    }
+                if served.await {
+                    counted.fetch_add(1, Ordering::SeqCst);
                 }
-                counted.fetch_add(1, Ordering::SeqCst);
-                // RST, as a crashed process: a zero linger (it never blocks)
-                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                drop(s);
             });
         }
     });
@@ -163,6 +145,38 @@ async fn resetting() -> (Running, Arc<AtomicUsize>) {
         },
         seen,
     )
+}
+
+/// A backend that reads each request, then closes the connection without an answer (the
+/// request was written and lost: a reset before the head), counting them.
+async fn resetting() -> (Running, Arc<AtomicUsize>) {
+    raw_counting(|mut s| async move {
+        // The whole request, head and Content-Length body: written, then lost.
+        let mut buf = vec![0u8; 1 << 16];
+        let mut seen = Vec::new();
+        let mut want = None;
+        while want.is_none_or(|w| seen.len() < w) {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if want.is_none() {
+                if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    want = Some(end + 4 + len);
+                }
+            }
+        }
+        // RST, as a crashed process: a zero linger (it never blocks)
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        true
+    })
+    .await
 }
 
 /// A port nothing listens on, kept bound (not listening) so no other test's listener can
@@ -263,36 +277,17 @@ async fn a_post_is_sent_again_only_when_it_never_left_or_the_route_opts_in() {
 
 /// A backend that answers a head and part of a body, then resets the connection.
 async fn breaks_mid_body() -> (Running, Arc<AtomicUsize>) {
-    let (l, addr) = listener().await;
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counted = seen.clone();
-    let (tx, mut stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                _ = &mut stop => return,
-                r = l.accept() => r.unwrap(),
-            };
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                counted.fetch_add(1, Ordering::SeqCst);
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-            });
-        }
-    });
-    (
-        Running {
-            addr,
-            stop: Some(tx),
-        },
-        seen,
-    )
+    raw_counting(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        true
+    })
+    .await
 }
 
 #[tokio::test]

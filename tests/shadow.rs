@@ -21,7 +21,7 @@ fn backends(legacy: std::net::SocketAddr, users: std::net::SocketAddr) -> String
 }
 
 fn shadow_count(m: &str, outcome: &str) -> f64 {
-    metric(m, "strangler_shadow_total", &[("outcome", outcome)]).unwrap_or(0.0)
+    shadow_outcome(m, outcome)
 }
 
 fn all_outcomes(m: &str) -> f64 {
@@ -33,15 +33,7 @@ fn all_outcomes(m: &str) -> f64 {
 
 /// Waits until `n` shadow legs have finished (any outcome but dropped).
 async fn settled(proxy: &Proxy, n: f64) -> String {
-    eventually(Duration::from_secs(10), || async {
-        let m = metrics_text(proxy).await;
-        let done: f64 = ["match", "mismatch", "error", "skipped"]
-            .iter()
-            .map(|o| shadow_count(&m, o))
-            .sum();
-        (done >= n).then_some(m)
-    })
-    .await
+    shadow_legs_ended(proxy, n, Duration::from_secs(10)).await
 }
 
 #[tokio::test]
