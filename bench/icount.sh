@@ -14,6 +14,8 @@
 #   N=4000 C=8 WARMUP=1000           requests measured, keep-alive connections, warm-up requests
 #   PLAIN_ONLY=1 bench/icount.sh     strangler plain only, at the full N (a before/after check
 #                                    of two builds: BIN=... PLAIN_ONLY=1 bench/icount.sh)
+#   ONLY="strangler plain,nginx plain,hyper minimal" bench/icount.sh
+#                                    these targets only (names as in the table)
 #
 # Method: each proxy runs under `valgrind --tool=callgrind --instr-atstart=no`, so nothing is
 # counted until asked. For each target: WARMUP requests with instrumentation off (pools, caches
@@ -195,7 +197,7 @@ CALLGRIND=(nice -n 10 valgrind --tool=callgrind --instr-atstart=no --vgdb=yes)
 RUST_LOG=warn "${CALLGRIND[@]}" --callgrind-out-file="$CG/strangler.%p" \
   "$BIN" run --config "$WORK/routes.toml" --log-format json 2>"$WORK/strangler.log" & STRANGLER_PID=$!; PIDS+=($STRANGLER_PID)
 PORTS="$BACKEND $SHADOWSVC $USERS $STRANGLER"
-if (( ! SMOKE )); then
+if (( ! SMOKE )) && [[ ${PLAIN_ONLY:-0} != 1 ]]; then
   "${CALLGRIND[@]}" --callgrind-out-file="$CG/nginx.%p" \
     "$NGINX" -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf" 2>"$WORK/nginx-proxy.log" & NGINX_PID=$!; PIDS+=($NGINX_PID)
   # The floor of the stack: hyper 1.x + hyper-util's pooled client and nothing else.
@@ -263,40 +265,53 @@ measure() { # $1 target name, $2 pid under callgrind, $3 port, $4 path, $5 dump 
 
 START=$SECONDS
 echo "callgrind: N=$N requests per target over $C keep-alive connections, $WARMUP warm-up requests; x-user-id: $USER_ID" >&2
+ALL=("strangler plain" "nginx plain" "hyper minimal" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler auth RS256" "strangler auth ES256" "strangler auth HS256" "strangler ratelimit" "strangler stale")
 if (( SMOKE )) || [[ ${PLAIN_ONLY:-0} == 1 ]]; then
-  TARGETS=("strangler plain")
-  measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
-else
-  TARGETS=("strangler plain" "nginx plain" "hyper minimal" "strangler 64 KiB" "nginx 64 KiB" "strangler shadow" "strangler canary" "strangler auth" "strangler auth RS256" "strangler auth ES256" "strangler auth HS256" "strangler ratelimit" "strangler stale")
-  measure "strangler plain" "$STRANGLER_PID" "$STRANGLER" /plain strangler
-  measure "strangler shadow" "$STRANGLER_PID" "$STRANGLER" /shadow strangler
-  measure "strangler canary" "$STRANGLER_PID" "$STRANGLER" /canary strangler
-  measure "strangler auth" "$STRANGLER_PID" "$STRANGLER" /auth strangler
-  measure "strangler auth RS256" "$STRANGLER_PID" "$STRANGLER" /auth-rs256 strangler
-  measure "strangler auth ES256" "$STRANGLER_PID" "$STRANGLER" /auth-es256 strangler
-  measure "strangler auth HS256" "$STRANGLER_PID" "$STRANGLER" /auth-hs256 strangler
-  measure "strangler ratelimit" "$STRANGLER_PID" "$STRANGLER" /limited strangler
-  measure "strangler stale" "$STRANGLER_PID" "$STRANGLER" /stale strangler
-  measure "strangler 64 KiB" "$STRANGLER_PID" "$STRANGLER" /big strangler
-  measure "nginx plain" "$NGINX_PID" "$NGINX_PROXY" /plain nginx
-  measure "nginx 64 KiB" "$NGINX_PID" "$NGINX_PROXY" /big nginx
-  measure "hyper minimal" "$HYPER_PID" "$HYPER" /plain hyper
+  ONLY="strangler plain"
 fi
+TARGETS=()
+for t in "${ALL[@]}"; do
+  [[ -z ${ONLY:-} || ",$ONLY," == *",$t,"* ]] && TARGETS+=("$t")
+done
+(( ${#TARGETS[@]} )) || { echo "ONLY=$ONLY names no target (one of: ${ALL[*]})" >&2; exit 1; }
+# In the order they are counted (the strangler routes first, then nginx, then the floor).
+declare -A WHERE=(
+  ["strangler plain"]="$STRANGLER_PID $STRANGLER /plain strangler"
+  ["strangler shadow"]="$STRANGLER_PID $STRANGLER /shadow strangler"
+  ["strangler canary"]="$STRANGLER_PID $STRANGLER /canary strangler"
+  ["strangler auth"]="$STRANGLER_PID $STRANGLER /auth strangler"
+  ["strangler auth RS256"]="$STRANGLER_PID $STRANGLER /auth-rs256 strangler"
+  ["strangler auth ES256"]="$STRANGLER_PID $STRANGLER /auth-es256 strangler"
+  ["strangler auth HS256"]="$STRANGLER_PID $STRANGLER /auth-hs256 strangler"
+  ["strangler ratelimit"]="$STRANGLER_PID $STRANGLER /limited strangler"
+  ["strangler stale"]="$STRANGLER_PID $STRANGLER /stale strangler"
+  ["strangler 64 KiB"]="$STRANGLER_PID $STRANGLER /big strangler"
+  ["nginx plain"]="${NGINX_PID:-} $NGINX_PROXY /plain nginx"
+  ["nginx 64 KiB"]="${NGINX_PID:-} $NGINX_PROXY /big nginx"
+  ["hyper minimal"]="${HYPER_PID:-} $HYPER /plain hyper"
+)
+for t in "strangler plain" "strangler shadow" "strangler canary" "strangler auth" "strangler auth RS256" "strangler auth ES256" "strangler auth HS256" "strangler ratelimit" "strangler stale" "strangler 64 KiB" "nginx plain" "nginx 64 KiB" "hyper minimal"; do
+  [[ " ${TARGETS[*]} " == *" $t "* ]] || continue
+  # shellcheck disable=SC2086
+  measure "$t" ${WHERE[$t]}
+done
 
 for log in "$WORK/proxy/error.log" "$WORK/backend/error.log"; do
   [[ -s $log ]] && { echo "warnings in $log (figures may be off):" >&2; tail -5 "$log" >&2; }
 done
 
-ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+ratio() { # $1 / $2 to two places, or "-" when a target was not counted this run
+  if [[ -n $1 && -n $2 ]]; then python3 -c "print(f'{$1 / $2:.2f}')"; else echo "-"; fi
+}
 echo
 echo "| target | instructions per request | ratio |"
 echo "|---|---:|---|"
 for t in "${TARGETS[@]}"; do
   case $t in
-    "strangler plain") r=$([[ -n ${PER[nginx plain]:-} ]] && echo "$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain" || echo "-") ;;
-    "hyper minimal") r="$(ratio "${PER[$t]}" "${PER[nginx plain]}") × nginx plain; strangler plain is $(ratio "${PER[strangler plain]}" "${PER[$t]}") × it" ;;
-    "strangler 64 KiB") r="$(ratio "${PER[$t]}" "${PER[nginx 64 KiB]}") × nginx 64 KiB" ;;
-    "strangler shadow"|"strangler canary"|"strangler auth"*|"strangler ratelimit"|"strangler stale") r="$(ratio "${PER[$t]}" "${PER[strangler plain]}") × strangler plain" ;;
+    "strangler plain") r="$(ratio "${PER[$t]}" "${PER[nginx plain]:-}") × nginx plain" ;;
+    "hyper minimal") r="$(ratio "${PER[$t]}" "${PER[nginx plain]:-}") × nginx plain; strangler plain is $(ratio "${PER[strangler plain]:-}" "${PER[$t]}") × it" ;;
+    "strangler 64 KiB") r="$(ratio "${PER[$t]}" "${PER[nginx 64 KiB]:-}") × nginx 64 KiB" ;;
+    "strangler shadow"|"strangler canary"|"strangler auth"*|"strangler ratelimit"|"strangler stale") r="$(ratio "${PER[$t]}" "${PER[strangler plain]:-}") × strangler plain" ;;
     nginx*) r="1.00 (reference)" ;;
   esac
   printf '| %s | %d | %s |\n' "$t" "${PER[$t]}" "$r"
