@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,6 +63,12 @@ impl Shutdown {
         (tx, Shutdown(rx))
     }
 
+    /// Whether the signal may have changed since this receiver was made (cheap: an atomic
+    /// load; [`Shutdown::started`] says whether it has fired).
+    fn signalled(&self) -> bool {
+        self.0.has_changed().unwrap_or(true)
+    }
+
     /// Resolves when shutdown has started (also if it started before the call).
     pub async fn started(&mut self) {
         // An error means the sender is gone: that is a shutdown too.
@@ -108,15 +114,15 @@ impl From<&ServerSettings> for ListenerLimits {
     }
 }
 
-/// The HTTP/1.1 server settings shared by every client connection.
+/// The HTTP/1.1 server settings shared by every client connection. No timer: hyper would
+/// arm one (an allocation and two timer-wheel updates) for every request head it waits for;
+/// `header_read_timeout` is kept by each connection's [`Watchdog`] instead. Flattened
+/// writes: an answer's head and a small body go out in one buffer, one write.
 pub fn http1_builder(limits: &ListenerLimits) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        // Covers slowloris and idle keep-alive alike: hyper arms it whenever the connection
-        // waits for a request head.
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_size)
-        .keep_alive(true);
+    b.max_header_size(limits.max_header_size)
+        .keep_alive(true)
+        .writev(false);
     b
 }
 
@@ -217,9 +223,8 @@ pub async fn serve<S, F>(
         let handler = Handler {
             service: service.clone(),
             peer,
-            called: None,
+            activity: None,
         };
-        // Disabled (the default filter), the span allocates nothing and costs a branch a poll.
         let span = tracing::debug_span!("conn", %peer, listener = name);
         let conn = (protocols.clone(), stream, handler, shutdown.clone());
         spawn_connection(conn, permit, span);
@@ -230,72 +235,70 @@ pub async fn serve<S, F>(
 
 /// Serves one accepted connection on its own task, holding its permit until it ends. Two
 /// task types: the plain HTTP/1.1 one (the usual listener) carries none of the TLS and
-/// HTTP/2 states, which would make every connection's task several KiB larger.
+/// HTTP/2 states, which would make every connection's task several KiB larger. The
+/// connection's span is only attached when it records (with debug logging): entering a
+/// disabled span still costs a few hundred instructions per request.
 fn spawn_connection<S, F>(
-    (protocols, stream, handler, shutdown): (
-        Arc<Protocols>,
-        TcpStream,
-        Handler<'static, S>,
-        Shutdown,
-    ),
+    (protocols, stream, handler, shutdown): (Arc<Protocols>, TcpStream, Handler<S>, Shutdown),
     permit: tokio::sync::OwnedSemaphorePermit,
     span: tracing::Span,
 ) where
     S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
+    fn spawn(task: impl Future<Output = ()> + Send + 'static, span: tracing::Span) {
+        if span.is_disabled() {
+            tokio::spawn(task);
+        } else {
+            tokio::spawn(task.instrument(span));
+        }
+    }
     if protocols.plain_http1() {
-        tokio::spawn(
-            async move {
-                plain_http1(&protocols, stream, handler, shutdown).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let task = async move {
+            plain_http1(&protocols, stream, handler, shutdown).await;
+            drop(permit);
+        };
+        spawn(task, span);
     } else {
-        tokio::spawn(
-            async move {
-                connection(&protocols, stream, handler, shutdown).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let task = async move {
+            connection(&protocols, stream, handler, shutdown).await;
+            drop(permit);
+        };
+        spawn(task, span);
     }
 }
 
 /// What hyper calls for each request of a connection: the listener's handler, given the
-/// peer's address.
-struct Handler<'a, S> {
+/// peer's address. With an [`Activity`], each request counts as busy until its answer's
+/// body is done (the connection's [`Watchdog`] reads it).
+struct Handler<S> {
     service: S,
     peer: SocketAddr,
-    /// Set on the first call: the first request head has arrived (see [`plain_http1`]).
-    called: Option<&'a AtomicBool>,
+    activity: Option<Arc<Activity>>,
 }
 
-impl<S: Clone> Clone for Handler<'_, S> {
+impl<S: Clone> Clone for Handler<S> {
     fn clone(&self) -> Self {
         Handler {
             service: self.service.clone(),
             peer: self.peer,
-            called: self.called,
+            activity: self.activity.clone(),
         }
     }
 }
 
-impl<S, F> hyper::service::Service<Request<Incoming>> for Handler<'_, S>
+impl<S, F> hyper::service::Service<Request<Incoming>> for Handler<S>
 where
     S: Fn(Request<Incoming>, SocketAddr) -> F,
     F: Future<Output = Response<ResponseBody>>,
 {
-    type Response = Response<ResponseBody>;
+    type Response = Response<Tracked>;
     type Error = Infallible;
     type Future = Answer<F>;
 
     fn call(&self, req: Request<Incoming>) -> Answer<F> {
-        if let Some(called) = self.called {
-            called.store(true, Ordering::Relaxed);
-        }
-        Answer(Box::pin((self.service)(req, self.peer)))
+        let busy = self.activity.as_ref().map(|a| Busy::start(a.clone()));
+        Answer(Box::pin((self.service)(req, self.peer)), busy)
     }
 }
 
@@ -304,34 +307,136 @@ where
 /// not; the proxy's request future is over 6 KiB, so each idle keep-alive connection would
 /// hold that much. Boxed, the request's state lives only while the request does (one
 /// allocation per request, freed when it ends), and the slot is a pointer.
-struct Answer<F>(Pin<Box<F>>);
+struct Answer<F>(Pin<Box<F>>, Option<Busy>);
 
-impl<F: Future> Future for Answer<F> {
-    type Output = Result<F::Output, Infallible>;
+impl<F: Future<Output = Response<ResponseBody>>> Future for Answer<F> {
+    type Output = Result<Response<Tracked>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.0.as_mut().poll(cx).map(Ok)
+        let resp = std::task::ready!(self.0.as_mut().poll(cx));
+        let busy = self.1.take();
+        Poll::Ready(Ok(resp.map(|body| Tracked { body, _busy: busy })))
+    }
+}
+
+/// An answer's body, holding its request's [`Busy`] until hyper is done with it.
+pub struct Tracked {
+    body: ResponseBody,
+    _busy: Option<Busy>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = crate::error::BoxError;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What an HTTP/1.1 connection's [`Watchdog`] reads: requests being served, and when the
+/// connection last had none (its accept, or the end of its last answer).
+pub struct Activity {
+    busy: AtomicUsize,
+    /// Nanoseconds from `origin` to when the connection last became idle.
+    idle_since: AtomicU64,
+    origin: Instant,
+}
+
+impl Activity {
+    fn new(origin: Instant) -> Arc<Self> {
+        Arc::new(Activity {
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            origin,
+        })
+    }
+
+    /// When the connection's next request head is due: `None` while a request is served.
+    fn head_due(&self, timeout: Duration) -> Option<Instant> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let idle = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+        Some(self.origin + idle + timeout)
+    }
+}
+
+/// One request being served, from its head until hyper drops its answer's body (written,
+/// or abandoned with the connection).
+pub struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let since = a.origin.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        a.idle_since.store(since, Ordering::Release);
+        a.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `header_read_timeout` on an HTTP/1.1 connection without a timer per request: one sleep
+/// per connection, re-armed only when it fires. The next request head is due
+/// `header_read_timeout` after the connection was accepted or its last answer ended; a
+/// connection serving a request is never cut by it (slow bodies have their own limits).
+/// When it fires, a connection that has become busy or idle again since is given the rest of
+/// its time; one still waiting for a head past its due time is closed, as hyper's own timer
+/// would have closed it: nothing written.
+struct Watchdog<'a> {
+    activity: &'a Activity,
+    timeout: Duration,
+}
+
+impl Watchdog<'_> {
+    /// When to look again, or `None` to close the connection now.
+    fn fired(&self, now: Instant) -> Option<Instant> {
+        match self.activity.head_due(self.timeout) {
+            None => Some(now + self.timeout),
+            Some(due) if due > now => Some(due),
+            Some(_) => None,
+        }
     }
 }
 
 /// Serves a connection on a cleartext HTTP/1.1 listener. Until the client's first byte
 /// arrives it holds only the socket: hyper's connection, once started, keeps a read and a
 /// write buffer (8 KiB each) and a slot for the request's future, so it is started when
-/// there is something to read. `header_read_timeout` counts from the accept, as it did when
-/// hyper waited: the first byte must come within it, and the first request head too (hyper's
-/// own timer restarts when it starts, so the first head is also held to the accept's
-/// deadline here). Closed without a byte, on shutdown or at the deadline, the connection ends
-/// as hyper would have ended it: the socket closes, nothing is written.
+/// there is something to read. `header_read_timeout` counts from the accept: the first byte
+/// must come within it, and the first request head too. Closed without a byte, on shutdown
+/// or at the deadline, the connection ends as hyper would have ended it: the socket closes,
+/// nothing is written.
 async fn plain_http1<S, F>(
     p: &Protocols,
     stream: TcpStream,
-    handler: Handler<'static, S>,
+    handler: Handler<S>,
     mut shutdown: Shutdown,
 ) where
     S: Fn(Request<Incoming>, SocketAddr) -> F + Send,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let deadline = Instant::now() + p.handshake_timeout;
+    let accepted = Instant::now();
+    let deadline = accepted + p.handshake_timeout;
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         biased;
@@ -344,23 +449,34 @@ async fn plain_http1<S, F>(
         Ok(Err(error)) => return debug!(%error, "connection ended with an error"),
         Err(_) => return debug!(error = HEADER_TIMEOUT, "connection ended with an error"),
     }
-    let called = AtomicBool::new(false);
+    serve_http1(p, TokioIo::new(stream), handler, shutdown, accepted).await
+}
+
+/// An HTTP/1.1 connection (cleartext or over TLS), under its [`Watchdog`] from `since` (the
+/// accept, or the end of the TLS handshake).
+async fn serve_http1<S, F, I>(
+    p: &Protocols,
+    io: I,
+    handler: Handler<S>,
+    shutdown: Shutdown,
+    since: Instant,
+) where
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Send,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Activity::new(since);
     let handler = Handler {
-        called: Some(&called),
+        activity: Some(activity.clone()),
         ..handler
     };
-    let conn = p
-        .http1
-        .serve_connection(TokioIo::new(stream), handler)
-        .with_upgrades();
+    let conn = p.http1.serve_connection(io, handler).with_upgrades();
     tokio::pin!(conn);
-    drive(
-        conn,
-        shutdown,
-        |c| c.graceful_shutdown(),
-        Some((deadline, &called)),
-    )
-    .await
+    let watchdog = Watchdog {
+        activity: &activity,
+        timeout: p.handshake_timeout,
+    };
+    drive(conn, shutdown, |c| c.graceful_shutdown(), Some(watchdog)).await
 }
 
 /// What hyper says when a request head does not arrive in time.
@@ -368,15 +484,10 @@ const HEADER_TIMEOUT: &str = "read header from client timeout";
 
 /// Serves one client connection: TLS first if configured, then the protocol ALPN chose (or
 /// the preface shows, with h2c), until it closes or shutdown asks it to.
-async fn connection<S, B>(p: &Protocols, stream: TcpStream, svc: S, mut shutdown: Shutdown)
+async fn connection<S, F>(p: &Protocols, stream: TcpStream, svc: Handler<S>, mut shutdown: Shutdown)
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let Some(tls) = &p.tls else {
         let io = TokioIo::new(stream);
@@ -386,11 +497,7 @@ where
                 tokio::pin!(conn);
                 drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
             }
-            None => {
-                let conn = p.http1.serve_connection(io, svc).with_upgrades();
-                tokio::pin!(conn);
-                drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
-            }
+            None => serve_http1(p, io, svc, shutdown, Instant::now()).await,
         };
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
@@ -416,59 +523,71 @@ where
         tokio::pin!(conn);
         drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
     } else {
-        let conn = p.http1.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        drive(conn, shutdown, |c| c.graceful_shutdown(), None).await
+        serve_http1(p, io, svc, shutdown, Instant::now()).await
     }
 }
 
-/// Runs a connection to its end; once shutdown starts, asks it to finish gracefully. With
-/// `first_head`, the connection is also ended at that deadline unless the flag says its
-/// first request head has arrived (hyper's header timer, started late, would allow more).
-/// The caller pins the connection: passed by value, it would be held twice in this future
-/// (the argument and the pinned copy), some 700 bytes more in every connection's task.
+/// Runs a connection to its end; once shutdown starts, asks it to finish gracefully. With a
+/// [`Watchdog`], the connection is also closed when a request head is overdue. The caller
+/// pins the connection: passed by value, it would be held twice in this future (the
+/// argument and the pinned copy), some 700 bytes more in every connection's task.
+///
+/// Each wake of the connection's task polls hyper's connection; the shutdown signal and the
+/// watchdog's sleep are polled once to register the task's waker and then only read (an
+/// atomic load each) until they have something to say: polling them on every wake cost a
+/// few hundred instructions per request.
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     graceful: impl FnOnce(Pin<&mut C>),
-    first_head: Option<(Instant, &AtomicBool)>,
+    watchdog: Option<Watchdog<'_>>,
 ) where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut graceful = Some(graceful);
-    let mut ended = None;
-    if let Some((deadline, called)) = first_head {
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => ended = Some(r),
-            _ = shutdown.started() => {
+    let probe = shutdown.clone();
+    let mut shutdown = shutdown;
+    let started = shutdown.started();
+    tokio::pin!(started);
+    let first_due = watchdog
+        .as_ref()
+        .and_then(|w| w.activity.head_due(w.timeout))
+        .unwrap_or_else(Instant::now);
+    let sleep = tokio::time::sleep_until(first_due);
+    tokio::pin!(sleep);
+    let (mut stop_registered, mut sleep_registered) = (false, false);
+    let ended = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if graceful.is_some() && (!stop_registered || probe.signalled()) {
+            stop_registered = true;
+            if started.as_mut().poll(cx).is_ready() {
                 if let Some(g) = graceful.take() {
                     g(conn.as_mut());
                 }
-                ended = Some(conn.as_mut().await);
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                if !called.load(Ordering::Relaxed) {
-                    return debug!(error = HEADER_TIMEOUT, "connection ended with an error");
-                }
+                return conn.as_mut().poll(cx).map(Some);
             }
         }
-    }
-    let result = match ended {
-        Some(r) => r,
-        None => tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.started() => {
-                if let Some(g) = graceful.take() {
-                    g(conn.as_mut());
+        if let Some(w) = &watchdog {
+            if !sleep_registered || sleep.is_elapsed() {
+                while sleep.as_mut().poll(cx).is_ready() {
+                    match w.fired(Instant::now()) {
+                        Some(next) => sleep.as_mut().reset(next),
+                        None => return Poll::Ready(None),
+                    }
                 }
-                conn.await
+                sleep_registered = true;
             }
-        },
-    };
-    if let Err(error) = result {
-        debug!(%error, "connection ended with an error");
+        }
+        Poll::Pending
+    })
+    .await;
+    match ended {
+        None => debug!(error = HEADER_TIMEOUT, "connection ended with an error"),
+        Some(Err(error)) => debug!(%error, "connection ended with an error"),
+        Some(Ok(())) => {}
     }
 }
 

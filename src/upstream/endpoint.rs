@@ -527,7 +527,9 @@ impl Endpoint {
         };
         match self.protocol {
             Protocol::Http1 => {
-                let (sender, conn) = http1::handshake(io).await?;
+                // Flattened writes: a request head and a small body in one buffer, one write
+                // (hyper's vectored writes cost more for the small messages proxies carry).
+                let (sender, conn) = http1::Builder::new().writev(false).handshake(io).await?;
                 tokio::spawn(async move { conn.with_upgrades().await.map_err(ended) });
                 Ok(Sender::H1(sender))
             }
