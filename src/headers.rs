@@ -60,25 +60,92 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Which of the headers the proxy reads, rewrites or removes a message carries, from one
+/// pass over its names (a length-and-bytes match each, no hashing), so the request phases
+/// skip the hashed lookups of headers that are not there (most requests carry none of the
+/// hop-by-hop, trace or forwarding headers). It describes the headers as they were scanned:
+/// whoever changes them before a phase reads the summary must scan again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Present(u32);
+
+impl Present {
+    pub const HOST: u32 = 1;
+    pub const VIA: u32 = 1 << 1;
+    pub const X_REQUEST_ID: u32 = 1 << 2;
+    pub const TRACEPARENT: u32 = 1 << 3;
+    pub const TRACESTATE: u32 = 1 << 4;
+    pub const CONTENT_LENGTH: u32 = 1 << 5;
+    pub const X_STRANGLER_SHADOW: u32 = 1 << 6;
+    pub const X_FORWARDED_FOR: u32 = 1 << 7;
+    pub const X_FORWARDED_HOST: u32 = 1 << 8;
+    /// `Connection`, then the other hop-by-hop headers in [`HOP_BY_HOP`]'s order.
+    const HOP_SHIFT: u32 = 9;
+    pub const CONNECTION: u32 = 1 << Self::HOP_SHIFT;
+    pub const TE: u32 = 1 << (Self::HOP_SHIFT + 5);
+    pub const TRANSFER_ENCODING: u32 = 1 << (Self::HOP_SHIFT + 6);
+    pub const UPGRADE: u32 = 1 << (Self::HOP_SHIFT + 7);
+    /// Any of the hop-by-hop headers.
+    pub const HOP_BY_HOP: u32 = ((1 << HOP_BY_HOP_COUNT) - 1) << Self::HOP_SHIFT;
+
+    /// The summary of `headers`.
+    pub fn of(headers: &HeaderMap) -> Present {
+        Present(headers.keys().fold(0, |bits, name| bits | Self::bit(name)))
+    }
+
+    /// Every flag set: for callers without a summary (each lookup is done).
+    pub const ALL: Present = Present(u32::MAX);
+
+    #[inline]
+    fn bit(name: &HeaderName) -> u32 {
+        match name.as_str() {
+            "host" => Self::HOST,
+            "via" => Self::VIA,
+            "x-request-id" => Self::X_REQUEST_ID,
+            "traceparent" => Self::TRACEPARENT,
+            "tracestate" => Self::TRACESTATE,
+            "content-length" => Self::CONTENT_LENGTH,
+            "x-strangler-shadow" => Self::X_STRANGLER_SHADOW,
+            "x-forwarded-for" => Self::X_FORWARDED_FOR,
+            "x-forwarded-host" => Self::X_FORWARDED_HOST,
+            "connection" => Self::CONNECTION,
+            "keep-alive" => 1 << (Self::HOP_SHIFT + 1),
+            "proxy-connection" => 1 << (Self::HOP_SHIFT + 2),
+            "proxy-authenticate" => 1 << (Self::HOP_SHIFT + 3),
+            "proxy-authorization" => 1 << (Self::HOP_SHIFT + 4),
+            "te" => Self::TE,
+            "transfer-encoding" => Self::TRANSFER_ENCODING,
+            "upgrade" => Self::UPGRADE,
+            "http2-settings" => 1 << (Self::HOP_SHIFT + 8),
+            _ => 0,
+        }
+    }
+
+    /// Whether any of `flags` is present.
+    #[inline]
+    pub fn has(self, flags: u32) -> bool {
+        self.0 & flags != 0
+    }
+}
+
 /// Removes hop-by-hop headers and those named in `Connection`. With `upgrade`, keeps
 /// `Connection: upgrade` and `Upgrade` so the upgrade reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let present = Present::of(headers);
+    strip_present(headers, present, upgrade);
+}
+
+/// [`strip_hop_by_hop`] with the message's [`Present`] summary already made.
+pub fn strip_present(headers: &mut HeaderMap, present: Present, upgrade: bool) {
+    if !present.has(Present::HOP_BY_HOP) {
+        return;
+    }
     // Read before removal: `Connection: Upgrade` names the very header an upgrade keeps.
     let upgrade_to = if upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    // One pass over the names (cheap comparisons) instead of a hashed removal of every
-    // hop-by-hop name: most messages carry none or one of them.
-    let mut present = [false; HOP_BY_HOP_COUNT];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        }
-    }
-    // `Connection` is first in `HOP_BY_HOP`.
-    if present[0] {
+    if present.has(Present::CONNECTION) {
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !PROTECTED.contains(n))
@@ -87,8 +154,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present.has(1 << (Present::HOP_SHIFT + i as u32)) {
+            headers.remove(name);
+        }
     }
     if let Some(proto) = upgrade_to {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -115,15 +184,20 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
 /// sets `x-forwarded-proto` and `x-forwarded-host`.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
+    present: Present,
     client: IpAddr,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let prior: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
+    let prior: Vec<&[u8]> = if present.has(Present::X_FORWARDED_FOR) {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect()
+    } else {
+        Vec::new()
+    };
     // The address is written into a stack buffer, not a String: the header's own copy is
     // the only allocation (a String cost one more and a reallocation).
     let mut text = [0u8; IP_TEXT_MAX];
@@ -141,9 +215,14 @@ pub fn set_forwarded(
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
-        Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+        Some(h) => {
+            headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+        None if present.has(Present::X_FORWARDED_HOST) => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+        None => {}
+    }
 }
 
 /// Room for the text of any IP address (the longest form, `ffff:…:ffff:255.255.255.255`,
@@ -308,6 +387,12 @@ pub fn request_host<'a>(
         return Err("more than one Host header");
     }
     let from_header = match host {
+        // The usual Host, `name[:digits]`, is a valid authority as it stands: no parse.
+        Some(value) if plain_host(value.as_bytes()).is_some() => {
+            let b = value.as_bytes();
+            let len = plain_host(b).unwrap_or(b.len());
+            value.to_str().ok().map(|text| &text[..len])
+        }
         Some(value) => {
             let text = value.to_str().map_err(|_| "Host header is not ASCII")?;
             let authority: http::uri::Authority = text
@@ -327,6 +412,21 @@ pub fn request_host<'a>(
         Some(_) => Ok(uri.host()),
         None => Ok(from_header),
     }
+}
+
+/// The length of the host part when `value` is `name[:port]` made of letters, digits, `-` and
+/// `.` only (a port of 1-5 digits): such a value is a valid authority with no user info.
+#[inline]
+fn plain_host(value: &[u8]) -> Option<usize> {
+    let host_len = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+    let (host, port) = value.split_at(host_len);
+    let host_ok = !host.is_empty()
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let port_ok = port.is_empty()
+        || (port.len() >= 2 && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
+    (host_ok && port_ok).then_some(host_len)
 }
 
 /// Makes `Host` name the target's authority when the request carried one (absolute-form, or

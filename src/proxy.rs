@@ -54,6 +54,8 @@ struct Ctx<'a> {
     /// The client's address: the peer, or from `X-Forwarded-For` behind trusted proxies.
     client: IpAddr,
     request_id: &'a HeaderValue,
+    /// Which of the headers the phases read or rewrite the request carries.
+    present: Present,
     start: Instant,
     /// The route it matched.
     route: Option<RouteId>,
@@ -88,8 +90,11 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let active = state.active();
-    let request_id = valid_request_id(req.headers())
-        .cloned()
+    let present = Present::of(req.headers());
+    let request_id = present
+        .has(Present::X_REQUEST_ID)
+        .then(|| valid_request_id(req.headers()).cloned())
+        .flatten()
         .unwrap_or_else(|| state.ids.next());
     let client = client_address(req.headers(), peer.ip(), &state.settings.trusted_proxies);
     let mut cx = Ctx {
@@ -98,6 +103,7 @@ pub async fn handle(
         peer,
         client,
         request_id: &request_id,
+        present,
         start,
         route: None,
         backend: None,

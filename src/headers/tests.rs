@@ -119,8 +119,10 @@ fn forwarded_headers_append_and_set() {
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "forged"),
     ]);
+    let present = Present::of(&h);
     set_forwarded(
         &mut h,
+        present,
         ip,
         "http",
         Some(&HeaderValue::from_static("api.fittrack.example")),
@@ -130,9 +132,102 @@ fn forwarded_headers_append_and_set() {
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "api.fittrack.example");
     let mut h = map(&[("x-forwarded-host", "forged")]);
-    set_forwarded(&mut h, ip, "http", None);
+    let present = Present::of(&h);
+    set_forwarded(&mut h, present, ip, "http", None);
     assert_eq!(h["x-forwarded-for"], "10.0.0.7");
     assert!(h.get("x-forwarded-host").is_none());
+}
+
+#[test]
+fn the_summary_names_every_header_the_phases_look_up() {
+    let flags = [
+        ("Host", Present::HOST),
+        ("via", Present::VIA),
+        ("X-Request-Id", Present::X_REQUEST_ID),
+        ("traceparent", Present::TRACEPARENT),
+        ("tracestate", Present::TRACESTATE),
+        ("content-length", Present::CONTENT_LENGTH),
+        ("x-strangler-shadow", Present::X_STRANGLER_SHADOW),
+        ("x-forwarded-for", Present::X_FORWARDED_FOR),
+        ("x-forwarded-host", Present::X_FORWARDED_HOST),
+        ("connection", Present::CONNECTION),
+        ("te", Present::TE),
+        ("transfer-encoding", Present::TRANSFER_ENCODING),
+        ("upgrade", Present::UPGRADE),
+    ];
+    for (name, flag) in flags {
+        let p = Present::of(&map(&[(name, "v")]));
+        assert!(p.has(flag), "{name}");
+        assert_eq!(p.has(Present::HOP_BY_HOP), flag >= Present::CONNECTION, "{name}");
+        // No other flag is set by this one name.
+        for (other, f) in flags {
+            assert_eq!(p.has(f), f == flag, "{name} vs {other}");
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "http2-settings",
+    ] {
+        assert!(Present::of(&map(&[(name, "v")])).has(Present::HOP_BY_HOP), "{name}");
+    }
+    let none = Present::of(&map(&[("accept", "*/*"), ("user-agent", "x"), ("x-user-id", "7")]));
+    assert_eq!(none, Present::default());
+}
+
+#[test]
+fn stripping_with_a_summary_removes_what_a_full_strip_removes() {
+    let cases: &[&[(&str, &str)]] = &[
+        &[("accept", "*/*")],
+        &[("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "5")],
+        &[("te", "trailers"), ("transfer-encoding", "chunked"), ("upgrade", "h2c")],
+        &[("proxy-authorization", "Basic x"), ("http2-settings", "AA"), ("via", "1.1 a")],
+        &[("connection", "upgrade"), ("upgrade", "websocket"), ("host", "x")],
+    ];
+    for case in cases {
+        for upgrade in [false, true] {
+            let mut full = map(case);
+            strip_hop_by_hop(&mut full, upgrade);
+            let mut fast = map(case);
+            let present = Present::of(&fast);
+            strip_present(&mut fast, present, upgrade);
+            assert_eq!(full, fast, "{case:?} upgrade={upgrade}");
+        }
+    }
+}
+
+#[test]
+fn a_plain_host_reads_as_the_parsed_authority_would() {
+    for value in [
+        "api.fittrack.example",
+        "api.fittrack.example:8080",
+        "localhost:1",
+        "x",
+        "127.0.0.1:65535",
+        "a-b.c:99999",
+    ] {
+        let h = map(&[("host", value)]);
+        let root = http::Uri::from_static("/");
+        let fast = request_host(&h, &root).unwrap();
+        let parsed: http::uri::Authority = value.parse().unwrap();
+        assert_eq!(fast, Some(parsed.host()), "{value}");
+    }
+    // Not plain: the full parse decides, as before.
+    for (value, ok) in [
+        ("user@host", false),
+        ("[::1]:8080", true),
+        ("host:port", true),
+        ("", false),
+        ("a b", false),
+        ("host:", true),
+    ] {
+        let h = map(&[("host", value)]);
+        let root = http::Uri::from_static("/");
+        let got = request_host(&h, &root);
+        assert_eq!(got.is_ok(), ok, "{value:?}: {got:?}");
+    }
 }
 
 #[test]

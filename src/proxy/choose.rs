@@ -43,6 +43,9 @@ pub(super) fn backend<'a>(cx: &mut Ctx<'a>, id: RouteId, req: &Request<Incoming>
 /// Checks that may refuse a routed request before anything is sent upstream.
 #[inline]
 pub(super) fn admit(cx: &Ctx<'_>, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    if !cx.present.has(Present::CONTENT_LENGTH) {
+        return Ok(());
+    }
     let limit = cx.state.settings.max_request_body;
     let declared = req
         .headers()
@@ -72,7 +75,7 @@ pub(super) struct Copies {
 /// The copies of this request: whether it is mirrored (a request marked as a shadow copy
 /// never is, whether or not the marker is trusted onward), its stale plan, its write event.
 pub(super) fn copies(cx: &Ctx<'_>, routed: &Routed<'_>, req: &mut Request<Incoming>) -> Copies {
-    let upgrade = tunnels(routed, req);
+    let upgrade = cx.present.has(Present::UPGRADE) && tunnels(routed, req);
     let shadow = routed.runtime.shadow.as_ref().and_then(|slot| {
         let mut plan =
             cx.state
@@ -182,16 +185,23 @@ fn clean_request(cx: &Ctx<'_>, parts: &mut http::request::Parts, upgrade: bool) 
     let settings = &cx.state.settings;
     // HTTP/2 carries the host as `:authority`, an absolute-form target as its authority;
     // either was what routed the request, so the backend's Host says the same.
-    set_host_from_target(&mut parts.headers, &parts.uri);
-    let host = parts.headers.get(header::HOST).cloned();
-    let trailers = accepts_trailers(&parts.headers);
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let present = cx.present;
+    let host = if parts.uri.authority().is_some() {
+        set_host_from_target(&mut parts.headers, &parts.uri);
+        parts.headers.get(header::HOST).cloned()
+    } else if present.has(Present::HOST) {
+        parts.headers.get(header::HOST).cloned()
+    } else {
+        None
+    };
+    let trailers = present.has(Present::TE) && accepts_trailers(&parts.headers);
+    strip_present(&mut parts.headers, present, upgrade);
     if trailers {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if !settings.trust_shadow_header {
+    if !settings.trust_shadow_header && present.has(Present::X_STRANGLER_SHADOW) {
         parts.headers.remove(X_STRANGLER_SHADOW);
     }
     for name in cx.active.table.claim_headers() {
@@ -202,12 +212,14 @@ fn clean_request(cx: &Ctx<'_>, parts: &mut http::request::Parts, upgrade: bool) 
     } else {
         "http"
     };
-    set_forwarded(&mut parts.headers, cx.peer.ip(), proto, host.as_ref());
+    set_forwarded(&mut parts.headers, present, cx.peer.ip(), proto, host.as_ref());
     append_via(&mut parts.headers, &cx.state.via);
     parts.headers.insert(X_REQUEST_ID, cx.request_id.clone());
-    if !valid_traceparent(&parts.headers) {
+    if !(present.has(Present::TRACEPARENT) && valid_traceparent(&parts.headers)) {
         parts.headers.insert(TRACEPARENT, new_traceparent());
-        parts.headers.remove(TRACESTATE);
+        if present.has(Present::TRACESTATE) {
+            parts.headers.remove(TRACESTATE);
+        }
     }
     parts.version = Version::HTTP_11;
 }

@@ -25,13 +25,17 @@ pub(super) fn route(cx: &mut Ctx<'_>, req: &Request<Incoming>) -> Result<RouteId
     if has_dot_segments(path) {
         return bad("the path must not contain . or .. segments");
     }
-    let host = request_host(req.headers(), req.uri())
-        .map_err(|reason| ProxyError::BadRequest { reason })?;
+    let host = if cx.present.has(Present::HOST) || req.uri().authority().is_some() {
+        request_host(req.headers(), req.uri())
+            .map_err(|reason| ProxyError::BadRequest { reason })?
+    } else {
+        None
+    };
     if host.is_none() && req.version() == Version::HTTP_11 {
         return bad("HTTP/1.1 requests need a Host header");
     }
     let via = &cx.state.settings.via;
-    if via_has(req.headers(), via) {
+    if cx.present.has(Present::VIA) && via_has(req.headers(), via) {
         return Err(ProxyError::LoopDetected { name: via.clone() });
     }
     let id = cx
