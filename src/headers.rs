@@ -146,7 +146,10 @@ pub fn strip_present(headers: &mut HeaderMap, present: Present, upgrade: bool) {
         None
     };
     if present.has(Present::CONNECTION) {
+        // Only the named headers that are there are collected (usually none: `keep-alive`
+        // and `close` name no header, or a hop-by-hop one removed below).
         let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| headers.contains_key(*t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !PROTECTED.contains(n))
             .collect();
@@ -391,7 +394,7 @@ pub fn request_host<'a>(
         Some(value) if plain_host(value.as_bytes()).is_some() => {
             let b = value.as_bytes();
             let len = plain_host(b).unwrap_or(b.len());
-            value.to_str().ok().map(|text| &text[..len])
+            std::str::from_utf8(&b[..len]).ok()
         }
         Some(value) => {
             let text = value.to_str().map_err(|_| "Host header is not ASCII")?;
@@ -443,6 +446,10 @@ pub fn set_host_from_target(headers: &mut HeaderMap, uri: &http::Uri) {
 /// Whether a path contains `.` or `..` segments, literally or percent-encoded: the proxy
 /// would route one path while the backend resolves another, so such requests get 400.
 pub fn has_dot_segments(path: &str) -> bool {
+    // Without a `.` or a `%` there is no dot segment: one scan, no splitting.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
     path.split('/').any(|seg| {
         let s = seg.as_bytes();
         let is_dot = |i: usize| -> Option<usize> {
