@@ -28,6 +28,7 @@ mod emit;
 mod fallback;
 mod request;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -83,72 +84,85 @@ struct Routed<'a> {
 }
 
 /// Serves one client request. Never fails: errors are answered as JSON.
-pub async fn handle(
+///
+/// This and [`exchange`] return their futures rather than being `async fn`s: an `async fn`
+/// keeps its arguments twice in its state (as given and as bound), and the request's future
+/// is copied whole when it starts (it is boxed per request).
+pub fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<ResponseBody> {
-    let start = Instant::now();
-    let active = state.active();
-    let present = Present::of(req.headers());
-    let request_id = present
-        .has(Present::X_REQUEST_ID)
-        .then(|| valid_request_id(req.headers()).cloned())
-        .flatten()
-        .unwrap_or_else(|| state.ids.next());
-    let client = client_address(req.headers(), peer.ip(), &state.settings.trusted_proxies);
-    let mut cx = Ctx {
-        state: &state,
-        active: &active,
-        peer,
-        client,
-        request_id: &request_id,
-        present,
-        start,
-        route: None,
-        backend: None,
-        claims: None,
-        auth: None,
-        limit: None,
-        limit_headers: None,
-        shadowed: false,
-        degraded: None,
-    };
-    let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
-    let log_head = (state.settings.access_log && AccessLog::enabled())
-        .then(|| (req.method().clone(), req.uri().path().to_string()));
-    let event_head = state
-        .events()
-        .map(|_| (req.method().clone(), req.uri().path_and_query().cloned()));
-    let phases = exchange(&mut cx, req);
-    // Instrumenting costs even with the span disabled; only pay for it when it records.
-    let result = if span.is_disabled() {
-        phases.await
-    } else {
-        phases.instrument(span).await
-    };
-    let resp = result.unwrap_or_else(|error| refused(&cx, &error));
-    finish(&mut cx, resp, log_head, event_head)
+) -> impl Future<Output = Response<ResponseBody>> + Send {
+    async move {
+        let start = Instant::now();
+        let active = state.active();
+        let present = Present::of(req.headers());
+        let request_id = present
+            .has(Present::X_REQUEST_ID)
+            .then(|| valid_request_id(req.headers()).cloned())
+            .flatten()
+            .unwrap_or_else(|| state.ids.next());
+        let client = client_address(req.headers(), peer.ip(), &state.settings.trusted_proxies);
+        let mut cx = Ctx {
+            state: &state,
+            active: &active,
+            peer,
+            client,
+            request_id: &request_id,
+            present,
+            start,
+            route: None,
+            backend: None,
+            claims: None,
+            auth: None,
+            limit: None,
+            limit_headers: None,
+            shadowed: false,
+            degraded: None,
+        };
+        let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
+        let log_head = (state.settings.access_log && AccessLog::enabled())
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
+        let event_head = state
+            .events()
+            .map(|_| (req.method().clone(), req.uri().path_and_query().cloned()));
+        // Instrumenting costs even with the span disabled; only pay for it when it records
+        // (boxed then, so the request's future does not hold the phases twice).
+        let result = if span.is_disabled() {
+            exchange(&mut cx, req).await
+        } else {
+            Box::pin(exchange(&mut cx, req).instrument(span)).await
+        };
+        let resp = result.unwrap_or_else(|error| refused(&cx, &error));
+        finish(&mut cx, resp, log_head, event_head)
+    }
 }
 
 /// The phases, in request order.
-async fn exchange(
-    cx: &mut Ctx<'_>,
+fn exchange<'c, 'a>(
+    cx: &'c mut Ctx<'a>,
     mut req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let id = request::route(cx, &req)?;
-    request::authenticate(cx, id, &req).await?;
-    request::rate_limit(cx, id, &req).await?;
-    let routed = choose::backend(cx, id, &req);
-    choose::admit(cx, &req)?;
-    let mut copies = choose::copies(cx, &routed, &mut req);
-    let out = choose::prepare(cx, &routed, req, &mut copies)?;
-    let mut feed = copies
-        .shadow
-        .take()
-        .map(|plan| choose::start_shadow(cx, &routed, *plan, &out));
-    let outcome = fallback::send(cx, &routed, out, feed.as_mut()).await;
-    answer::answer(cx, outcome, copies, feed)
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'c, 'a> {
+    async move {
+        let id = request::route(cx, &req)?;
+        request::authenticate(cx, id, &req).await?;
+        request::rate_limit(cx, id, &req).await?;
+        let routed = choose::backend(cx, id, &req);
+        choose::admit(cx, &req)?;
+        let mut copies = choose::copies(cx, &routed, &mut req);
+        let out = choose::prepare(cx, &routed, req, &mut copies)?;
+        let mut feed = copies
+            .shadow
+            .take()
+            .map(|plan| choose::start_shadow(cx, &routed, *plan, &out));
+        let (req, first) = fallback::First::new(cx, &routed, out, feed.as_mut());
+        let sent = first.send(cx, req).await;
+        let outcome = match fallback::settle(cx, &routed, sent, first.fallback, first.deadline) {
+            Ok(outcome) => outcome,
+            Err(second) => second.await,
+        };
+        answer::answer(cx, outcome, copies, feed)
+    }
 }
 
 /// After the answer: metrics (a stale answer counts as the failure it replaced: a degraded

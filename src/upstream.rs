@@ -163,52 +163,58 @@ impl Upstream {
     /// another endpoint where there is one (at once), else on the same one after a backoff.
     /// A request that was written goes again only for `resend`'s methods and when it could be
     /// copied whole.
-    pub async fn send_with(
+    ///
+    /// A plain function returning the future (not an `async fn`): an `async fn` keeps its
+    /// arguments twice in its state (as given and as bound), and this future is moved into
+    /// every request's.
+    pub fn send_with(
         &self,
-        req: Request<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
         deadline: Instant,
         resend: Resend,
-    ) -> Result<(Response<Incoming>, Lease), Failed> {
-        self.budget.deposit();
-        let mut req = req;
-        let written = idempotent(req.method()) || resend == Resend::Any;
-        let mut copy = (self.retries > 0 && (written || self.protocol == Protocol::H2))
-            .then(|| retry::Copy::keep(&mut req, &self.resend_budget))
-            .flatten();
-        let mut tried: Option<usize> = None;
-        for attempt in 0..=self.retries {
-            let i = endpoint::pick(&self.endpoints, tried);
-            let ep = &self.endpoints[i];
-            let outcome =
-                tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout)).await;
-            let error = match outcome {
-                Ok(Ok(done)) => return Ok(done),
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    ep.failed(UpstreamErrorKind::Timeout);
-                    self.count(UpstreamErrorKind::Timeout);
-                    return Err(self.timeout().into());
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Lease), Failed>> + Send + '_
+    {
+        async move {
+            self.budget.deposit();
+            let written = idempotent(req.method()) || resend == Resend::Any;
+            let mut copy = (self.retries > 0 && (written || self.protocol == Protocol::H2))
+                .then(|| retry::Copy::keep(&mut req, &self.resend_budget))
+                .flatten();
+            let mut tried: Option<usize> = None;
+            for attempt in 0..=self.retries {
+                let i = endpoint::pick(&self.endpoints, tried);
+                let ep = &self.endpoints[i];
+                let outcome =
+                    tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout)).await;
+                let error = match outcome {
+                    Ok(Ok(done)) => return Ok(done),
+                    Ok(Err(e)) => e,
+                    Err(_) => {
+                        ep.failed(UpstreamErrorKind::Timeout);
+                        self.count(UpstreamErrorKind::Timeout);
+                        return Err(self.timeout().into());
+                    }
+                };
+                let (next, case) = self.again(error, attempt, written, &mut copy)?;
+                req = next;
+                tried = Some(i);
+                if self.endpoints.len() > 1 {
+                    continue;
                 }
-            };
-            let (next, case) = self.again(error, attempt, written, &mut copy)?;
-            req = next;
-            tried = Some(i);
-            if self.endpoints.len() > 1 {
-                continue;
+                let wait =
+                    RETRY_BACKOFF * 2u32.pow(attempt) + Duration::from_millis(fastrand::u64(..10));
+                if Instant::now() + wait >= deadline {
+                    // A request that was never processed may still go to a fallback; a copy of one
+                    // that was written and lost may not.
+                    return Err(Failed {
+                        error: self.timeout(),
+                        unsent: (case != RetryCase::Reset).then(|| Box::new(req)),
+                    });
+                }
+                tokio::time::sleep(wait).await;
             }
-            let wait =
-                RETRY_BACKOFF * 2u32.pow(attempt) + Duration::from_millis(fastrand::u64(..10));
-            if Instant::now() + wait >= deadline {
-                // A request that was never processed may still go to a fallback; a copy of one
-                // that was written and lost may not.
-                return Err(Failed {
-                    error: self.timeout(),
-                    unsent: (case != RetryCase::Reset).then(|| Box::new(req)),
-                });
-            }
-            tokio::time::sleep(wait).await;
+            unreachable_failed(&self.name)
         }
-        unreachable_failed(&self.name)
     }
 
     /// After a failed attempt: the request to send next (a retry, counted against the budget

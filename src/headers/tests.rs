@@ -158,7 +158,11 @@ fn the_summary_names_every_header_the_phases_look_up() {
     for (name, flag) in flags {
         let p = Present::of(&map(&[(name, "v")]));
         assert!(p.has(flag), "{name}");
-        assert_eq!(p.has(Present::HOP_BY_HOP), flag >= Present::CONNECTION, "{name}");
+        assert_eq!(
+            p.has(Present::HOP_BY_HOP),
+            flag >= Present::CONNECTION,
+            "{name}"
+        );
         // No other flag is set by this one name.
         for (other, f) in flags {
             assert_eq!(p.has(f), f == flag, "{name} vs {other}");
@@ -171,9 +175,16 @@ fn the_summary_names_every_header_the_phases_look_up() {
         "proxy-authorization",
         "http2-settings",
     ] {
-        assert!(Present::of(&map(&[(name, "v")])).has(Present::HOP_BY_HOP), "{name}");
+        assert!(
+            Present::of(&map(&[(name, "v")])).has(Present::HOP_BY_HOP),
+            "{name}"
+        );
     }
-    let none = Present::of(&map(&[("accept", "*/*"), ("user-agent", "x"), ("x-user-id", "7")]));
+    let none = Present::of(&map(&[
+        ("accept", "*/*"),
+        ("user-agent", "x"),
+        ("x-user-id", "7"),
+    ]));
     assert_eq!(none, Present::default());
 }
 
@@ -181,10 +192,26 @@ fn the_summary_names_every_header_the_phases_look_up() {
 fn stripping_with_a_summary_removes_what_a_full_strip_removes() {
     let cases: &[&[(&str, &str)]] = &[
         &[("accept", "*/*")],
-        &[("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "5")],
-        &[("te", "trailers"), ("transfer-encoding", "chunked"), ("upgrade", "h2c")],
-        &[("proxy-authorization", "Basic x"), ("http2-settings", "AA"), ("via", "1.1 a")],
-        &[("connection", "upgrade"), ("upgrade", "websocket"), ("host", "x")],
+        &[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+        ],
+        &[
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+        ],
+        &[
+            ("proxy-authorization", "Basic x"),
+            ("http2-settings", "AA"),
+            ("via", "1.1 a"),
+        ],
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("host", "x"),
+        ],
     ];
     for case in cases {
         for upgrade in [false, true] {

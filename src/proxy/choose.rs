@@ -212,7 +212,13 @@ fn clean_request(cx: &Ctx<'_>, parts: &mut http::request::Parts, upgrade: bool) 
     } else {
         "http"
     };
-    set_forwarded(&mut parts.headers, present, cx.peer.ip(), proto, host.as_ref());
+    set_forwarded(
+        &mut parts.headers,
+        present,
+        cx.peer.ip(),
+        proto,
+        host.as_ref(),
+    );
     append_via(&mut parts.headers, &cx.state.via);
     parts.headers.insert(X_REQUEST_ID, cx.request_id.clone());
     if !(present.has(Present::TRACEPARENT) && valid_traceparent(&parts.headers)) {

@@ -44,28 +44,49 @@ pub(super) struct Unanswered {
 pub(super) type Second<'a> =
     Pin<Box<dyn Future<Output = Result<Answered, Unanswered>> + Send + 'a>>;
 
-/// Sends the request: to the chosen backend (its own retries inside), then to the route's
-/// fallback where that is safe. The shadow leg (`feed`) gets the request body as it streams.
-#[inline]
-pub(super) async fn send(
-    cx: &Ctx<'_>,
-    routed: &Routed<'_>,
-    out: Outbound,
-    feed: Option<&mut shadow::Feed>,
-) -> Result<Answered, Unanswered> {
-    let deadline = out.deadline;
-    let (req, fallback) = first_request(cx, routed, out, feed);
-    let resend = if routed.route.retry_non_idempotent {
-        Resend::Any
-    } else {
-        Resend::Idempotent
-    };
-    let first = cx.active.upstreams[routed.backend]
-        .send_with(req, deadline, resend)
-        .await;
-    match settle(cx, routed, first, fallback, deadline) {
-        Ok(outcome) => outcome,
-        Err(second) => second.await,
+/// The first attempt, to the chosen backend: what it takes to send the request (its body
+/// teed to the shadow leg through `feed`) and to send it again to the fallback. The caller
+/// awaits [`First::send`], then [`settle`]s; this is not one `async fn` because every level
+/// of futures is copied into the request's future at its start (a few KiB per level).
+pub(super) struct First {
+    pub fallback: Option<(BackendId, Retry)>,
+    pub deadline: Instant,
+    resend: Resend,
+    backend: BackendId,
+}
+
+impl First {
+    /// The request to the chosen backend (its own retries inside).
+    pub fn new(
+        cx: &Ctx<'_>,
+        routed: &Routed<'_>,
+        out: Outbound,
+        feed: Option<&mut shadow::Feed>,
+    ) -> (Request<UpstreamBody>, First) {
+        let deadline = out.deadline;
+        let (req, fallback) = first_request(cx, routed, out, feed);
+        let resend = if routed.route.retry_non_idempotent {
+            Resend::Any
+        } else {
+            Resend::Idempotent
+        };
+        let first = First {
+            fallback,
+            deadline,
+            resend,
+            backend: routed.backend,
+        };
+        (req, first)
+    }
+
+    /// Sends `req` to the chosen backend: the upstream's own future, not wrapped in another.
+    pub fn send<'a>(
+        &self,
+        cx: &Ctx<'a>,
+        req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), Failed>> + Send + 'a {
+        let active = cx.active;
+        active.upstreams[self.backend].send_with(req, self.deadline, self.resend)
     }
 }
 
@@ -98,7 +119,7 @@ fn first_request(
 /// The first attempt's outcome, counted by the route's guard: it stands (`Ok`), or the
 /// fallback's turn comes (`Err`, a boxed future: the second attempt is rare, and inline it
 /// would enlarge every request's future).
-fn settle<'a>(
+pub(super) fn settle<'a>(
     cx: &'a Ctx<'a>,
     routed: &'a Routed<'a>,
     first: Result<(Response<Incoming>, Lease), Failed>,

@@ -338,54 +338,58 @@ impl Endpoint {
         self.ejections.load(Ordering::Acquire)
     }
 
-    /// Sends `req` on a pooled or new connection of this endpoint.
-    pub async fn exchange(
+    /// Sends `req` on a pooled or new connection of this endpoint. (A function returning its
+    /// future, not an `async fn`, so the request is held once in it, not twice.)
+    pub fn exchange(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Lease), ExchangeError> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let started = self.ejection_epoch.load(Ordering::Acquire);
-        // Owns the in-flight count from here: dropped on failure, handed over on success.
-        let lease = Lease {
-            sender: None,
-            ep: self.clone(),
-        };
-        if self.protocol == Protocol::H2 {
-            self.to_h2(&mut req);
-        }
-        let asked_upgrade = req.headers().contains_key(header::UPGRADE);
-        loop {
-            let (mut sender, reused) = match self.pool.take(self.protocol) {
-                Some(s) => (s, true),
-                // Boxed: the TLS and HTTP/2 handshakes make this future large, and the
-                // request future that holds it is moved on every request; connecting is rare.
-                None => match Box::pin(self.connect_shared(connect_timeout)).await {
-                    Ok(s) => (s, false),
-                    Err(e) => {
-                        self.failed(UpstreamErrorKind::Connect);
-                        return Err((UpstreamErrorKind::Connect, e, Some(req)));
-                    }
-                },
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Lease), ExchangeError>> + Send + '_
+    {
+        async move {
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            let started = self.ejection_epoch.load(Ordering::Acquire);
+            // Owns the in-flight count from here: dropped on failure, handed over on success.
+            let lease = Lease {
+                sender: None,
+                ep: self.clone(),
             };
-            if let Err(e) = sender.ready().await {
-                if reused {
-                    continue;
-                }
-                self.failed(UpstreamErrorKind::Connect);
-                return Err((UpstreamErrorKind::Connect, Box::new(e), Some(req)));
+            if self.protocol == Protocol::H2 {
+                self.to_h2(&mut req);
             }
-            match sender.send(req).await {
-                Ok(resp) => {
-                    return self
-                        .answered(resp, sender, lease, (asked_upgrade, started))
-                        .map_err(|why| (UpstreamErrorKind::Protocol, why.into(), None))
+            let asked_upgrade = req.headers().contains_key(header::UPGRADE);
+            loop {
+                let (mut sender, reused) = match self.pool.take(self.protocol) {
+                    Some(s) => (s, true),
+                    // Boxed: the TLS and HTTP/2 handshakes make this future large, and the
+                    // request future that holds it is moved on every request; connecting is rare.
+                    None => match Box::pin(self.connect_shared(connect_timeout)).await {
+                        Ok(s) => (s, false),
+                        Err(e) => {
+                            self.failed(UpstreamErrorKind::Connect);
+                            return Err((UpstreamErrorKind::Connect, e, Some(req)));
+                        }
+                    },
+                };
+                if let Err(e) = sender.ready().await {
+                    if reused {
+                        continue;
+                    }
+                    self.failed(UpstreamErrorKind::Connect);
+                    return Err((UpstreamErrorKind::Connect, Box::new(e), Some(req)));
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written: safe to try another connection, whatever the method.
-                    Some(r) if reused => req = r,
-                    unsent => return Err(self.send_failed(e.into_error(), unsent)),
-                },
+                match sender.send(req).await {
+                    Ok(resp) => {
+                        return self
+                            .answered(resp, sender, lease, (asked_upgrade, started))
+                            .map_err(|why| (UpstreamErrorKind::Protocol, why.into(), None))
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // Never written: safe to try another connection, whatever the method.
+                        Some(r) if reused => req = r,
+                        unsent => return Err(self.send_failed(e.into_error(), unsent)),
+                    },
+                }
             }
         }
     }
