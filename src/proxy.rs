@@ -88,6 +88,7 @@ struct Routed<'a> {
 /// This and [`exchange`] return their futures rather than being `async fn`s: an `async fn`
 /// keeps its arguments twice in its state (as given and as bound), and the request's future
 /// is copied whole when it starts (it is boxed per request).
+#[allow(clippy::manual_async_fn)]
 pub fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
