@@ -140,6 +140,7 @@ pub fn handle(
 }
 
 /// The phases, in request order.
+#[allow(clippy::manual_async_fn)]
 fn exchange<'c, 'a>(
     cx: &'c mut Ctx<'a>,
     mut req: Request<Incoming>,
