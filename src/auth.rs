@@ -1,8 +1,8 @@
 //! Authentication on the request path: a route's `auth` phase. Each provider has a runtime
 //! that outlives reloads which leave the provider alone: its keys (for a `jwks_url`, fetched
-//! through the proxy's own upstream client), a bounded cache of verified tokens (by SHA-256
-//! of the token; `exp` and `nbf` rechecked on every hit), and a bounded cache of unknown key
-//! ids.
+//! through the proxy's own upstream client), a bounded cache of verified tokens (keyed by the
+//! token's own bytes, so a hit is one hash lookup; bounded by bytes; `exp` and `nbf`
+//! rechecked on every hit), and a bounded cache of unknown key ids.
 //!
 //! Key fetching, done safely (pingap's shape, with Envoy's gap closed): the set is fetched at
 //! start and again every `jwks_refresh` in the background; a token with an unknown `kid`
@@ -37,6 +37,20 @@ use crate::upstream::Upstream;
 
 /// Verified tokens kept per provider.
 const TOKEN_CACHE: usize = 10_000;
+/// Bytes the verified tokens may weigh in all (each: its length plus [`CLAIMS_WEIGHT`]).
+const TOKEN_CACHE_BYTES: u64 = 16 << 20;
+/// What a cached token's claims are counted as, beside the token itself.
+const CLAIMS_WEIGHT: u64 = 512;
+
+/// A cached token weighs its bytes and its claims', so long tokens cannot hold much memory.
+#[derive(Clone)]
+struct TokenWeight;
+
+impl quick_cache::Weighter<Box<str>, Arc<Claims>> for TokenWeight {
+    fn weight(&self, token: &Box<str>, _: &Arc<Claims>) -> u64 {
+        token.len() as u64 + CLAIMS_WEIGHT
+    }
+}
 /// Unknown key ids remembered per provider (each for one cooldown).
 const UNKNOWN_KID_CACHE: usize = 1_024;
 /// The largest JWKS document read.
@@ -348,7 +362,7 @@ pub struct ProviderRuntime {
     name: String,
     keys: ArcSwap<KeySet>,
     fetcher: Option<Fetcher>,
-    tokens: quick_cache::sync::Cache<[u8; 32], Arc<Claims>>,
+    tokens: quick_cache::sync::Cache<Box<str>, Arc<Claims>, TokenWeight>,
     unknown_kids: quick_cache::sync::Cache<String, Instant>,
     started: AtomicBool,
 }
@@ -404,7 +418,11 @@ impl ProviderRuntime {
             name: p.name.clone(),
             keys: ArcSwap::new(keys),
             fetcher,
-            tokens: quick_cache::sync::Cache::new(TOKEN_CACHE),
+            tokens: quick_cache::sync::Cache::with_weighter(
+                TOKEN_CACHE,
+                TOKEN_CACHE_BYTES,
+                TokenWeight,
+            ),
             unknown_kids: quick_cache::sync::Cache::new(UNKNOWN_KID_CACHE),
             started: AtomicBool::new(false),
         }
@@ -464,15 +482,14 @@ impl ProviderRuntime {
     /// A token's claims: from the cache (its time bounds checked again), or verified.
     async fn verify(&self, provider: &Provider, token: &str) -> Result<Arc<Claims>, Reason> {
         let rules = &provider.rules;
-        let digest = jwt::token_digest(token);
-        if let Some(claims) = self.tokens.get(&digest) {
+        if let Some(claims) = self.tokens.get(token) {
             jwt::still_valid(&claims, rules, jwt::now())?;
             return Ok(claims);
         }
         let head = jwt::head(token, rules)?;
         let keys = self.keys_for(head.kid.as_deref()).await?;
         let claims = Arc::new(jwt::verify(token, &head, rules, &keys)?);
-        self.tokens.insert(digest, claims.clone());
+        self.tokens.insert(token.into(), claims.clone());
         Ok(claims)
     }
 

@@ -537,10 +537,5 @@ pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
         .then_some(text)
 }
 
-/// The SHA-256 of a token: the verified-token cache's key (the token itself is never kept).
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 #[cfg(test)]
 mod tests;

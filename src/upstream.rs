@@ -167,6 +167,7 @@ impl Upstream {
     /// A plain function returning the future (not an `async fn`): an `async fn` keeps its
     /// arguments twice in its state (as given and as bound), and this future is moved into
     /// every request's.
+    #[allow(clippy::manual_async_fn)]
     pub fn send_with(
         &self,
         mut req: Request<UpstreamBody>,

@@ -340,6 +340,7 @@ impl Endpoint {
 
     /// Sends `req` on a pooled or new connection of this endpoint. (A function returning its
     /// future, not an `async fn`, so the request is held once in it, not twice.)
+    #[allow(clippy::manual_async_fn)]
     pub fn exchange(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
