@@ -149,7 +149,7 @@ pub fn strip_present(headers: &mut HeaderMap, present: Present, upgrade: bool) {
         // Only the named headers that are there are collected (usually none: `keep-alive`
         // and `close` name no header, or a hop-by-hop one removed below).
         let named: Vec<HeaderName> = connection_tokens(headers)
-            .filter(|t| !is_hop_or_option(t) && headers.contains_key(*t))
+            .filter(|t| !names_hop_by_hop(t) && headers.contains_key(*t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !PROTECTED.contains(n))
             .collect();
@@ -168,14 +168,12 @@ pub fn strip_present(headers: &mut HeaderMap, present: Present, upgrade: bool) {
     }
 }
 
-/// Whether a `Connection` token is a hop-by-hop header (removed anyway) or one of the usual
-/// connection options that name no header (`keep-alive`, `close`): no lookup for those.
-fn is_hop_or_option(token: &str) -> bool {
-    token.eq_ignore_ascii_case("keep-alive")
-        || token.eq_ignore_ascii_case("close")
-        || HOP_BY_HOP
-            .iter()
-            .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+/// Whether a `Connection` token names a hop-by-hop header (`keep-alive` and `upgrade`, the
+/// usual ones, among them), which is removed anyway: no lookup for those.
+fn names_hop_by_hop(token: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| token.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// Whether `TE` lists `trailers`: the client (gRPC, typically) accepts trailer fields. TE

@@ -260,7 +260,14 @@ pub fn headers(data: &[u8]) {
         assert_eq!(&now, values, "protected {name} changed");
     }
     let before = out.get_all("x-forwarded-for").iter().count();
-    headers::set_forwarded(&mut out, [127, 0, 0, 1].into(), "http", map.get("host"));
+    let present = headers::Present::of(&out);
+    headers::set_forwarded(
+        &mut out,
+        present,
+        [127, 0, 0, 1].into(),
+        "http",
+        map.get("host"),
+    );
     let xff: Vec<&HeaderValue> = out.get_all("x-forwarded-for").iter().collect();
     assert!(
         xff.len() == 1 || before > 0,
