@@ -145,9 +145,9 @@ pub fn strip_present(headers: &mut HeaderMap, present: Present, upgrade: bool) {
     } else {
         None
     };
-    if present.has(Present::CONNECTION) {
-        // Only the named headers that are there are collected (usually none: `keep-alive`
-        // and `close` name no header, or a hop-by-hop one removed below).
+    if present.has(Present::CONNECTION) && !only_keep_alive(headers) {
+        // Only the named headers that are there are collected (usually none: the usual
+        // tokens name hop-by-hop headers, removed below).
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| !names_hop_by_hop(t) && headers.contains_key(*t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
@@ -166,6 +166,13 @@ pub fn strip_present(headers: &mut HeaderMap, present: Present, upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto);
     }
+}
+
+/// Whether `Connection` is the single value `keep-alive` (most upstream answers): it names
+/// only a hop-by-hop header, removed anyway, so its tokens need no parsing.
+fn only_keep_alive(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    matches!((values.next(), values.next()), (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// Whether a `Connection` token names a hop-by-hop header (`keep-alive` and `upgrade`, the
@@ -326,11 +333,21 @@ pub fn new_traceparent() -> HeaderValue {
     ))
 }
 
-/// Writes `v` as 16 lower-case hex digits into `out` (no allocation).
+/// Writes `v` as 16 lower-case hex digits into `out` (no allocation): two digits per byte
+/// from a table, most significant first.
 fn hex(out: &mut [u8], v: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in out.iter_mut().take(16).enumerate() {
-        *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    for (pair, byte) in out[..16].chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[usize::from(byte)]);
     }
 }
 
