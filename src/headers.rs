@@ -245,11 +245,11 @@ pub fn set_forwarded(
 
 /// Room for the text of any IP address (the longest form, `ffff:…:ffff:255.255.255.255`,
 /// is 45 bytes; std writes at most 39).
-const IP_TEXT_MAX: usize = 45;
+pub(crate) const IP_TEXT_MAX: usize = 45;
 
 /// `ip` as text (its `Display` form), written into `buf`. IPv4, the usual case, is written
 /// digit by digit: the formatting machinery cost a few hundred instructions per request.
-fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
+pub(crate) fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
     use std::io::Write;
     if let IpAddr::V4(v4) = ip {
         let mut len = 0;

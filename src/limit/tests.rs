@@ -183,3 +183,44 @@ fn a_million_keys_stay_under_the_cap_and_memory_flat() {
         "memory grew past the cap: {at_cap} -> {end} KiB"
     );
 }
+
+#[test]
+fn the_state_header_reads_as_the_draft_writes_it() {
+    let w = window(10, Duration::from_secs(1), 5);
+    let cases = [
+        (7, Duration::from_millis(1500), "\"default\";r=7;t=2"),
+        (0, Duration::ZERO, "\"default\";r=0;t=0"),
+        (10, Duration::from_secs(60), "\"default\";r=10;t=60"),
+        (
+            u64::MAX,
+            Duration::from_nanos(1),
+            "\"default\";r=18446744073709551615;t=1",
+        ),
+    ];
+    for (remaining, reset, want) in cases {
+        let got = state_header(&w, remaining, reset).unwrap();
+        assert_eq!(got, want, "{remaining} {reset:?}");
+    }
+    let dry = RateLimit { dry_run: true, ..w };
+    assert!(state_header(&dry, 1, Duration::ZERO).is_none());
+}
+
+#[test]
+fn a_client_key_is_the_address_as_text() {
+    let headers = http::HeaderMap::new();
+    for ip in [
+        "10.0.0.7",
+        "255.255.255.255",
+        "0.0.0.0",
+        "2001:db8::1",
+        "::ffff:10.1.2.3",
+    ] {
+        let ip: IpAddr = ip.parse().unwrap();
+        let got = key_material(&RequestKey::Client, &headers, ip, None);
+        assert_eq!(
+            got,
+            [b"i".as_slice(), ip.to_string().as_bytes()].concat(),
+            "{ip}"
+        );
+    }
+}

@@ -59,7 +59,7 @@ impl RequestKey {
         let value = match self {
             RequestKey::Header(name) => Cow::Borrowed(headers.get(name)?.as_bytes()),
             RequestKey::Cookie(name) => Cow::Borrowed(cookie(headers, name)?.as_bytes()),
-            RequestKey::Client => Cow::Owned(client.to_string().into_bytes()),
+            RequestKey::Client => Cow::Owned(client_text(client)),
             RequestKey::Claim(name) => {
                 Cow::Owned(crate::jwt::claim_text(claims?, name)?.into_bytes())
             }
@@ -67,6 +67,12 @@ impl RequestKey {
         };
         (!value.is_empty() || *self == RequestKey::Route).then_some(value)
     }
+}
+
+/// The client's address as text (its `Display` form), without the formatting machinery.
+fn client_text(client: IpAddr) -> Vec<u8> {
+    let mut buf = [0u8; crate::headers::IP_TEXT_MAX];
+    crate::headers::ip_text(client, &mut buf).to_vec()
 }
 
 /// A cookie's name is a token (RFC 6265 §4.1.1, RFC 9110 §5.6.2).
