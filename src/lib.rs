@@ -32,11 +32,13 @@
 //! [`run`] and [`Server`] (start and stop a proxy), `config` (load and validate a table),
 //! `routes` (the validated table), `reload`, `state` and `proxy` (a running proxy's state,
 //! for tests), `compare` (the comparison engine, fuzzed), `headers` (header hygiene,
-//! fuzzed), `cli` (`check`, `explain`, `diff`), `shadow`, `server`, `auth`, `jwt` and
+//! fuzzed), `cli` (`check`, `explain`, `diff`), `shadow`, `server` and `activity` (a
+//! connection's watchdog and its request's hold on it), `auth`, `jwt` and
 //! `metrics` (what the tests read back), and `demo` (with the `demo` feature). Everything
 //! else is `pub(crate)`.
 
 pub(crate) mod access;
+pub mod activity;
 pub(crate) mod admin;
 pub mod auth;
 pub(crate) mod carry;
@@ -159,7 +161,7 @@ impl Server {
             admin,
             &ListenerLimits::ADMIN,
             None,
-            move |req, _peer| admin::handle(admin_reloader.clone(), req),
+            move |req, _peer, _watch| admin::handle(admin_reloader.clone(), req),
             admin_stopped,
             "admin",
         ));
@@ -192,7 +194,7 @@ impl Server {
                     timed_out: reason("timeout"),
                 }
             }),
-            move |req, peer| proxy::handle(proxy_state.clone(), req, peer),
+            move |req, peer, watch| proxy::handle(proxy_state.clone(), req, peer, watch),
             stopped,
             "proxy",
         );

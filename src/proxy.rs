@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
 use crate::access::AccessLog;
+use crate::activity::Watch;
 use crate::error::ProxyError;
 use crate::headers::*;
 use crate::jwt::Claims;
@@ -55,6 +56,8 @@ struct Ctx<'a> {
     /// The client's address: the peer, or from `X-Forwarded-For` behind trusted proxies.
     client: IpAddr,
     request_id: &'a HeaderValue,
+    /// The connection's watchdog, which keeps the upstream deadline (HTTP/1.1 listeners).
+    watch: Option<Watch>,
     /// Which of the headers the phases read or rewrite the request carries.
     present: Present,
     start: Instant,
@@ -93,6 +96,7 @@ pub fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    watch: Option<Watch>,
 ) -> impl Future<Output = Response<ResponseBody>> + Send {
     async move {
         let start = Instant::now();
@@ -110,6 +114,7 @@ pub fn handle(
             peer,
             client,
             request_id: &request_id,
+            watch,
             present,
             start,
             route: None,

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::activity::{Activity, Busy, Watch};
 use crate::config::ServerSettings;
 use crate::upstream::body::ResponseBody;
 
@@ -185,7 +186,7 @@ pub async fn serve<S, F>(
     mut shutdown: Shutdown,
     name: &'static str,
 ) where
-    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
+    S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let max = limits
@@ -242,7 +243,7 @@ fn spawn_connection<S, F>(
     permit: tokio::sync::OwnedSemaphorePermit,
     span: tracing::Span,
 ) where
-    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
+    S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     fn spawn(task: impl Future<Output = ()> + Send + 'static, span: tracing::Span) {
@@ -288,7 +289,7 @@ impl<S: Clone> Clone for Handler<S> {
 
 impl<S, F> hyper::service::Service<Request<Incoming>> for Handler<S>
 where
-    S: Fn(Request<Incoming>, SocketAddr) -> F,
+    S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F,
     F: Future<Output = Response<ResponseBody>>,
 {
     type Response = Response<Tracked>;
@@ -297,7 +298,8 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Answer<F> {
         let busy = self.activity.as_ref().map(|a| Busy::start(a.clone()));
-        Answer(Box::pin((self.service)(req, self.peer)), busy)
+        let watch = self.activity.as_ref().map(|a| Watch(a.clone()));
+        Answer(Box::pin((self.service)(req, self.peer, watch)), busy)
     }
 }
 
@@ -347,54 +349,6 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// What an HTTP/1.1 connection's [`Watchdog`] reads: requests being served, and when the
-/// connection last had none (its accept, or the end of its last answer).
-pub struct Activity {
-    busy: AtomicUsize,
-    /// Nanoseconds from `origin` to when the connection last became idle.
-    idle_since: AtomicU64,
-    origin: Instant,
-}
-
-impl Activity {
-    fn new(origin: Instant) -> Arc<Self> {
-        Arc::new(Activity {
-            busy: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            origin,
-        })
-    }
-
-    /// When the connection's next request head is due: `None` while a request is served.
-    fn head_due(&self, timeout: Duration) -> Option<Instant> {
-        if self.busy.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let idle = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        Some(self.origin + idle + timeout)
-    }
-}
-
-/// One request being served, from its head until hyper drops its answer's body (written,
-/// or abandoned with the connection).
-pub struct Busy(Arc<Activity>);
-
-impl Busy {
-    fn start(activity: Arc<Activity>) -> Self {
-        activity.busy.fetch_add(1, Ordering::AcqRel);
-        Busy(activity)
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let a = &self.0;
-        let since = a.origin.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-        a.idle_since.store(since, Ordering::Release);
-        a.busy.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// `header_read_timeout` on an HTTP/1.1 connection without a timer per request: one sleep
 /// per connection, re-armed only when it fires. The next request head is due
 /// `header_read_timeout` after the connection was accepted or its last answer ended; a
@@ -407,13 +361,32 @@ struct Watchdog<'a> {
     timeout: Duration,
 }
 
+/// What the watchdog does when its sleep fires.
+enum Fired {
+    /// Look again then.
+    Rearm(Instant),
+    /// The served request's upstream deadline has passed: it is told so (hyper must poll it
+    /// again), and the watchdog looks again then.
+    Expired(Instant),
+    /// A request head is overdue: the connection closes.
+    Close,
+}
+
 impl Watchdog<'_> {
-    /// When to look again, or `None` to close the connection now.
-    fn fired(&self, now: Instant) -> Option<Instant> {
-        match self.activity.head_due(self.timeout) {
-            None => Some(now + self.timeout),
-            Some(due) if due > now => Some(due),
-            Some(_) => None,
+    fn fired(&self, now: Instant) -> Fired {
+        let a = self.activity;
+        let next = now + self.timeout;
+        if let Some(due) = a.upstream_due() {
+            if due <= now {
+                a.expire();
+                return Fired::Expired(next);
+            }
+            return Fired::Rearm(due.min(next));
+        }
+        match a.head_due(self.timeout) {
+            None => Fired::Rearm(next),
+            Some(due) if due > now => Fired::Rearm(due),
+            Some(_) => Fired::Close,
         }
     }
 }
@@ -431,7 +404,7 @@ async fn plain_http1<S, F>(
     handler: Handler<S>,
     mut shutdown: Shutdown,
 ) where
-    S: Fn(Request<Incoming>, SocketAddr) -> F + Send,
+    S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F + Send,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let accepted = Instant::now();
@@ -460,7 +433,7 @@ async fn serve_http1<S, F, I>(
     shutdown: Shutdown,
     since: Instant,
 ) where
-    S: Fn(Request<Incoming>, SocketAddr) -> F + Send,
+    S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F + Send,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -485,7 +458,7 @@ const HEADER_TIMEOUT: &str = "read header from client timeout";
 /// the preface shows, with h2c), until it closes or shutdown asks it to.
 async fn connection<S, F>(p: &Protocols, stream: TcpStream, svc: Handler<S>, mut shutdown: Shutdown)
 where
-    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + 'static,
+    S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let Some(tls) = &p.tls else {
@@ -570,14 +543,33 @@ async fn drive<C, E>(
             }
         }
         if let Some(w) = &watchdog {
+            // A request whose upstream deadline comes before the sleep (a backend `timeout`
+            // shorter than `header_read_timeout`) moves the sleep up.
+            if let Some(due) = w.activity.upstream_due() {
+                if due < sleep.deadline() {
+                    sleep.as_mut().reset(due);
+                    sleep_registered = false;
+                }
+            }
+            let mut expired = false;
             if !sleep_registered || sleep.is_elapsed() {
                 while sleep.as_mut().poll(cx).is_ready() {
                     match w.fired(Instant::now()) {
-                        Some(next) => sleep.as_mut().reset(next),
-                        None => return Poll::Ready(None),
+                        Fired::Rearm(next) => sleep.as_mut().reset(next),
+                        Fired::Expired(next) => {
+                            expired = true;
+                            sleep.as_mut().reset(next);
+                        }
+                        Fired::Close => return Poll::Ready(None),
                     }
                 }
                 sleep_registered = true;
+            }
+            if expired {
+                // hyper polls the request's future, which now gives up on its backend.
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
             }
         }
         Poll::Pending

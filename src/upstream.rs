@@ -28,11 +28,24 @@ use tokio::time::Instant;
 use endpoint::RetryBudget;
 pub use endpoint::{Endpoint, Lease};
 
+use crate::activity::Watch;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::metrics::Metrics;
 use crate::routes::{Backend, Protocol, RetryCase, RetryOn};
 use body::{TooLarge, UpstreamBody};
 pub use retry::Resend;
+
+/// `fut` until the connection's watchdog says the armed deadline has passed (`Err`).
+async fn watched<F: std::future::Future>(watch: &Watch, fut: F) -> Result<F::Output, ()> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if watch.expired() {
+            return std::task::Poll::Ready(Err(()));
+        }
+        fut.as_mut().poll(cx).map(Ok)
+    })
+    .await
+}
 
 /// First retry waits about this long; each further one doubles it (with jitter).
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
@@ -154,7 +167,8 @@ impl Upstream {
         req: Request<UpstreamBody>,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
-        self.send_with(req, deadline, Resend::Idempotent).await
+        self.send_with(req, deadline, Resend::Idempotent, None)
+            .await
     }
 
     /// Sends the request and waits for the response head until `deadline`. An attempt that
@@ -173,9 +187,11 @@ impl Upstream {
         mut req: Request<UpstreamBody>,
         deadline: Instant,
         resend: Resend,
+        watch: Option<Watch>,
     ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Lease), Failed>> + Send + '_
     {
         async move {
+            let _armed = watch.as_ref().map(|w| w.arm(deadline));
             self.budget.deposit();
             let written = idempotent(req.method()) || resend == Resend::Any;
             let mut copy = (self.retries > 0 && (written || self.protocol == Protocol::H2))
@@ -185,12 +201,17 @@ impl Upstream {
             for attempt in 0..=self.retries {
                 let i = endpoint::pick(&self.endpoints, tried);
                 let ep = &self.endpoints[i];
-                let outcome =
-                    tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout)).await;
+                let exchange = ep.exchange(req, self.connect_timeout);
+                let outcome = match &watch {
+                    Some(w) => watched(w, exchange).await,
+                    None => tokio::time::timeout_at(deadline, exchange)
+                        .await
+                        .map_err(|_| ()),
+                };
                 let error = match outcome {
                     Ok(Ok(done)) => return Ok(done),
                     Ok(Err(e)) => e,
-                    Err(_) => {
+                    Err(()) => {
                         ep.failed(UpstreamErrorKind::Timeout);
                         self.count(UpstreamErrorKind::Timeout);
                         return Err(self.timeout().into());

@@ -395,3 +395,63 @@ async fn steady_keep_alive_load_opens_no_new_upstream_connections() {
         "{opened} upstream connections for {clients} concurrent clients"
     );
 }
+
+/// Reads one response (head and a `content-length` body) from `s`; `None` at EOF.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&got[..end + 4 + len]).into_owned());
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_deadline_longer_than_header_read_timeout_is_kept_and_rearmed_per_request() {
+    use tokio::io::AsyncWriteExt;
+    // The connection's watchdog keeps both: the head timeout must not cut a request that is
+    // being served, and each request on the connection gets its whole backend timeout.
+    let backend = start_raw(Misbehave::Hang).await;
+    let proxy = proxy_to_with(
+        backend.addr,
+        "timeout = \"800ms\"",
+        "header_read_timeout = \"300ms\"",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for round in 0..2 {
+        let started = std::time::Instant::now();
+        s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), read_response(&mut s))
+            .await
+            .expect("no answer within 5 s")
+            .unwrap_or_else(|| panic!("round {round}: closed after {:?}", started.elapsed()));
+        let took = started.elapsed();
+        assert!(got.starts_with("HTTP/1.1 504"), "round {round}: {got}");
+        assert!(got.contains("upstream_timeout"), "round {round}: {got}");
+        assert!(
+            took >= Duration::from_millis(750) && took < Duration::from_secs(3),
+            "round {round}: answered after {took:?}"
+        );
+    }
+    // Idle again: the head timeout closes the connection, nothing written.
+    let started = std::time::Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(5), read_response(&mut s)).await;
+    assert!(matches!(rest, Ok(None)), "{rest:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}

@@ -422,7 +422,9 @@ async fn exchange(state: &Arc<strangler::state::State>, bytes: &[u8]) -> Vec<u8>
     let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
         async move {
-            Ok::<_, std::convert::Infallible>(strangler::proxy::handle(state, req, peer).await)
+            Ok::<_, std::convert::Infallible>(
+                strangler::proxy::handle(state, req, peer, None).await,
+            )
         }
     });
     let limits = strangler::server::ListenerLimits::from(&harness().state.settings);

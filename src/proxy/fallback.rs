@@ -86,7 +86,7 @@ impl First {
         req: Request<UpstreamBody>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Lease), Failed>> + Send + 'a {
         let active = cx.active;
-        active.upstreams[self.backend].send_with(req, self.deadline, self.resend)
+        active.upstreams[self.backend].send_with(req, self.deadline, self.resend, cx.watch.clone())
     }
 }
 
