@@ -417,9 +417,8 @@ pub fn request_host<'a>(
     let from_header = match host {
         // The usual Host, `name[:digits]`, is a valid authority as it stands: no parse.
         Some(value) if plain_host(value.as_bytes()).is_some() => {
-            let b = value.as_bytes();
-            let len = plain_host(b).unwrap_or(b.len());
-            std::str::from_utf8(&b[..len]).ok()
+            let len = plain_host(value.as_bytes()).unwrap_or(0);
+            value.to_str().ok().map(|text| &text[..len])
         }
         Some(value) => {
             let text = value.to_str().map_err(|_| "Host header is not ASCII")?;
@@ -446,15 +445,20 @@ pub fn request_host<'a>(
 /// `.` only (a port of 1-5 digits): such a value is a valid authority with no user info.
 #[inline]
 fn plain_host(value: &[u8]) -> Option<usize> {
-    let host_len = value.iter().position(|&b| b == b':').unwrap_or(value.len());
-    let (host, port) = value.split_at(host_len);
-    let host_ok = !host.is_empty()
-        && host
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    let port_ok = port.is_empty()
-        || (port.len() >= 2 && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
-    (host_ok && port_ok).then_some(host_len)
+    // One pass: name bytes up to the first `:`, then digits only.
+    let mut host_len = None;
+    for (i, &b) in value.iter().enumerate() {
+        match host_len {
+            None if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' => {}
+            None if b == b':' && i > 0 => host_len = Some(i),
+            Some(_) if b.is_ascii_digit() => {}
+            _ => return None,
+        }
+    }
+    match host_len {
+        None => (!value.is_empty()).then_some(value.len()),
+        Some(len) => (2..=6).contains(&(value.len() - len)).then_some(len),
+    }
 }
 
 /// Makes `Host` name the target's authority when the request carried one (absolute-form, or

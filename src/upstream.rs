@@ -35,16 +35,29 @@ use crate::routes::{Backend, Protocol, RetryCase, RetryOn};
 use body::{TooLarge, UpstreamBody};
 pub use retry::Resend;
 
-/// `fut` until the connection's watchdog says the armed deadline has passed (`Err`).
-async fn watched<F: std::future::Future>(watch: &Watch, fut: F) -> Result<F::Output, ()> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        if watch.expired() {
+pin_project_lite::pin_project! {
+    /// `fut` until the connection's watchdog says the armed deadline has passed (`Err`): a
+    /// `Timeout` without its timer, no larger than the future it watches.
+    struct Watched<'w, F> {
+        watch: &'w Watch,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Watched<'_, F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if this.watch.expired() {
             return std::task::Poll::Ready(Err(()));
         }
-        fut.as_mut().poll(cx).map(Ok)
-    })
-    .await
+        this.fut.poll(cx).map(Ok)
+    }
 }
 
 /// First retry waits about this long; each further one doubles it (with jitter).
@@ -151,11 +164,10 @@ impl Upstream {
         headers: http::HeaderMap,
         body: bytes::Bytes,
     ) -> Option<Request<UpstreamBody>> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(self.uri(pq).ok()?)
-            .body(UpstreamBody::full(body))
-            .ok()?;
+        // Assembled in place: `Request::builder` carries a `Result` through every step.
+        let mut req = Request::new(UpstreamBody::full(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = self.uri(pq).ok()?;
         *req.headers_mut() = headers;
         Some(req)
     }
@@ -201,12 +213,21 @@ impl Upstream {
             for attempt in 0..=self.retries {
                 let i = endpoint::pick(&self.endpoints, tried);
                 let ep = &self.endpoints[i];
-                let exchange = ep.exchange(req, self.connect_timeout);
+                // Each arm makes its own future: one made before the `match` would be held
+                // beside the arm's (a few hundred bytes more in every request's future).
                 let outcome = match &watch {
-                    Some(w) => watched(w, exchange).await,
-                    None => tokio::time::timeout_at(deadline, exchange)
+                    Some(watch) => {
+                        Watched {
+                            watch,
+                            fut: ep.exchange(req, self.connect_timeout),
+                        }
                         .await
-                        .map_err(|_| ()),
+                    }
+                    None => {
+                        tokio::time::timeout_at(deadline, ep.exchange(req, self.connect_timeout))
+                            .await
+                            .map_err(|_| ())
+                    }
                 };
                 let error = match outcome {
                     Ok(Ok(done)) => return Ok(done),

@@ -453,5 +453,9 @@ async fn a_deadline_longer_than_header_read_timeout_is_kept_and_rearmed_per_requ
     let started = std::time::Instant::now();
     let rest = tokio::time::timeout(Duration::from_secs(5), read_response(&mut s)).await;
     assert!(matches!(rest, Ok(None)), "{rest:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

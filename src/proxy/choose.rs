@@ -183,6 +183,8 @@ pub(super) fn prepare(
 #[inline]
 fn clean_request(cx: &Ctx<'_>, parts: &mut http::request::Parts, upgrade: bool) {
     let settings = &cx.state.settings;
+    // Room for the headers added below at once, not one growth of the map at a time.
+    parts.headers.reserve(6);
     // HTTP/2 carries the host as `:authority`, an absolute-form target as its authority;
     // either was what routed the request, so the backend's Host says the same.
     let present = cx.present;
