@@ -174,13 +174,14 @@ impl Upstream {
 
     /// Sends the request and waits for the response head until `deadline`; retried as
     /// [`send_with`](Self::send_with) says for idempotent methods.
-    pub async fn send(
+    pub fn send(
         &self,
         req: Request<UpstreamBody>,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, Lease), Failed> {
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Lease), Failed>> + Send + '_
+    {
+        // `send_with`'s own future, not one wrapping it (every level is copied when it starts).
         self.send_with(req, deadline, Resend::Idempotent, None)
-            .await
     }
 
     /// Sends the request and waits for the response head until `deadline`. An attempt that

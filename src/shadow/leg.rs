@@ -139,14 +139,15 @@ impl Leg {
     }
 
     async fn compare(self) -> Judged {
-        let Leg { copy, inputs } = self;
-        let deadline = inputs.primary_deadline;
-        let body = match request_copy(inputs.request_body, deadline).await {
+        // Fields used in place: destructured, `self` would be held twice in this future.
+        let copy = &self.copy;
+        let deadline = self.inputs.primary_deadline;
+        let body = match request_copy(self.inputs.request_body, deadline).await {
             Ok(body) => body,
             Err(why) => return Judged::Skipped(why),
         };
         let Some(answers) = copy
-            .send(&body, inputs.primary_head, inputs.primary_body, deadline)
+            .send(&body, self.inputs.primary_head, self.inputs.primary_body, deadline)
             .await
         else {
             return Judged::Error;
@@ -379,48 +380,52 @@ impl Copy {
     }
 }
 
-/// Sends `req` and reads the answer, at most `max` body bytes, by `deadline`.
-async fn fetch(
-    to: &Upstream,
+/// Sends `req` and reads the answer, at most `max` body bytes, by `deadline`. (A function
+/// returning its future, not an `async fn`, which would hold the request twice.)
+#[allow(clippy::manual_async_fn)]
+fn fetch<'a>(
+    to: &'a Upstream,
     req: Request<UpstreamBody>,
     deadline: Instant,
     max: usize,
-    budget: &Arc<Budget>,
-) -> Result<(Answer, Duration, Held), Missing> {
-    let started = Instant::now();
-    let (resp, lease) = to
-        .send(req, deadline)
-        .await
-        .map_err(|f| Missing::Error(f.error.to_string()))?;
-    let latency = started.elapsed();
-    let (parts, mut body) = resp.into_parts();
-    let (mut tee, rx) = Tee::new(max, budget);
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| Missing::Error(e.to_string()))?;
-            tee.frame(&frame);
-            if tee.is_done() {
-                return Err(Missing::Skipped(Skip::TooLarge));
+    budget: &'a Arc<Budget>,
+) -> impl std::future::Future<Output = Result<(Answer, Duration, Held), Missing>> + Send + 'a {
+    async move {
+        let started = Instant::now();
+        let (resp, lease) = to
+            .send(req, deadline)
+            .await
+            .map_err(|f| Missing::Error(f.error.to_string()))?;
+        let latency = started.elapsed();
+        let (parts, mut body) = resp.into_parts();
+        let (mut tee, rx) = Tee::new(max, budget);
+        let read = async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| Missing::Error(e.to_string()))?;
+                tee.frame(&frame);
+                if tee.is_done() {
+                    return Err(Missing::Skipped(Skip::TooLarge));
+                }
             }
+            tee.finish();
+            lease.release();
+            Ok(())
+        };
+        tokio::time::timeout_at(deadline, read)
+            .await
+            .map_err(|_| Missing::Error("shadow answer timed out".into()))??;
+        match rx.await {
+            Ok(Captured::Body(held)) => Ok((
+                Answer {
+                    status: parts.status.as_u16(),
+                    headers: parts.headers,
+                    body: held.bytes.clone(),
+                    trailers: held.trailers.clone(),
+                },
+                latency,
+                held,
+            )),
+            _ => Err(Missing::Skipped(Skip::TooLarge)),
         }
-        tee.finish();
-        lease.release();
-        Ok(())
-    };
-    tokio::time::timeout_at(deadline, read)
-        .await
-        .map_err(|_| Missing::Error("shadow answer timed out".into()))??;
-    match rx.await {
-        Ok(Captured::Body(held)) => Ok((
-            Answer {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                body: held.bytes.clone(),
-                trailers: held.trailers.clone(),
-            },
-            latency,
-            held,
-        )),
-        _ => Err(Missing::Skipped(Skip::TooLarge)),
     }
 }
