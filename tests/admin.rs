@@ -183,7 +183,17 @@ async fn token_protects_everything_but_the_probes() {
 
 #[tokio::test]
 async fn post_reload_swaps_valid_tables_and_keeps_serving_on_invalid_ones() {
-    let (proxy, legacy, users) = start().await;
+    // No file watcher: every reload here is the POST's own (a watcher could apply a file
+    // first on a loaded machine, and the POST would then find nothing to change).
+    const SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\nwatch = \"off\"\n\n";
+    let legacy = start_legacy(Default::default()).await;
+    let users = start_users(None).await;
+    let proxy = Proxy::start(&format!(
+        "{SERVER}{}[backends.users]\nurl = \"http://{}\"\n{ROUTES}",
+        legacy_at(legacy.addr),
+        users.addr
+    ))
+    .await;
     let reload =
         || async { send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await };
     // Unchanged file: success, same generation.
@@ -201,7 +211,7 @@ async fn post_reload_swaps_valid_tables_and_keeps_serving_on_invalid_ones() {
             "backend = \"users\""
         )
     );
-    std::fs::write(proxy.path(), with_server_defaults(&cut)).unwrap();
+    std::fs::write(proxy.path(), format!("{SERVER}{cut}")).unwrap();
     let r = reload().await.json();
     assert_eq!(r["ok"], true);
     assert_eq!(r["generation"], 2);
