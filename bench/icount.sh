@@ -274,7 +274,8 @@ for t in "${ALL[@]}"; do
   [[ -z ${ONLY:-} || ",$ONLY," == *",$t,"* ]] && TARGETS+=("$t")
 done
 (( ${#TARGETS[@]} )) || { echo "ONLY=$ONLY names no target (one of: ${ALL[*]})" >&2; exit 1; }
-# In the order they are counted (the strangler routes first, then nginx, then the floor).
+# Each target's process, port, path and dump prefix; they are counted in MEASURE_ORDER (the
+# strangler routes first, then nginx, then the floor).
 declare -A WHERE=(
   ["strangler plain"]="$STRANGLER_PID $STRANGLER /plain strangler"
   ["strangler shadow"]="$STRANGLER_PID $STRANGLER /shadow strangler"
@@ -290,7 +291,8 @@ declare -A WHERE=(
   ["nginx 64 KiB"]="${NGINX_PID:-} $NGINX_PROXY /big nginx"
   ["hyper minimal"]="${HYPER_PID:-} $HYPER /plain hyper"
 )
-for t in "strangler plain" "strangler shadow" "strangler canary" "strangler auth" "strangler auth RS256" "strangler auth ES256" "strangler auth HS256" "strangler ratelimit" "strangler stale" "strangler 64 KiB" "nginx plain" "nginx 64 KiB" "hyper minimal"; do
+MEASURE_ORDER=("strangler plain" "strangler shadow" "strangler canary" "strangler auth" "strangler auth RS256" "strangler auth ES256" "strangler auth HS256" "strangler ratelimit" "strangler stale" "strangler 64 KiB" "nginx plain" "nginx 64 KiB" "hyper minimal")
+for t in "${MEASURE_ORDER[@]}"; do
   [[ " ${TARGETS[*]} " == *" $t "* ]] || continue
   # shellcheck disable=SC2086
   measure "$t" ${WHERE[$t]}

@@ -13,10 +13,15 @@ const ROUTES: &str = "[[routes]]\nprefix = \"/api/users\"\nbackend = \"legacy\"\
 [[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n";
 
 async fn start() -> (Proxy, Running, Running) {
+    start_with("").await
+}
+
+/// [`start`] with `server` (a `[server]` section, or nothing for the defaults) first.
+async fn start_with(server: &str) -> (Proxy, Running, Running) {
     let legacy = start_legacy(Default::default()).await;
     let users = start_users(None).await;
     let proxy = Proxy::start(&format!(
-        "{}[backends.users]\nurl = \"http://{}\"\n{ROUTES}",
+        "{server}{}[backends.users]\nurl = \"http://{}\"\n{ROUTES}",
         legacy_at(legacy.addr),
         users.addr
     ))
@@ -186,14 +191,7 @@ async fn post_reload_swaps_valid_tables_and_keeps_serving_on_invalid_ones() {
     // No file watcher: every reload here is the POST's own (a watcher could apply a file
     // first on a loaded machine, and the POST would then find nothing to change).
     const SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\nwatch = \"off\"\n\n";
-    let legacy = start_legacy(Default::default()).await;
-    let users = start_users(None).await;
-    let proxy = Proxy::start(&format!(
-        "{SERVER}{}[backends.users]\nurl = \"http://{}\"\n{ROUTES}",
-        legacy_at(legacy.addr),
-        users.addr
-    ))
-    .await;
+    let (proxy, legacy, users) = start_with(SERVER).await;
     let reload =
         || async { send_with(Method::POST, &proxy.admin_url("/reload"), &[], Bytes::new()).await };
     // Unchanged file: success, same generation.
