@@ -373,6 +373,41 @@ enum Fired {
 }
 
 impl Watchdog<'_> {
+    /// The watchdog's part of a wake of its connection's task: `Close`, `Expired` (the
+    /// served request must be polled again) or nothing to do. The sleep is polled only when
+    /// it was reset or has fired (it keeps the task's waker in between).
+    fn poll(
+        &self,
+        mut sleep: Pin<&mut tokio::time::Sleep>,
+        registered: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Option<Fired> {
+        // A request whose upstream deadline comes before the sleep (a backend `timeout`
+        // shorter than `header_read_timeout`) moves the sleep up.
+        if let Some(due) = self.activity.upstream_due() {
+            if due < sleep.deadline() {
+                sleep.as_mut().reset(due);
+                *registered = false;
+            }
+        }
+        if *registered && !sleep.is_elapsed() {
+            return None;
+        }
+        let mut said = None;
+        while sleep.as_mut().poll(cx).is_ready() {
+            match self.fired(Instant::now()) {
+                Fired::Close => return Some(Fired::Close),
+                Fired::Rearm(next) => sleep.as_mut().reset(next),
+                Fired::Expired(next) => {
+                    said = Some(Fired::Expired(next));
+                    sleep.as_mut().reset(next);
+                }
+            }
+        }
+        *registered = true;
+        said
+    }
+
     fn fired(&self, now: Instant) -> Fired {
         let a = self.activity;
         let next = now + self.timeout;
@@ -542,37 +577,15 @@ async fn drive<C, E>(
                 return conn.as_mut().poll(cx).map(Some);
             }
         }
-        if let Some(w) = &watchdog {
-            // A request whose upstream deadline comes before the sleep (a backend `timeout`
-            // shorter than `header_read_timeout`) moves the sleep up.
-            if let Some(due) = w.activity.upstream_due() {
-                if due < sleep.deadline() {
-                    sleep.as_mut().reset(due);
-                    sleep_registered = false;
-                }
-            }
-            let mut expired = false;
-            if !sleep_registered || sleep.is_elapsed() {
-                while sleep.as_mut().poll(cx).is_ready() {
-                    match w.fired(Instant::now()) {
-                        Fired::Rearm(next) => sleep.as_mut().reset(next),
-                        Fired::Expired(next) => {
-                            expired = true;
-                            sleep.as_mut().reset(next);
-                        }
-                        Fired::Close => return Poll::Ready(None),
-                    }
-                }
-                sleep_registered = true;
-            }
-            if expired {
-                // hyper polls the request's future, which now gives up on its backend.
-                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
-                }
-            }
+        let Some(w) = &watchdog else {
+            return Poll::Pending;
+        };
+        match w.poll(sleep.as_mut(), &mut sleep_registered, cx) {
+            Some(Fired::Close) => Poll::Ready(None),
+            // hyper polls the request's future, which now gives up on its backend.
+            Some(Fired::Expired(_)) => conn.as_mut().poll(cx).map(Some),
+            _ => Poll::Pending,
         }
-        Poll::Pending
     })
     .await;
     match ended {
