@@ -143,11 +143,17 @@ fn serve(path: &std::path::Path, demo: Option<Demo>) -> ExitCode {
     for w in strangler::cli::warnings(&loaded) {
         eprintln!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(loaded.parsed.server.workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime, as nginx's one worker process (no hand-offs
+    // between a scheduler thread and the thread running the listeners).
+    let workers = loaded.parsed.server.workers;
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
