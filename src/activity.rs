@@ -91,7 +91,7 @@ impl Drop for Busy {
 /// an entry in the timer wheel, under its lock, and its removal, on every request). Requests
 /// on HTTP/2 connections, shadow legs and probes have none and keep their own timers.
 #[derive(Clone)]
-pub struct Watch(pub Arc<Activity>);
+pub struct Watch(pub(crate) Arc<Activity>);
 
 impl Watch {
     /// Keeps `deadline` for the request until the returned guard is dropped.

@@ -164,10 +164,7 @@ fn exchange<'c, 'a>(
             .map(|plan| choose::start_shadow(cx, &routed, *plan, &out));
         let (req, first) = fallback::First::new(cx, &routed, out, feed.as_mut());
         let sent = first.send(cx, req).await;
-        let outcome = match fallback::settle(cx, &routed, sent, first.fallback, first.deadline) {
-            Ok(outcome) => outcome,
-            Err(second) => second.await,
-        };
+        let outcome = fallback::settle(cx, &routed, sent, first).await;
         answer::answer(cx, outcome, copies, feed)
     }
 }

@@ -116,32 +116,55 @@ fn first_request(
     (Request::from_parts(out.parts, body), fallback.zip(retry))
 }
 
-/// The first attempt's outcome, counted by the route's guard: it stands (`Ok`), or the
-/// fallback's turn comes (`Err`, a boxed future: the second attempt is rare, and inline it
-/// would enlarge every request's future).
+/// The first attempt's outcome, counted by the route's guard: it stands, or the fallback's
+/// turn comes (a boxed future: the second attempt is rare, and inline it would enlarge every
+/// request's future).
 pub(super) fn settle<'a>(
     cx: &'a Ctx<'a>,
     routed: &'a Routed<'a>,
-    first: Result<(Response<Incoming>, Lease), Failed>,
-    fallback: Option<(BackendId, Retry)>,
-    deadline: Instant,
-) -> Result<Result<Answered, Unanswered>, Second<'a>> {
-    guard_watch(cx, routed, &first);
-    let from = routed.backend;
-    match (fallback, first) {
-        (Some((to, retry)), first) => Err(Box::pin(to_fallback(
-            cx, routed, to, first, retry, deadline,
-        ))),
-        (None, Ok((resp, lease))) => Ok(Ok(Answered {
+    sent: Result<(Response<Incoming>, Lease), Failed>,
+    first: First,
+) -> Settled<'a> {
+    guard_watch(cx, routed, &sent);
+    let (from, deadline) = (routed.backend, first.deadline);
+    match (first.fallback, sent) {
+        (Some((to, retry)), sent) => {
+            Settled::Second(Box::pin(to_fallback(cx, routed, to, sent, retry, deadline)))
+        }
+        (None, Ok((resp, lease))) => Settled::Stands(Some(Ok(Answered {
             resp,
             lease,
             deadline,
             backend: from,
-        })),
-        (None, Err(failed)) => Ok(Err(Unanswered {
+        }))),
+        (None, Err(failed)) => Settled::Stands(Some(Err(Unanswered {
             error: failed.error,
             backend: from,
-        })),
+        }))),
+    }
+}
+
+/// The exchange's outcome: the first attempt's, ready at once, or the fallback's to wait for.
+/// A small future of its own, so the phase list awaits one value and holds no more state.
+pub(super) enum Settled<'a> {
+    Stands(Option<Result<Answered, Unanswered>>),
+    Second(Second<'a>),
+}
+
+impl Future for Settled<'_> {
+    type Output = Result<Answered, Unanswered>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            // Taken once; a future polled again after it finished may stay pending.
+            Settled::Stands(outcome) => outcome
+                .take()
+                .map_or(std::task::Poll::Pending, std::task::Poll::Ready),
+            Settled::Second(second) => second.as_mut().poll(cx),
+        }
     }
 }
 
