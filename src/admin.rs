@@ -128,11 +128,27 @@ fn readyz(state: &State) -> Response<ResponseBody> {
 }
 
 fn metrics(state: &State) -> Response<ResponseBody> {
+    use crate::metrics::*;
+    let m = state.metrics();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        state
-            .metrics()
-            .gauge(crate::metrics::RUNTIME_ALIVE_TASKS, vec![])
+        m.gauge(RUNTIME_ALIVE_TASKS, vec![])
             .set(rt.metrics().num_alive_tasks() as f64);
+    }
+    let listener = || vec![::metrics::Label::new("listener", "proxy")];
+    let clients = &state.clients;
+    m.counter(CONNECTIONS_ACCEPTED_TOTAL, listener())
+        .absolute(clients.accepted.load(Ordering::Relaxed));
+    m.gauge(CONNECTIONS_OPEN, listener())
+        .set(clients.open.load(Ordering::Relaxed) as f64);
+    let active = state.active();
+    for upstream in active.upstreams.iter() {
+        let (open, waiting) = upstream.endpoints.iter().fold((0, 0), |(o, w), e| {
+            let (open, _, waiting) = e.connections();
+            (o + open, w + waiting)
+        });
+        let backend = || vec![::metrics::Label::new("backend", upstream.name.clone())];
+        m.gauge(UPSTREAM_CONNECTIONS, backend()).set(open as f64);
+        m.gauge(UPSTREAM_WAITING, backend()).set(waiting as f64);
     }
     let mut resp = Response::new(ResponseBody::full(Bytes::from(state.metrics().render())));
     resp.headers_mut().insert(

@@ -23,6 +23,9 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub max_header_size: usize,
     pub max_connections: usize,
+    /// The public listener's accept queue; `None`: the kernel's `somaxconn` (as HAProxy
+    /// and Envoy do).
+    pub backlog: Option<u32>,
     pub trust_shadow_header: bool,
     /// This proxy's name in `via` (`1.1 NAME`) and in loop detection.
     pub via: String,

@@ -69,6 +69,13 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
+    /// The endpoint's connection bounds were reached and the request could not wait (or
+    /// waited too long) for a connection: never sent.
+    #[error("upstream {backend} is busy: {source}")]
+    UpstreamBusy {
+        backend: String,
+        source: crate::upstream::gate::Refused,
+    },
     #[error("upstream {backend} did not answer within {}", humantime::format_duration(*after))]
     UpstreamTimeout { backend: String, after: Duration },
     #[error("too many requests: try again in {} s", retry_after_secs(*retry_after))]
@@ -110,6 +117,7 @@ impl ProxyError {
             ProxyError::LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Auth { error, .. } => match error {
                 AuthError::Missing | AuthError::Invalid => StatusCode::UNAUTHORIZED,
@@ -128,6 +136,7 @@ impl ProxyError {
             ProxyError::LoopDetected { .. } => "loop_detected",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::UpstreamBusy { .. } => "upstream_busy",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Auth { error, .. } => match error {
                 AuthError::Missing | AuthError::Invalid => "unauthorized",
@@ -170,6 +179,8 @@ impl ProxyError {
                 ..
             } => Some(retry_after.as_secs().max(1)),
             ProxyError::RateLimited { retry_after } => Some(retry_after_secs(*retry_after)),
+            // Connections come free within the time a request takes.
+            ProxyError::UpstreamBusy { .. } => Some(1),
             _ => None,
         }
     }

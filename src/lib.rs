@@ -103,6 +103,8 @@ pub struct Server {
     reloader: Arc<Reloader>,
     proxy: TcpListener,
     admin: TcpListener,
+    /// The public listener's accept queue.
+    backlog: u32,
 }
 
 impl Server {
@@ -114,15 +116,21 @@ impl Server {
                 .await
                 .map_err(|source| RunError::Bind { addr, source })
         };
-        let proxy = bind(s.listen).await?;
+        let backlog = server::backlog(s.backlog);
+        let proxy = server::listen(s.listen, backlog).map_err(|source| RunError::Bind {
+            addr: s.listen,
+            source,
+        })?;
         let admin = bind(s.admin).await?;
         let state = State::new(&loaded, Metrics::new());
+        state.clients.backlog.store(backlog, Ordering::Relaxed);
         let reloader = Reloader::new(state.clone());
         Ok(Server {
             state,
             reloader,
             proxy,
             admin,
+            backlog,
         })
     }
 
@@ -153,13 +161,14 @@ impl Server {
             reloader,
             proxy,
             admin,
+            backlog,
         } = self;
         let (stop, stopped) = Shutdown::new();
         let (admin_stop, admin_stopped) = Shutdown::new();
         let admin_reloader = reloader.clone();
         let admin_task = tokio::spawn(server::serve(
             admin,
-            &ListenerLimits::ADMIN,
+            (&ListenerLimits::ADMIN, Arc::default()),
             None,
             move |req, _peer, _watch| admin::handle(admin_reloader.clone(), req),
             admin_stopped,
@@ -180,7 +189,7 @@ impl Server {
         let limits = ListenerLimits::from(&state.settings);
         let proxy_task = server::serve(
             proxy,
-            &limits,
+            (&limits, state.clients.clone()),
             state.tls.clone().map(|config| {
                 let reason = |r: &'static str| {
                     state.metrics().counter(
@@ -199,7 +208,7 @@ impl Server {
             "proxy",
         );
         state.ready.store(true, Ordering::Release);
-        info!(listen = %proxy_addr, admin = %admin_addr, generation = state.active().generation, "strangler is serving");
+        info!(listen = %proxy_addr, backlog, admin = %admin_addr, generation = state.active().generation, "strangler is serving");
         let shutdown_then_unready = async {
             shutdown.await;
             state.ready.store(false, Ordering::Release);

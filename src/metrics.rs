@@ -18,6 +18,16 @@ pub const REQUESTS_TOTAL: &str = "strangler_requests_total";
 pub const REQUEST_DURATION: &str = "strangler_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "strangler_upstream_errors_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "strangler_upstream_retries_total";
+/// Requests refused a connection by an endpoint's bounds, by backend and reason.
+pub const UPSTREAM_REFUSED_TOTAL: &str = "strangler_upstream_refused_total";
+/// Requests waiting for a connection to a backend (all its endpoints), at scrape time.
+pub const UPSTREAM_WAITING: &str = "strangler_upstream_waiting";
+/// HTTP/1.1 connections to a backend open or being opened, at scrape time.
+pub const UPSTREAM_CONNECTIONS: &str = "strangler_upstream_connections";
+/// Client connections the public listener accepted since start.
+pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "strangler_connections_accepted_total";
+/// Client connections open on the public listener, at scrape time.
+pub const CONNECTIONS_OPEN: &str = "strangler_connections_open";
 pub const CONFIG_RELOADS_TOTAL: &str = "strangler_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "strangler_config_last_reload_successful";
 pub const CONFIG_GENERATION: &str = "strangler_config_generation";
@@ -127,6 +137,31 @@ impl Metrics {
             UPSTREAM_RETRIES_TOTAL,
             Unit::Count,
             "Requests sent again after a failed attempt, by backend and reason (connect-failure, refused-stream, reset).",
+        );
+        describe(
+            UPSTREAM_REFUSED_TOTAL,
+            Unit::Count,
+            "Requests refused a connection by an endpoint's bounds (503 upstream_busy), by backend and reason (line_full, wait_timeout).",
+        );
+        describe(
+            CONNECTIONS_ACCEPTED_TOTAL,
+            Unit::Count,
+            "Client connections the public listener accepted.",
+        );
+        recorder.describe_gauge(
+            CONNECTIONS_OPEN.into(),
+            None,
+            "Client connections open on the public listener.".into(),
+        );
+        recorder.describe_gauge(
+            UPSTREAM_WAITING.into(),
+            None,
+            "Requests waiting for a connection to the backend (its endpoints at max_connections or max_connecting).".into(),
+        );
+        recorder.describe_gauge(
+            UPSTREAM_CONNECTIONS.into(),
+            None,
+            "HTTP/1.1 connections to the backend open or being opened.".into(),
         );
         describe(
             FALLBACK_TOTAL,
@@ -249,6 +284,19 @@ impl Metrics {
                 vec![
                     Label::new("backend", backend.to_string()),
                     Label::new("reason", c.as_str()),
+                ],
+            )
+        })
+    }
+
+    /// `strangler_upstream_refused_total{backend, reason}`, in `gate::Busy::ALL` order.
+    pub fn upstream_refused(&self, backend: &str) -> [Counter; 2] {
+        crate::upstream::gate::Busy::ALL.map(|b| {
+            self.counter(
+                UPSTREAM_REFUSED_TOTAL,
+                vec![
+                    Label::new("backend", backend.to_string()),
+                    Label::new("reason", b.as_str()),
                 ],
             )
         })

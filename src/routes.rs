@@ -136,6 +136,37 @@ pub struct Backend {
     pub protocol: Protocol,
     /// How an `https://` backend is connected and verified.
     pub tls: Option<crate::tls::ClientTls>,
+    /// Each endpoint's connection bounds and the line of requests waiting for one.
+    pub connections: ConnLimits,
+}
+
+/// The bounds on one endpoint's HTTP/1.1 connections and on the requests waiting for one
+/// (`max_connections`, `max_connecting`, `max_waiting`, `wait_timeout`; see
+/// `crate::upstream::gate`). An HTTP/2 backend has one connection per endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open (busy, idle or being opened) at most.
+    pub max_connections: usize,
+    /// Connection attempts under way at most.
+    pub max_connecting: usize,
+    /// Requests waiting for a connection at most; past it they are refused (503).
+    pub max_waiting: usize,
+    /// How long a request waits for a connection before it is refused (503).
+    pub wait_timeout: Duration,
+}
+
+/// Room for far more than a client needs: only a storm meets these (Envoy's circuit
+/// breakers default to 1,024 connections; the line holds as many requests as the default
+/// `max_connections` of the listener lets in).
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 1024,
+            max_connecting: 64,
+            max_waiting: 10_000,
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// A failure a request may be sent again after, named as Envoy's `retry_on` names them

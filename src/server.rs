@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -177,10 +177,69 @@ impl Protocols {
     }
 }
 
+/// Binds `addr` and listens with an accept queue of `backlog` connections (tokio's own
+/// `bind` asks for 128, which a burst of clients overflows: their SYNs are dropped and they
+/// wait out TCP's 1 s and 3 s retransmission timers).
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Where the kernel's ceiling on accept queues is read.
+const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
+
+/// The backlog to listen with: the one asked for, at most the kernel's `somaxconn` (it
+/// would cut it down silently; said here instead), or `somaxconn` itself when none was
+/// asked for. Without `/proc` (not Linux), what was asked for, else 4096.
+pub fn backlog(asked: Option<u32>) -> u32 {
+    let ceiling = std::fs::read_to_string(SOMAXCONN)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .filter(|&n| n > 0);
+    match (asked, ceiling) {
+        (Some(a), Some(c)) if a > c => {
+            warn!(backlog = a, somaxconn = c, "`backlog` is above the kernel's net.core.somaxconn: the kernel keeps {c}; raise the sysctl (on Kubernetes, a pod securityContext sysctl) to get more");
+            c
+        }
+        (Some(a), _) => a,
+        (None, Some(c)) => c,
+        (None, None) => 4096,
+    }
+}
+
+/// A listener's connection counts, for `/metrics` and the board.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicUsize,
+    /// The accept queue it listens with.
+    pub backlog: std::sync::atomic::AtomicU32,
+}
+
+/// An accepted connection's place under `max_connections` and in the open count.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<ListenerStats>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections until shutdown, then drains them for at most `drain_timeout`.
 pub async fn serve<S, F>(
     listener: TcpListener,
-    limits: &ListenerLimits,
+    (limits, stats): (&ListenerLimits, Arc<ListenerStats>),
     tls: Option<Tls>,
     service: S,
     mut shutdown: Shutdown,
@@ -220,6 +279,12 @@ pub async fn serve<S, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        let permit = Admitted {
+            _permit: permit,
+            stats: stats.clone(),
+        };
         let handler = Handler {
             service: service.clone(),
             peer,
@@ -240,7 +305,7 @@ pub async fn serve<S, F>(
 /// disabled span still costs a few hundred instructions per request.
 fn spawn_connection<S, F>(
     (protocols, stream, handler, shutdown): (Arc<Protocols>, TcpStream, Handler<S>, Shutdown),
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Admitted,
     span: tracing::Span,
 ) where
     S: Fn(Request<Incoming>, SocketAddr, Option<Watch>) -> F + Clone + Send + 'static,

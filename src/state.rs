@@ -162,6 +162,8 @@ pub struct State {
     pub tls: Option<crate::tls::TlsConfig>,
     /// Repeated warnings of the request path, written once per [`crate::quiet::WINDOW`].
     pub quiet: crate::quiet::Quiet,
+    /// The public listener's connection counts.
+    pub clients: Arc<crate::server::ListenerStats>,
 }
 
 impl State {
@@ -202,6 +204,7 @@ impl State {
                 .as_ref()
                 .map(|t| Arc::new(arc_swap::ArcSwap::new(t.config.clone()))),
             quiet: crate::quiet::Quiet::default(),
+            clients: Arc::default(),
         })
     }
 

@@ -13,6 +13,7 @@
 
 pub mod body;
 mod endpoint;
+pub mod gate;
 pub mod retry;
 pub mod tee;
 
@@ -96,6 +97,8 @@ pub struct Upstream {
     errors: [Counter; 4],
     /// `strangler_upstream_retries_total` by [`RetryCase`].
     retried: [Counter; 3],
+    /// `strangler_upstream_refused_total` by [`gate::Busy`].
+    refused: [Counter; 2],
 }
 
 impl Upstream {
@@ -131,6 +134,7 @@ impl Upstream {
             ),
             errors: metrics.upstream_errors(&backend.name),
             retried: metrics.upstream_retries(&backend.name),
+            refused: metrics.upstream_refused(&backend.name),
         })
     }
 
@@ -314,17 +318,26 @@ impl Upstream {
     ) -> Failed {
         let error = match find_source::<TooLarge>(source.as_ref()) {
             Some(t) => ProxyError::PayloadTooLarge { limit: t.limit },
-            None if kind_is_client(&*source) => ProxyError::BadRequest {
-                reason: "the request body could not be read",
-            },
-            None => {
-                self.count(kind);
-                ProxyError::UpstreamUnavailable {
-                    backend: self.name.clone(),
-                    kind,
-                    source,
+            None => match source.downcast::<gate::Refused>() {
+                Ok(refused) => {
+                    self.refused[refused.why as usize].increment(1);
+                    ProxyError::UpstreamBusy {
+                        backend: self.name.clone(),
+                        source: *refused,
+                    }
                 }
-            }
+                Err(source) if kind_is_client(&*source) => ProxyError::BadRequest {
+                    reason: "the request body could not be read",
+                },
+                Err(source) => {
+                    self.count(kind);
+                    ProxyError::UpstreamUnavailable {
+                        backend: self.name.clone(),
+                        kind,
+                        source,
+                    }
+                }
+            },
         };
         Failed {
             error,

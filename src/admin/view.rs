@@ -19,6 +19,8 @@ pub struct RoutesView {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     auth_providers: Vec<ProviderView>,
     backends: Vec<BackendView>,
+    /// The public listener's client connections.
+    clients: ClientsView,
     coverage: CoverageView,
     /// `[events]`, when configured: the broker link and what was published, dropped, failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,6 +38,14 @@ pub struct RoutesView {
     /// The stale-if-error store, when some route keeps copies.
     #[serde(skip_serializing_if = "Option::is_none")]
     stale_store: Option<StaleStoreView>,
+}
+
+#[derive(Serialize)]
+struct ClientsView {
+    accepted: u64,
+    backlog: u32,
+    max_connections: usize,
+    open: usize,
 }
 
 #[derive(Serialize)]
@@ -98,6 +108,8 @@ struct ReloadView {
 
 #[derive(Serialize)]
 struct BackendView {
+    /// Each endpoint's connection bounds (HTTP/1.1).
+    connection_limits: ConnLimitsView,
     endpoints: Vec<EndpointView>,
     health: Option<HealthView>,
     legacy: bool,
@@ -107,6 +119,14 @@ struct BackendView {
     retry_on: Vec<&'static str>,
     tls: Option<TlsView>,
     url: String,
+}
+
+#[derive(Serialize)]
+struct ConnLimitsView {
+    max_connections: usize,
+    max_connecting: usize,
+    max_waiting: usize,
+    wait_timeout: String,
 }
 
 #[derive(Serialize)]
@@ -123,6 +143,14 @@ struct EndpointView {
     healthy: bool,
     idle: usize,
     in_flight: usize,
+    /// HTTP/1.1 connections open or being opened, attempts under way, requests waiting.
+    connections: usize,
+    connecting: usize,
+    waiting: usize,
+    /// Requests refused a connection (503 `upstream_busy`): the line was full, or they
+    /// waited `wait_timeout`.
+    refused_line_full: u64,
+    refused_wait_timeout: u64,
 }
 
 #[derive(Serialize)]
@@ -280,6 +308,12 @@ impl RoutesView {
                 .backend_ids()
                 .map(|id| BackendView::new(&active, id))
                 .collect(),
+            clients: ClientsView {
+                accepted: state.clients.accepted.load(Ordering::Relaxed),
+                backlog: state.clients.backlog.load(Ordering::Relaxed),
+                max_connections: state.settings.max_connections,
+                open: state.clients.open.load(Ordering::Relaxed),
+            },
             coverage: CoverageView {
                 requests: (answered > 0).then(|| by_new as f64 / answered as f64),
                 requests_answered: answered,
@@ -339,13 +373,27 @@ impl BackendView {
     /// A backend with the live state of its endpoints.
     fn new(active: &Active, id: crate::routes::BackendId) -> Self {
         let b = active.table.backend(id);
+        let l = b.connections;
         BackendView {
+            connection_limits: ConnLimitsView {
+                max_connections: l.max_connections,
+                max_connecting: l.max_connecting,
+                max_waiting: l.max_waiting,
+                wait_timeout: humantime::format_duration(l.wait_timeout).to_string(),
+            },
             endpoints: active.upstreams[id]
                 .endpoints
                 .iter()
                 .map(|e| {
                     let ejection = e.ejection();
+                    let (connections, connecting, waiting) = e.connections();
+                    let [refused_line_full, refused_wait_timeout] = e.refused();
                     EndpointView {
+                        refused_line_full,
+                        refused_wait_timeout,
+                        connections,
+                        connecting,
+                        waiting,
                         address: e.authority.to_string(),
                         ejected: ejection.is_some(),
                         ejected_after: ejection.map(|(_, kind)| kind.as_str()),

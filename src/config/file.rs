@@ -18,6 +18,7 @@ pub struct ServerFile {
     pub header_read_timeout: Option<Spanned<String>>,
     pub max_header_size: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub backlog: Option<Spanned<i64>>,
     pub trust_shadow_header: Option<bool>,
     pub via: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
@@ -136,6 +137,10 @@ pub struct BackendFile {
     pub retries: Option<Spanned<i64>>,
     pub retry_on: Option<Spanned<Vec<Spanned<String>>>>,
     pub health: Option<Spanned<HealthFile>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_connecting: Option<Spanned<i64>>,
+    pub max_waiting: Option<Spanned<i64>>,
+    pub wait_timeout: Option<Spanned<String>>,
 }
 
 /// `health = { path, interval }`.

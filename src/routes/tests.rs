@@ -270,6 +270,48 @@ methods = ["get"]
 }
 
 #[test]
+fn connection_bounds_errors_point_at_the_key() {
+    let src = r#"[server]
+backlog = 0
+[backends.legacy]
+url = "http://127.0.0.1:3000"
+max_connections = 0
+max_connecting = -1
+max_waiting = -5
+wait_timeout = "0s"
+
+[[routes]]
+prefix = "/"
+backend = "legacy"
+"#;
+    let got = errors(src);
+    let want = [
+        "routes.toml:2:11: `backlog` must be between 1 and 65535, got 0",
+        "routes.toml:5:19: `max_connections` must be at least 1, got 0",
+        "routes.toml:6:18: `max_connecting` must be at least 1, got -1",
+        "routes.toml:7:15: `max_waiting` must be at least 0, got -5",
+        "routes.toml:8:16: `wait_timeout`: duration \"0s\" must be greater than zero",
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.starts_with(w), "got  {g}\nwant {w}...");
+    }
+    let ok = parse(
+        "[server]\nbacklog = 2048\n[backends.legacy]\nurl = \"http://127.0.0.1:3000\"\nmax_connections = 8\nmax_connecting = 16\nmax_waiting = 0\nwait_timeout = \"250ms\"\n[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n",
+    )
+    .expect("valid bounds");
+    let limits = ok.table.backends()[0].connections;
+    assert_eq!(limits.max_connections, 8);
+    assert_eq!(
+        limits.max_connecting, 8,
+        "never more attempts than connections"
+    );
+    assert_eq!(limits.max_waiting, 0);
+    assert_eq!(limits.wait_timeout, Duration::from_millis(250));
+    assert_eq!(ok.server.backlog, Some(2048));
+}
+
+#[test]
 fn garbage_in_each_key_is_an_error() {
     let route = "[[routes]]\nprefix = \"/\"\nbackend = \"legacy\"\n";
     let cases: &[(&str, &str)] = &[
@@ -277,6 +319,13 @@ fn garbage_in_each_key_is_an_error() {
         ("[server]\nadmin = \"0.0.0.0:9901\"\n", "not a loopback address"),
         ("[server]\nmax_request_body = \"ten megs\"\n", "invalid size"),
         ("[server]\nmax_connections = 0\n", "`max_connections` must be at least 1"),
+        ("[server]\nbacklog = 100000\n", "`backlog` must be between 1 and 65535"),
+        ("[server]\nbacklog = \"big\"\n", "invalid type"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nmax_connections = \"many\"\n", "invalid type"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nmax_connecting = 0\n", "`max_connecting` must be at least 1"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nmax_waiting = 1.5\n", "invalid type"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nwait_timeout = \"a while\"\n", "`wait_timeout`: invalid duration"),
+        ("[backends.x]\nurl = \"http://127.0.0.1:1\"\nwait_timeout = 5\n", "invalid type"),
         ("[server]\nvia = \"my proxy\"\n", "`via`"),
         ("[server]\nworkers = 0\n", "`workers` must be at least 1"),
         ("[server]\nheader_read_timeout = \"soon\"\n", "`header_read_timeout`: invalid duration"),

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::body::{TooLarge, UpstreamBody};
+use super::gate::{Dial, Gate, Grant, Refused};
 use crate::error::{BoxError, UpstreamErrorKind};
 use crate::routes::{Backend, HealthCheck, Protocol};
 use crate::tls::{ClientTls, ALPN_H2};
@@ -98,20 +99,31 @@ struct Idle {
     since: std::time::Instant,
 }
 
-/// The idle connections of one endpoint (HTTP/1.1), or its shared one (HTTP/2).
+/// The idle connections of one endpoint (HTTP/1.1) under its bounds, or its shared one
+/// (HTTP/2).
 pub struct Pool {
     idle: ArrayQueue<Idle>,
+    /// `max_connections`, `max_connecting` and the line of requests waiting (HTTP/1.1).
+    gate: Arc<Gate<Sender>>,
     shared: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
     /// Held while a shared connection is being made, so a burst makes one, not one each.
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
-    /// A connection to use now: the shared one (HTTP/2) or an idle one (HTTP/1.1).
+    /// A connection to use now: the shared one (HTTP/2) or an idle one (HTTP/1.1), unless
+    /// requests are waiting for one (they come first).
     fn take(&self, protocol: Protocol) -> Option<Sender> {
         if protocol == Protocol::H2 {
             return self.shared().map(Sender::H2);
         }
+        if !self.gate.no_line() {
+            return None;
+        }
+        self.take_idle()
+    }
+
+    fn take_idle(&self) -> Option<Sender> {
         while let Some(i) = self.idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(i.sender);
@@ -132,6 +144,10 @@ impl Pool {
     fn put(&self, sender: Sender) {
         // An HTTP/2 handle is a clone of the shared connection: nothing to give back.
         if !sender.is_closed() && matches!(sender, Sender::H1(_)) {
+            // To the first request waiting for a connection, if one is.
+            let Some(sender) = self.gate.give_back(sender) else {
+                return;
+            };
             // A full pool drops the connection: it closes when its task sees no sender.
             let _ = self.idle.push(Idle {
                 sender,
@@ -213,6 +229,7 @@ impl Endpoint {
             tls: backend.tls.clone(),
             pool: Pool {
                 idle: ArrayQueue::new(POOL_MAX_IDLE),
+                gate: Gate::new(backend.connections),
                 shared: ArcSwapOption::empty(),
                 connecting: tokio::sync::Mutex::new(()),
             },
@@ -239,6 +256,7 @@ impl Endpoint {
             && self.health == backend.health
             && self.protocol == backend.protocol
             && self.tls == backend.tls
+            && self.pool.gate.limits() == backend.connections
     }
 
     fn now_ms(&self) -> u64 {
@@ -260,6 +278,16 @@ impl Endpoint {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Requests refused a connection by the bounds: line full, waited too long.
+    pub fn refused(&self) -> [u64; 2] {
+        self.pool.gate.refused()
+    }
+
+    /// HTTP/1.1 connections open (or being opened), attempts under way, requests waiting.
+    pub fn connections(&self) -> (usize, usize, usize) {
+        self.pool.gate.counts()
     }
 
     fn usable(&self) -> bool {
@@ -364,10 +392,13 @@ impl Endpoint {
                     Some(s) => (s, true),
                     // Boxed: the TLS and HTTP/2 handshakes make this future large, and the
                     // request future that holds it is moved on every request; connecting is rare.
-                    None => match Box::pin(self.connect_shared(connect_timeout)).await {
-                        Ok(s) => (s, false),
+                    None => match Box::pin(self.obtain(connect_timeout)).await {
+                        Ok(s) => s,
                         Err(e) => {
-                            self.failed(UpstreamErrorKind::Connect);
+                            // A refusal is this proxy's bound, not the endpoint failing.
+                            if !e.is::<Refused>() {
+                                self.failed(UpstreamErrorKind::Connect);
+                            }
                             return Err((UpstreamErrorKind::Connect, e, Some(req)));
                         }
                     },
@@ -463,16 +494,40 @@ impl Endpoint {
         *req.version_mut() = Version::HTTP_2;
     }
 
-    /// A new connection; for HTTP/2, one at a time, shared by every request after it.
-    async fn connect_shared(&self, connect_timeout: Duration) -> Result<Sender, BoxError> {
-        if self.protocol == Protocol::Http1 {
-            return self.connect(connect_timeout).await;
+    /// A connection when none was idle (and whether it was used before): HTTP/1.1 opens a
+    /// new one within the endpoint's bounds, or waits in line for one given back or for
+    /// room to open one; HTTP/2 makes the shared one, one at a time.
+    async fn obtain(&self, connect_timeout: Duration) -> Result<(Sender, bool), BoxError> {
+        if self.protocol == Protocol::H2 {
+            return Ok((self.connect_shared(connect_timeout).await?, false));
         }
+        let gate = &self.pool.gate;
+        let grant = match gate.try_dial() {
+            Some(dial) => Grant::Dial(dial),
+            None => gate
+                .wait(None, |g| match self.pool.take_idle() {
+                    Some(s) => Some(Grant::Conn(s)),
+                    None => g.try_dial().map(Grant::Dial),
+                })
+                .await
+                .map_err(|why| Refused {
+                    why,
+                    limits: gate.limits(),
+                })?,
+        };
+        match grant {
+            Grant::Conn(s) => Ok((s, true)),
+            Grant::Dial(dial) => Ok((self.connect(connect_timeout, Some(dial)).await?, false)),
+        }
+    }
+
+    /// The shared HTTP/2 connection, made one at a time.
+    async fn connect_shared(&self, connect_timeout: Duration) -> Result<Sender, BoxError> {
         let _one = self.pool.connecting.lock().await;
         if let Some(s) = self.pool.shared() {
             return Ok(Sender::H2(s));
         }
-        let sender = self.connect(connect_timeout).await?;
+        let sender = self.connect(connect_timeout, None).await?;
         if let Sender::H2(s) = &sender {
             self.pool.shared.store(Some(Arc::new(s.clone())));
         }
@@ -480,15 +535,20 @@ impl Endpoint {
     }
 
     /// Opens a connection (TCP, then TLS for https) within `connect_timeout` and starts its
-    /// task.
-    async fn connect(&self, connect_timeout: Duration) -> Result<Sender, BoxError> {
+    /// task, which holds the connection's place under the bounds (`dial`) until it ends.
+    async fn connect(
+        &self,
+        connect_timeout: Duration,
+        dial: Option<Dial<Sender>>,
+    ) -> Result<Sender, BoxError> {
+        let mut dial = dial;
         let open = async {
             let stream = TcpStream::connect(&self.addr).await?;
             stream.set_nodelay(true)?;
             let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
             socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
             let Some(tls) = &self.tls else {
-                return Ok::<_, BoxError>(self.handshake(TokioIo::new(stream)).await?);
+                return Ok::<_, BoxError>(self.handshake(TokioIo::new(stream), dial.take()).await?);
             };
             let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
             let stream = connector
@@ -509,7 +569,7 @@ impl Endpoint {
                 )
                 .into());
             }
-            Ok(self.handshake(TokioIo::new(stream)).await?)
+            Ok(self.handshake(TokioIo::new(stream), dial.take()).await?)
         };
         match tokio::time::timeout(connect_timeout, open).await {
             Ok(r) => r,
@@ -521,8 +581,9 @@ impl Endpoint {
         }
     }
 
-    /// The HTTP handshake on an open stream, its connection task spawned.
-    async fn handshake<I>(&self, io: I) -> Result<Sender, hyper::Error>
+    /// The HTTP handshake on an open stream, its connection task spawned with the
+    /// connection's place under the bounds.
+    async fn handshake<I>(&self, io: I, dial: Option<Dial<Sender>>) -> Result<Sender, hyper::Error>
     where
         I: Read + Write + Unpin + Send + 'static,
     {
@@ -535,7 +596,12 @@ impl Endpoint {
                 // Flattened writes: a request head and a small body in one buffer, one write
                 // (hyper's vectored writes cost more for the small messages proxies carry).
                 let (sender, conn) = http1::Builder::new().writev(false).handshake(io).await?;
-                tokio::spawn(async move { conn.with_upgrades().await.map_err(ended) });
+                let slot = dial.map(Dial::opened);
+                tokio::spawn(async move {
+                    // An upgraded connection leaves the task (and its place) as a tunnel.
+                    let _slot = slot;
+                    conn.with_upgrades().await.map_err(ended)
+                });
                 Ok(Sender::H1(sender))
             }
             Protocol::H2 => {

@@ -446,6 +446,10 @@ impl Ctx {
             retries: None,
             retry_on: None,
             health: None,
+            max_connections: None,
+            max_connecting: None,
+            max_waiting: None,
+            wait_timeout: None,
         };
         let before = self.errors.len();
         let backend = self.backend(format!("auth.{name}"), as_backend);

@@ -2,7 +2,7 @@
 //! that look at the whole table.
 
 use super::*;
-use crate::routes::{Protocol, RetryCase, RetryOn};
+use crate::routes::{ConnLimits, Protocol, RetryCase, RetryOn};
 use crate::tls::ServerTls;
 
 /// Defaults of `[server]` (see the README's routes.toml reference).
@@ -17,6 +17,9 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_HEADER_SIZE: u64 = 64 << 10;
 /// Concurrent client connections; past it the listener stops accepting until one closes.
 const DEFAULT_MAX_CONNECTIONS: i64 = 10_000;
+/// The largest listen backlog asked for (the kernel's `somaxconn` ceiling, 2^16 - 1 before
+/// Linux 5.4 widened it, is what it grants at most anyway).
+const MAX_BACKLOG: i64 = 65_535;
 /// `watch = "poll"`: how often the file's content is checked. A read and a hash of a small
 /// file; one second keeps a flip's delay well under the ConfigMap sync delay.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,6 +50,16 @@ impl Ctx {
             .map_or(DEFAULT_MAX_CONNECTIONS as u64, |v| {
                 self.count(v, "max_connections", 1)
             });
+        let backlog = f.backlog.as_ref().map(|v| {
+            let n = *v.get_ref();
+            if !(1..=MAX_BACKLOG).contains(&n) {
+                self.err(
+                    v.span(),
+                    format!("`backlog` must be between 1 and {MAX_BACKLOG}, got {n}"),
+                );
+            }
+            n.clamp(1, MAX_BACKLOG) as u32
+        });
         let via = f.via.as_ref().map_or_else(
             || "strangler".to_string(),
             |v| {
@@ -84,6 +97,7 @@ impl Ctx {
                 DEFAULT_MAX_HEADER_SIZE,
             ) as usize,
             max_connections: max_connections as usize,
+            backlog,
             trust_shadow_header: f.trust_shadow_header.unwrap_or(false),
             via,
             workers: f
@@ -293,7 +307,9 @@ impl Ctx {
             .as_ref()
             .map_or_else(RetryOn::default, |r| self.retry_on(&name, r));
         let health = f.health.as_ref().map(|h| self.health(&name, h.get_ref()));
+        let connections = self.conn_limits(&f);
         Some(Backend {
+            connections,
             endpoints,
             retries,
             retry_on,
@@ -313,6 +329,26 @@ impl Ctx {
             connect_timeout,
             timeout,
         })
+    }
+
+    /// `max_connections`, `max_connecting`, `max_waiting`, `wait_timeout` of a backend.
+    fn conn_limits(&mut self, f: &BackendFile) -> ConnLimits {
+        let d = ConnLimits::default();
+        let mut count = |v: &Option<Spanned<i64>>, key: &str, min: i64, default: usize| {
+            v.as_ref()
+                .map_or(default, |v| self.count(v, key, min) as usize)
+        };
+        let max_connections = count(&f.max_connections, "max_connections", 1, d.max_connections);
+        let max_connecting = count(&f.max_connecting, "max_connecting", 1, d.max_connecting);
+        let max_waiting = count(&f.max_waiting, "max_waiting", 0, d.max_waiting);
+        let wait_timeout = self.duration(f.wait_timeout.as_ref(), "wait_timeout", d.wait_timeout);
+        ConnLimits {
+            max_connections,
+            // An attempt is a connection being opened: never more of them than connections.
+            max_connecting: max_connecting.min(max_connections),
+            max_waiting,
+            wait_timeout,
+        }
     }
 
     pub(super) fn routes(
@@ -620,6 +656,7 @@ fn placeholder(name: String) -> Backend {
         health: None,
         protocol: Protocol::Http1,
         tls: None,
+        connections: ConnLimits::default(),
     }
 }
 
