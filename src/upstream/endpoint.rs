@@ -390,8 +390,8 @@ impl Endpoint {
             loop {
                 let (mut sender, reused) = match self.pool.take(self.protocol) {
                     Some(s) => (s, true),
-                    // Boxed: the TLS and HTTP/2 handshakes make this future large, and the
-                    // request future that holds it is moved on every request; connecting is rare.
+                    // Boxed: waiting and connecting make this future larger than the request
+                    // future (moved on every request) should be; both are rare.
                     None => match Box::pin(self.obtain(connect_timeout)).await {
                         Ok(s) => s,
                         Err(e) => {
@@ -496,10 +496,12 @@ impl Endpoint {
 
     /// A connection when none was idle (and whether it was used before): HTTP/1.1 opens a
     /// new one within the endpoint's bounds, or waits in line for one given back or for
-    /// room to open one; HTTP/2 makes the shared one, one at a time.
+    /// room to open one; HTTP/2 makes the shared one, one at a time. The connecting futures
+    /// (TCP, TLS and HTTP handshakes: several KiB) are boxed apart, so a request waiting in
+    /// line holds only what waiting needs (a storm puts thousands of them in line).
     async fn obtain(&self, connect_timeout: Duration) -> Result<(Sender, bool), BoxError> {
         if self.protocol == Protocol::H2 {
-            return Ok((self.connect_shared(connect_timeout).await?, false));
+            return Ok((Box::pin(self.connect_shared(connect_timeout)).await?, false));
         }
         let gate = &self.pool.gate;
         let grant = match gate.try_dial() {
@@ -517,7 +519,10 @@ impl Endpoint {
         };
         match grant {
             Grant::Conn(s) => Ok((s, true)),
-            Grant::Dial(dial) => Ok((self.connect(connect_timeout, Some(dial)).await?, false)),
+            Grant::Dial(dial) => {
+                let connect = Box::pin(self.connect(connect_timeout, Some(dial)));
+                Ok((connect.await?, false))
+            }
         }
     }
 
