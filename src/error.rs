@@ -34,6 +34,58 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Why a request was refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// `max_waiting` requests were already waiting.
+    LineFull,
+    /// It waited `wait_timeout` without a connection.
+    Waited,
+}
+
+impl Busy {
+    pub const ALL: [Busy; 2] = [Busy::LineFull, Busy::Waited];
+
+    /// The `reason` label of `strangler_upstream_refused_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Busy::LineFull => "line_full",
+            Busy::Waited => "wait_timeout",
+        }
+    }
+}
+
+/// The error an exchange fails with when its endpoint refused it a connection, with the
+/// bounds that refused it.
+#[derive(Debug)]
+pub struct Refused {
+    pub why: Busy,
+    pub max_connections: usize,
+    pub max_waiting: usize,
+    pub wait_timeout: Duration,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = self;
+        match self.why {
+            Busy::LineFull => write!(
+                f,
+                "{} requests are already waiting for one of its {} connections (max_waiting)",
+                l.max_waiting, l.max_connections
+            ),
+            Busy::Waited => write!(
+                f,
+                "no connection came free within {} (wait_timeout; max_connections = {})",
+                humantime::format_duration(l.wait_timeout),
+                l.max_connections
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Why a route's `auth` refused a request, as the answer tells it (RFC 6750 §3.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {
@@ -72,10 +124,7 @@ pub enum ProxyError {
     /// The endpoint's connection bounds were reached and the request could not wait (or
     /// waited too long) for a connection: never sent.
     #[error("upstream {backend} is busy: {source}")]
-    UpstreamBusy {
-        backend: String,
-        source: crate::upstream::gate::Refused,
-    },
+    UpstreamBusy { backend: String, source: Refused },
     #[error("upstream {backend} did not answer within {}", humantime::format_duration(*after))]
     UpstreamTimeout { backend: String, after: Duration },
     #[error("too many requests: try again in {} s", retry_after_secs(*retry_after))]

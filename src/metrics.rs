@@ -291,7 +291,7 @@ impl Metrics {
 
     /// `strangler_upstream_refused_total{backend, reason}`, in `gate::Busy::ALL` order.
     pub fn upstream_refused(&self, backend: &str) -> [Counter; 2] {
-        crate::upstream::gate::Busy::ALL.map(|b| {
+        crate::error::Busy::ALL.map(|b| {
             self.counter(
                 UPSTREAM_REFUSED_TOTAL,
                 vec![

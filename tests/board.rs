@@ -139,8 +139,17 @@ async fn the_board_renders_in_a_real_browser() {
     }
     assert!(dom.contains("Migration coverage"));
     // Connections: the listener's clients and each endpoint under its bounds.
-    for want in ["Connections", "accepted", "listen backlog", "/ 1,024", "/ 10,000"] {
-        assert!(rendered(&dom).contains(want), "rendered board lacks {want:?}:\n{dom}");
+    for want in [
+        "Connections",
+        "accepted",
+        "listen backlog",
+        "/ 1,024",
+        "/ 10,000",
+    ] {
+        assert!(
+            rendered(&dom).contains(want),
+            "rendered board lacks {want:?}:\n{dom}"
+        );
     }
     // No [events]: no events panel, and no route note.
     assert!(

@@ -512,9 +512,14 @@ impl Endpoint {
                     None => g.try_dial().map(Grant::Dial),
                 })
                 .await
-                .map_err(|why| Refused {
-                    why,
-                    limits: gate.limits(),
+                .map_err(|why| {
+                    let l = gate.limits();
+                    Refused {
+                        why,
+                        max_connections: l.max_connections,
+                        max_waiting: l.max_waiting,
+                        wait_timeout: l.wait_timeout,
+                    }
                 })?,
         };
         match grant {

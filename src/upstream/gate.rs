@@ -19,56 +19,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub use crate::error::{Busy, Refused};
 use crate::routes::ConnLimits;
-
-/// Why a request was refused a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Busy {
-    /// `max_waiting` requests were already waiting.
-    LineFull,
-    /// It waited `wait_timeout` without a connection.
-    Waited,
-}
-
-impl Busy {
-    pub const ALL: [Busy; 2] = [Busy::LineFull, Busy::Waited];
-
-    /// The `reason` label of `strangler_upstream_refused_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Busy::LineFull => "line_full",
-            Busy::Waited => "wait_timeout",
-        }
-    }
-}
-
-/// The error an exchange fails with when its endpoint refused it a connection.
-#[derive(Debug)]
-pub struct Refused {
-    pub why: Busy,
-    pub limits: ConnLimits,
-}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let l = &self.limits;
-        match self.why {
-            Busy::LineFull => write!(
-                f,
-                "{} requests are already waiting for one of its {} connections (max_waiting)",
-                l.max_waiting, l.max_connections
-            ),
-            Busy::Waited => write!(
-                f,
-                "no connection came free within {} (wait_timeout; max_connections = {})",
-                humantime::format_duration(l.wait_timeout),
-                l.max_connections
-            ),
-        }
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// What a waiter is handed: a connection given back, or room to open one.
 pub enum Grant<T: 'static> {
