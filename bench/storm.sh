@@ -17,6 +17,9 @@
 #                              workers); h2load threads; requests per connection; seconds of
 #                              rest before each run (TIME_WAIT and accept queues settle); the
 #                              backend's listen backlog (511: nginx's default)
+#   STRANGLER_BACKLOG=511 bench/storm.sh
+#                              strangler's `[server] backlog` (default: unset, so somaxconn);
+#                              511 compares its accept loop with nginx's on equal queues
 #
 # Load: h2load --h1 -c CONNS -n CONNS*PER_CONN -t THREADS http://127.0.0.1:PORT/api/users
 # (every connection is opened at the start, then kept alive). Per run it reports:
@@ -57,7 +60,7 @@ cd "$(dirname "$0")/.."
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 ROUNDS=${ROUNDS:-5}; WORKERS=${WORKERS:-1}; THREADS=${THREADS:-2}; PER_CONN=${PER_CONN:-20}
-PAUSE=${PAUSE:-3}; BACKEND_BACKLOG=${BACKEND_BACKLOG:-511}
+PAUSE=${PAUSE:-3}; BACKEND_BACKLOG=${BACKEND_BACKLOG:-511}; STRANGLER_BACKLOG=${STRANGLER_BACKLOG:-}
 if (( SMOKE )); then ROUNDS=1; PAUSE=2; fi
 
 source bench/lib.sh
@@ -119,6 +122,7 @@ admin = "127.0.0.1:$ADMIN"
 workers = $WORKERS
 access_log = false
 max_connections = $MAX_CONNECTIONS
+${STRANGLER_BACKLOG:+backlog = $STRANGLER_BACKLOG}
 [backends.legacy]
 url = "http://127.0.0.1:$BACKEND"
 legacy = true

@@ -28,6 +28,10 @@ use crate::upstream::body::ResponseBody;
 
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Connections accepted in one go while the accept queue holds them (tokio's cooperative
+/// budget would otherwise hand the thread on after 128, and each new connection's first
+/// request would run before the next accept).
+const ACCEPT_BATCH: usize = 1024;
 
 /// HTTP/2 limits per client connection. Streams: as nginx's `http2_max_concurrent_streams`.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
@@ -278,21 +282,38 @@ pub async fn serve<S, F>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        let permit = Admitted {
-            _permit: permit,
-            stats: stats.clone(),
+        let admit = |stream: TcpStream, peer: SocketAddr, permit| {
+            let _ = stream.set_nodelay(true);
+            stats.accepted.fetch_add(1, Ordering::Relaxed);
+            stats.open.fetch_add(1, Ordering::Relaxed);
+            let permit = Admitted {
+                _permit: permit,
+                stats: stats.clone(),
+            };
+            let handler = Handler {
+                service: service.clone(),
+                peer,
+                activity: None,
+            };
+            let span = tracing::debug_span!("conn", %peer, listener = name);
+            let conn = (protocols.clone(), stream, handler, shutdown.clone());
+            spawn_connection(conn, permit, span);
         };
-        let handler = Handler {
-            service: service.clone(),
-            peer,
-            activity: None,
-        };
-        let span = tracing::debug_span!("conn", %peer, listener = name);
-        let conn = (protocols.clone(), stream, handler, shutdown.clone());
-        spawn_connection(conn, permit, span);
+        admit(stream, peer, permit);
+        // Then whatever else the accept queue holds now, up to a batch, without waiting for
+        // the scheduler's next turn: a storm is taken in large bites, and the connections
+        // already served run between them.
+        for _ in 1..ACCEPT_BATCH {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let next = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx)));
+            match tokio::task::unconstrained(next).await {
+                Poll::Ready(Ok((stream, peer))) => admit(stream, peer, permit),
+                // Empty (or an error the loop above will meet and report).
+                _ => break,
+            }
+        }
     }
     drop(listener);
     drain(&permits, max, limits.drain_timeout, name).await;
