@@ -63,22 +63,9 @@ kill_endpoint() {
 for i in 0 1 2; do start_endpoint "$i"; done
 
 mkdir -p "$WORK/proxy"
-cat > "$WORK/proxy/nginx.conf" <<CONF
-worker_processes $WORKERS;
-daemon off; pid $WORK/proxy/nginx.pid; error_log $WORK/proxy/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; keepalive_requests 1000000;
-  upstream backend {
-    server 127.0.0.1:${E[0]}; server 127.0.0.1:${E[1]}; server 127.0.0.1:${E[2]};
-    keepalive 256;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PROXY;
-$(nginx_proxy_location)
-  }
-}
-CONF
+nginx_proxy_conf "worker_processes $WORKERS;" 4096 \
+  "server 127.0.0.1:${E[0]}; server 127.0.0.1:${E[1]}; server 127.0.0.1:${E[2]};" \
+  > "$WORK/proxy/nginx.conf"
 cat > "$WORK/routes.toml" <<CONF
 [server]
 listen = "127.0.0.1:$STRANGLER"

@@ -89,19 +89,7 @@ http {
 }
 CONF
 # nginx as the reverse proxy under test: one process (no master), the location of bench/lib.sh.
-cat > "$WORK/proxy/nginx.conf" <<CONF
-master_process off;
-daemon off; pid $WORK/proxy/nginx.pid; error_log $WORK/proxy/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX_PROXY;
-$(nginx_proxy_location)
-  }
-}
-CONF
+nginx_proxy_conf "master_process off;" 4096 "server 127.0.0.1:$BACKEND;" > "$WORK/proxy/nginx.conf"
 # Bearer tokens for the /auth routes, one per algorithm: a key made here with openssl, its
 # JWKS (or an HMAC secret file) and one token signed with it. The proxy caches a verified token,
 # so each route measures the cache-hit path of its algorithm; bench/auth_cost.sh counts misses.

@@ -44,6 +44,26 @@ nginx_proxy_location() {
 CONF
 }
 
+# The nginx.conf of nginx as the reverse proxy under test, listening on NGINX_PROXY, on stdout:
+# nginx_proxy_conf "worker_processes 1;" WORKER_CONNECTIONS "server 127.0.0.1:PORT;" (its
+# process line, its connection slots, the upstream's servers). One definition, so every
+# benchmark compares against the same nginx: upstream keep-alive and bench/lib.sh's location.
+nginx_proxy_conf() {
+  cat <<CONF
+$1
+daemon off; pid $WORK/proxy/nginx.pid; error_log $WORK/proxy/error.log warn;
+events { worker_connections $2; }
+http {
+  access_log off; keepalive_requests 1000000;
+  upstream backend { $3 keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_PROXY;
+$(nginx_proxy_location)
+  }
+}
+CONF
+}
+
 # BIN: the strangler binary to measure; without one, the release build (built here).
 strangler_bin() {
   if [[ -z ${BIN:-} ]]; then

@@ -102,19 +102,8 @@ http {
   server { listen 127.0.0.1:$BACKEND backlog=$BACKEND_BACKLOG; location / { default_type application/json; return 200 '$BODY'; } }
 }
 CONF
-cat > "$WORK/proxy/nginx.conf" <<CONF
-worker_processes $WORKERS;
-daemon off; pid $WORK/proxy/nginx.pid; error_log $WORK/proxy/error.log warn;
-events { worker_connections $NGINX_CONNECTIONS; }
-http {
-  access_log off; keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX_PROXY;
-$(nginx_proxy_location)
-  }
-}
-CONF
+nginx_proxy_conf "worker_processes $WORKERS;" "$NGINX_CONNECTIONS" "server 127.0.0.1:$BACKEND;" \
+  > "$WORK/proxy/nginx.conf"
 cat > "$WORK/routes.toml" <<CONF
 [server]
 listen = "127.0.0.1:$STRANGLER"
