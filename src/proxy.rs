@@ -161,8 +161,8 @@ fn exchange<'c, 'a>(
         let mut feed = copies
             .shadow
             .take()
-            .map(|plan| choose::start_shadow(cx, &routed, *plan, &out));
-        let (req, first) = fallback::First::new(cx, &routed, out, feed.as_mut());
+            .map(|plan| Box::new(choose::start_shadow(cx, &routed, *plan, &out)));
+        let (req, first) = fallback::First::new(cx, &routed, out, feed.as_deref_mut());
         let sent = first.send(cx, req).await;
         let outcome = fallback::settle(cx, &routed, sent, first).await;
         answer::answer(cx, outcome, copies, feed)

@@ -22,7 +22,7 @@ pub(super) fn answer(
     cx: &mut Ctx<'_>,
     outcome: Result<Answered, Unanswered>,
     copies: Copies,
-    feed: Option<shadow::Feed>,
+    feed: Option<Box<shadow::Feed>>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let answered = match outcome {
         Ok(answered) => answered,
@@ -94,7 +94,7 @@ fn respond(
     cx: &Ctx<'_>,
     answered: Answered,
     client_upgrade: Option<OnUpgrade>,
-    feed: Option<shadow::Feed>,
+    feed: Option<Box<shadow::Feed>>,
     keep: Option<Kept>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let Answered {
@@ -121,7 +121,7 @@ fn respond(
             ResponseBody::full(bytes::Bytes::new()),
         ));
     }
-    let tee = feed.and_then(|f| f.primary_answered(&parts, cx.start.elapsed()));
+    let tee = feed.and_then(|f| (*f).primary_answered(&parts, cx.start.elapsed()));
     Ok(Response::from_parts(
         parts,
         ResponseBody::upstream_kept(body, deadline, upstream.timeout_counter(), tee, keep, lease),
