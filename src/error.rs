@@ -69,6 +69,11 @@ impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let l = self;
         match self.why {
+            Busy::LineFull if l.max_waiting == 0 => write!(
+                f,
+                "no connection is free and it keeps no line of waiting requests (max_waiting = 0; max_connections = {})",
+                l.max_connections
+            ),
             Busy::LineFull => write!(
                 f,
                 "{} requests are already waiting for one of its {} connections (max_waiting)",

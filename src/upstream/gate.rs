@@ -312,6 +312,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_a_line_a_request_at_the_bounds_is_refused_at_once() {
+        let g = Gate::<u32>::new(limits(1, 1, 0));
+        let _slot = g.try_dial().expect("room").opened();
+        let started = Instant::now();
+        assert_eq!(g.wait(None, |_| None).await.err(), Some(Busy::LineFull));
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(g.refused(), [1, 0]);
+        let said = Refused {
+            why: Busy::LineFull,
+            max_connections: 1,
+            max_waiting: 0,
+            wait_timeout: Duration::from_secs(5),
+        }
+        .to_string();
+        assert!(said.contains("max_waiting = 0"), "{said}");
+    }
+
+    #[tokio::test]
     async fn the_line_is_bounded_in_length_and_time() {
         let g = Gate::<u32>::new(limits(1, 1, 1));
         let _slot = g.try_dial().expect("room").opened();
